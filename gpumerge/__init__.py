@@ -1,0 +1,1 @@
+"""gpumerge: fast, exact, streaming gradient merges of two language-model checkpoints."""

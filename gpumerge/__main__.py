@@ -1,0 +1,5 @@
+import sys
+
+from gpumerge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""What the user reads: the one-line summary of a merge, `gpumerge plan`'s table and its plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+from gpumerge.errors import SpecError
+from gpumerge.plan import MergePlan, layer_table
+from gpumerge.spec import MergeSpec
+
+
+def human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    raise AssertionError
+
+
+def summary_line(result) -> str:
+    plan = result.plan
+    blended = sum(1 for job in plan.jobs if job.blended)
+    rate = (result.bytes_read + result.bytes_written) / max(result.elapsed_s, 1e-9)
+    return (f"gpumerge: wrote {result.output} ({len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} "
+            f"{plan.out_dtype_name}; {blended} tensors blended in blocks {plan.window.start}..{plan.window.stop - 1}"
+            f" of {plan.num_layers}) in {result.elapsed_s:.2f} s ({human_bytes(rate)}/s read+written)")
+
+
+def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) -> MergePlan:
+    from gpumerge.merge import open_pair
+    from gpumerge.plan import make_plan
+    from gpumerge.writer import check_output_path
+
+    a, b = open_pair(spec)
+    with a, b:
+        plan = make_plan(a, b, spec)
+        for line in plan.notices:
+            notice(line)
+        if spec.output_model_path is not None:
+            check_output_path(spec.output_model_path, inputs=[a.root, b.root], overwrite=spec.overwrite)
+        write_plan_table(plan, a, b, out)
+    if plot is not None:
+        plot_shares(plan, plot)
+        print(f"plot: {plot}", file=out)
+    return plan
+
+
+def write_plan_table(plan: MergePlan, a, b, out: TextIO) -> None:
+    print(f"model 1: {a.root} ({a.format}, {human_bytes(a.total_bytes())}, {plan.num_layers} blocks)", file=out)
+    print(f"model 2: {b.root} ({b.format}, {human_bytes(b.total_bytes())}, {b.num_layers()} blocks)", file=out)
+    print(f"window:  blocks {plan.window.start}..{plan.window.stop - 1} ({len(plan.window)} of {plan.num_layers}); "
+          f"output dtype {plan.out_dtype_name}", file=out)
+    print(f"{'layer':>5}  {'model 1':>9}  {'model 2 (t)':>11}  {'tensors':>7}  {'bytes':>11}", file=out)
+    for layer, t, count, nbytes in layer_table(plan):
+        print(f"{layer:>5}  {1 - t:>9.6g}  {t:>11.6g}  {count:>7}  {human_bytes(nbytes):>11}", file=out)
+    copied = [job for job in plan.jobs if not job.blended]
+    outside = sorted({job.layer for job in copied if job.layer is not None})
+    others = [job.name for job in copied if job.layer is None]
+    print(f"copied from model 1: {len(copied)} tensors ({human_bytes(sum(j.nbytes for j in copied))}): "
+          + ", ".join(others[:6]) + (" ..." if len(others) > 6 else "")
+          + (f"; blocks {_ranges(outside)}" if outside else ""), file=out)
+    print(f"reads {human_bytes(plan.bytes_read)} (all of model 1, model 2's blended tensors); writes "
+          f"{human_bytes(plan.bytes_written)} in {len(plan.shards)} shard(s): "
+          + ", ".join(s.filename for s in plan.shards[:3]) + (" ..." if len(plan.shards) > 3 else ""), file=out)
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}" if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(parts)
+
+
+def plot_shares(plan: MergePlan, path: Path) -> None:
+    """Stacked bars: each model's share per decoder block (blocks outside the window are all model 1)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SpecError("--plot needs matplotlib: pip install matplotlib") from exc
+    layers = list(range(plan.num_layers))
+    share2 = [plan.layer_t.get(i, 0.0) for i in layers]
+    share1 = [1 - t for t in share2]
+    fig, ax = plt.subplots(figsize=(max(6.0, plan.num_layers * 0.3), 3.5))
+    ax.bar(layers, share1, color="#4c72b0", label="model 1")
+    ax.bar(layers, share2, bottom=share1, color="#dd8452", label="model 2 (t)")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("share")
+    ax.set_title(f"gpumerge: t {plan.spec.gradient_start:g} -> {plan.spec.gradient_end:g} over blocks "
+                 f"{plan.window.start}..{plan.window.stop - 1}")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise SpecError(f"--plot {path}: cannot write the picture ({exc.strerror})") from exc
+    finally:
+        plt.close(fig)

@@ -1,0 +1,106 @@
+"""What the user asked for, as frozen data. No file I/O, no torch."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpumerge.errors import SpecError
+
+# Output dtype names accepted by --dtype, mapped to safetensors dtype codes ("auto" is resolved by the planner).
+DTYPE_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+DTYPE_CHOICES = ("float16", "bfloat16", "float32", "auto")
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+# Size units as huggingface_hub/transformers spell them: decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB.
+# Written here (not accelerate's convert_file_size_to_int) so that spec parsing stays free of heavy imports
+# and so that every bad string gets the same one-line message.
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """``"2000MiB"``, ``"2GB"``, ``"500MB"``, ``"300KB"``, ``"1048576"`` -> bytes (a positive int)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = _SIZE_RE.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise SpecError(
+                f"{what} {text!r} is not a size: use a number of bytes or a number with one of "
+                "KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 2000MiB or 5GB"
+            )
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise SpecError(f"{what} {text!r} must be more than 0 bytes")
+    return value
+
+
+def parse_dtype(text: str) -> str:
+    name = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if name not in DTYPE_CHOICES:
+        raise SpecError(f"--dtype {text!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return name
+
+
+def parse_device(text: str) -> str:
+    value = text.strip().lower()
+    if not DEVICE_RE.match(value):
+        raise SpecError(f"--device {text!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def check_finite(value: float, *, flag: str) -> float:
+    if not math.isfinite(value):
+        raise SpecError(f"{flag} must be a finite number, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class MergeSpec:
+    """One two-model gradient merge, with the original BlockMerge_Gradient's meaning.
+
+    ``t`` is always the share of model 2: out = A + t * (B - A).
+    """
+
+    model_path1: str
+    model_path2: str
+    output_model_path: Path | None
+    gradient_start: float = 0.0
+    gradient_end: float = 1.0
+    layer_start: int = 0
+    layer_end: int = 99  # exclusive, clamped to the model's layer count
+    max_shard_bytes: int = 2000 * 2**20
+    max_shard_size: str = "2000MiB"  # as the user wrote it, for the merge record
+    dtype: str = "float16"  # float16 | bfloat16 | float32 | auto
+    dtype_was_default: bool = True
+    device: str = "auto"
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        check_finite(self.gradient_start, flag="--gradient_start")
+        check_finite(self.gradient_end, flag="--gradient_end")
+        if self.dtype not in DTYPE_CHOICES:
+            raise SpecError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+
+    def settings(self) -> dict:
+        """The recipe part of the merge record (JSON-serialisable)."""
+        return {
+            "method": "lerp",
+            "gradient_start": self.gradient_start,
+            "gradient_end": self.gradient_end,
+            "layer_start": self.layer_start,
+            "layer_end": self.layer_end,
+            "max_shard_size": self.max_shard_size,
+            "dtype": self.dtype,
+        }

@@ -1,0 +1,235 @@
+"""The output: a temporary sibling directory, streaming safetensors shards, index, aux files, merge record, and
+an atomic rename at the end. On any error (or Ctrl-C) the temporary directory is removed and OUT is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from gpumerge.errors import OutputError
+from gpumerge.plan import MergePlan, ShardPlan
+
+# Model 1's files that are not copied as they are: weights and their indexes (rewritten), config.json (dtype
+# updated) and README.md (replaced by the merge's model card).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_SPACE_MARGIN_BYTES = 64 * 2**20
+
+
+def check_output_path(out: Path, *, inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse an OUT that would damage an input or an existing directory. Returns OUT made absolute."""
+    out = Path(os.path.abspath(out.expanduser()))
+    real_out = out.resolve()
+    for inp in inputs:
+        real_in = inp.resolve()
+        if real_out == real_in or real_out.is_relative_to(real_in) or real_in.is_relative_to(real_out):
+            raise OutputError(
+                f"--output_model_path {out} {'is' if real_out == real_in else 'overlaps'} the input {inp}: "
+                "write the merge somewhere else (this is refused even with --overwrite)"
+            )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputError(f"--output_model_path {out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputError(f"--output_model_path {out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
+class OutputDir:
+    """A temporary directory next to OUT that becomes OUT only when everything in it is complete."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.tmp: Path | None = None
+        self.finalized = False
+
+    def check_space(self, nbytes: int) -> None:
+        parent = self._existing_parent()
+        free = shutil.disk_usage(parent).free
+        if free < nbytes + _SPACE_MARGIN_BYTES:
+            raise OutputError(
+                f"not enough disk space for the merge at {parent}: it needs {_gib(nbytes)} and "
+                f"{_gib(free)} are free"
+            )
+
+    def _existing_parent(self) -> Path:
+        parent = self.out.parent
+        while not parent.exists():
+            parent = parent.parent
+        return parent
+
+    def __enter__(self) -> "OutputDir":
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-partial-", dir=self.out.parent))
+        return self
+
+    def finalize(self) -> None:
+        """Move the finished directory into place; an --overwrite'd OUT is moved aside first, then removed."""
+        assert self.tmp is not None
+        os.chmod(self.tmp, 0o755)
+        trash = None
+        if self.out.exists() and any(self.out.iterdir()):
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-old-", dir=self.out.parent))
+            os.replace(self.out, trash / "old")
+        elif self.out.exists():
+            self.out.rmdir()
+        os.replace(self.tmp, self.out)
+        self.finalized = True
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def __exit__(self, *exc) -> None:
+        if not self.finalized and self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def safetensors_header(shard: ShardPlan, metadata: dict[str, str]) -> bytes:
+    """The shard's JSON header, padded with spaces to a multiple of 8 bytes, with the 8-byte length prefix."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    for job in shard.jobs:
+        header[job.name] = {"dtype": job.out_dtype, "shape": list(job.shape),
+                            "data_offsets": [job.offset, job.offset + job.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardWriter:
+    """One output shard: the header is written first (the layout is known), then bytes land at their offsets."""
+
+    def __init__(self, path: Path, shard: ShardPlan, metadata: dict[str, str]) -> None:
+        header = safetensors_header(shard, metadata)
+        self.path = path
+        self.data_start = len(header)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            total = self.data_start + shard.data_bytes
+            try:  # reserve the space now: a full disk fails here, not half-way through
+                os.posix_fallocate(self.fd, 0, total)
+            except OSError as exc:
+                if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystems without fallocate
+                    raise
+                os.ftruncate(self.fd, total)
+            self.pwrite(memoryview(header), 0, absolute=True)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def pwrite(self, data: memoryview, offset: int, *, absolute: bool = False) -> None:
+        position = offset if absolute else self.data_start + offset
+        done, total = 0, len(data)
+        while done < total:
+            done += os.pwrite(self.fd, data[done:], position + done)
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
+        """File-to-file copy in the kernel (copy_file_range): no user-space buffer, no RSS."""
+        position = self.data_start + offset
+        done = 0
+        while done < nbytes:
+            try:
+                got = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, position + done)
+            except OSError:
+                got = 0
+            if got <= 0:  # not supported here (or across these filesystems): plain reads and writes
+                self._copy_slow(src_fd, src_offset + done, nbytes - done, position + done)
+                return
+            done += got
+
+    def _copy_slow(self, src_fd: int, src_offset: int, nbytes: int, position: int) -> None:
+        step = 16 * 2**20
+        for start in range(0, nbytes, step):
+            data = os.pread(src_fd, min(step, nbytes - start), src_offset + start)
+            if not data:
+                raise OutputError("input file ended while copying")
+            self.pwrite(memoryview(data), position + start, absolute=True)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def write_index(directory: Path, plan: MergePlan) -> None:
+    if len(plan.shards) == 1:
+        return
+    weight_map = {job.name: shard.filename for shard in plan.shards for job in shard.jobs}
+    index = {
+        "metadata": {"total_size": plan.bytes_written,
+                     "total_parameters": sum(job.numel for job in plan.jobs)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_aux_files(model_dir: Path, directory: Path, out_dtype_name: str) -> list[str]:
+    """config.json (dtype updated) and every other top-level non-weight file of model 1 (tokenizer files,
+    generation_config.json, chat templates, licences, ...). Returns the names copied."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = out_dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = out_dtype_name
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copied = ["config.json"]
+    for path in sorted(model_dir.iterdir()):
+        name = path.name
+        if name.startswith(".") or name in _NOT_COPIED or name.endswith(_WEIGHT_SUFFIXES) or not path.is_file():
+            continue
+        shutil.copyfile(path, directory / name)
+        copied.append(name)
+    return copied
+
+
+def aux_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.iterdir()
+               if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def write_model_card(directory: Path, record: dict) -> None:
+    settings = record["settings"]
+    inputs = record["inputs"]
+    rows = "\n".join(f"| {layer} | {1 - t:.6g} | {t:.6g} |" for layer, t in record["layer_t"].items())
+    card = f"""---
+tags:
+- merge
+- gpumerge
+base_model:
+- {inputs[0]['path']}
+- {inputs[1]['path']}
+---
+# Merged model
+
+Made with gpumerge {record['version']}: a BlockMerge Gradient blend of two checkpoints. Decoder blocks
+{settings['layer_start']} <= i < min({settings['layer_end']}, {record['num_layers']}) are
+`model1 + t * (model2 - model1)`, with `t` running linearly from {settings['gradient_start']} to
+{settings['gradient_end']}; every other tensor is model 1's. Output dtype: {record['output_dtype']}.
+
+| input | path | fingerprint (sha256 of headers and sizes) |
+|---|---|---|
+| model 1 | `{inputs[0]['path']}` | `{inputs[0]['fingerprint'][:16]}` |
+| model 2 | `{inputs[1]['path']}` | `{inputs[1]['fingerprint'][:16]}` |
+
+| layer | model 1 share | model 2 share (t) |
+|---|---|---|
+{rows}
+
+To re-run:
+
+```bash
+{record['command']}
+```
+
+The full recipe is in this file's merge record below and in every shard's safetensors metadata (key `gpumerge`).
+
+<!-- gpumerge-record
+{json.dumps(record, indent=2)}
+-->
+"""
+    (directory / "README.md").write_text(card)
