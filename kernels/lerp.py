@@ -42,3 +42,26 @@ def new_infs(out: torch.Tensor, *inputs: torch.Tensor) -> int:
     for x in inputs:
         bad &= torch.isfinite(x)
     return int(bad.sum())
+
+
+def ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at each value of a float64 ``ref`` (subnormal spacing below the smallest normal)."""
+    info = torch.finfo(dtype)
+    magnitude = ref.abs().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps
+
+
+def error_bound(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The accuracy promised for a blend: 1 ulp of the output dtype at the float64 reference, plus
+    2**-22 * max(|a|, |b|) for t held in fp32 when the result cancels to ~0."""
+    scale = torch.maximum(a.to(torch.float64).abs(), b.to(torch.float64).abs())
+    return ulp(ref, dtype) + 2.0 ** -22 * scale
+
+
+def max_excess(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: float) -> float:
+    """max(|out - ref| / bound) over all elements: <= 1 means every element is within the promised bound."""
+    ref = lerp_reference(a, b, t)
+    bound = error_bound(a, b, ref, out.dtype)
+    if out.numel() == 0:
+        return 0.0
+    return float(((out.to(torch.float64) - ref).abs() / bound).max())
