@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "merge"
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad command line already reported in one line
+        return exc.code if isinstance(exc.code, int) else 2
     debug = getattr(args, "debug", False)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -14,17 +14,16 @@ def cuda_count() -> int:
         return 0
 
 
-def resolve_device(device: str, *, notice=print) -> str:
-    """``auto`` -> ``cpu`` (with a one-line notice) until the GPU pipeline lands; ``cuda`` without CUDA -> error."""
+def resolve_device(device: str) -> tuple[str, str | None]:
+    """(device to use, a one-line notice or None). ``auto`` -> ``cpu`` with a notice until the GPU pipeline lands;
+    ``cuda`` without CUDA is an error."""
     count = cuda_count()
     if device == "cpu":
-        return "cpu"
+        return "cpu", None
     if device == "auto":
         if count:
-            notice(f"{count} CUDA device(s) found, but this version merges on the CPU only; using cpu")
-        else:
-            notice("no CUDA device found; merging on the CPU")
-        return "cpu"
+            return "cpu", f"{count} CUDA device(s) found, but this version merges on the CPU only; using cpu"
+        return "cpu", "no CUDA device found; merging on the CPU"
     if count == 0:
         raise SpecError(f"--device {device}: no CUDA device is available here (torch.cuda.is_available() is False); "
                         "use --device cpu or auto")

@@ -71,7 +71,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print,
     from gpumerge import writer
     from gpumerge.devices import resolve_device
 
-    resolve_device(spec.device, notice=notice)
+    device, device_notice = resolve_device(spec.device)
     a, b = open_pair(spec)
     with a, b:
         plan = make_plan(a, b, spec)
@@ -87,6 +87,8 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print,
         engine = CpuEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
                            progress=progress.update if progress else None)
         engine.preflight(plan)
+        if device_notice:
+            notice(device_notice)
         record = merge_record(spec, plan, a, b)
         metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
         try:
