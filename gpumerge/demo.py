@@ -34,7 +34,9 @@ def build_llama(directory: Path, *, seed: int, vocab_size: int, dtype=None, tie:
     """A small random Llama checkpoint saved with save_pretrained (sharded when max_shard_size is given)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     config = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
                          max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
