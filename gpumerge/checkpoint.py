@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class Checkpoint:
         self._headers: dict[Path, bytes] = {}
         self._bin_state: dict[Path, dict] = {}
         self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()  # readers of several devices and the copier share the descriptors
         self._index()
         self._refuse_quantized()
 
@@ -296,10 +298,11 @@ class Checkpoint:
 
     # ---- bytes -------------------------------------------------------------------------------------------
     def fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
+        with self._fd_lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
 
     def raw_location(self, name: str) -> tuple[int, int] | None:
         """(fd, absolute offset) of a tensor's bytes when they can be copied file-to-file, else None."""

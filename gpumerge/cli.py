@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
 
 from gpumerge.errors import GpumergeError, SpecError
-from gpumerge.spec import DTYPE_CHOICES, MergeSpec, parse_device, parse_dtype, parse_size
+from gpumerge.spec import DTYPE_CHOICES, MergeSpec, parse_device, parse_dtype, parse_max_memory, parse_size
 
 COMMANDS = ("merge", "plan", "demo")
 
@@ -41,7 +42,11 @@ def _merge_flags(parser: argparse.ArgumentParser, *, output_required: bool) -> N
           help='largest output shard: "2000MiB", "2GB", "500MB", "300KB" or bytes (default 2000MiB)')
     _flag(parser, "dtype", default=None, metavar="DTYPE",
           help=f"output dtype: {', '.join(DTYPE_CHOICES)} (default float16, like the original; auto = model 1's)")
-    _flag(parser, "device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default auto)")
+    _flag(parser, "device", default="auto", metavar="DEVICE",
+          help="auto (every CUDA device, else the CPU), cpu, cuda (all), cuda:N or cuda:0,cuda:2 (default auto)")
+    _flag(parser, "max_memory", default=None, metavar="BUDGET",
+          help='memory for in-flight buffers per device, e.g. "0=20GiB,1=20GiB,cpu=8GiB" (default: a share of '
+               "the free memory)")
     _flag(parser, "overwrite", action="store_true", help="replace a non-empty OUT")
     _flag(parser, "quiet", action="store_true", help="no progress bar or notices")
     _flag(parser, "debug", action="store_true", help="show tracebacks")
@@ -64,6 +69,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog="gpumerge", description="Blend the decoder blocks of two checkpoints along a gradient "
                      "(BlockMerge Gradient), streaming, exact, atomic. Subcommands: plan, demo.")
     _merge_flags(parser, output_required=True)
+    _flag(parser, "report", type=Path, default=None, metavar="FILE.json",
+          help="write engine timings per stage, bytes, peaks and GPU telemetry as JSON")
     return parser
 
 
@@ -82,6 +89,7 @@ def spec_from_args(args: argparse.Namespace) -> MergeSpec:
         dtype=dtype,
         dtype_was_default=args.dtype is None,
         device=parse_device(args.device),
+        max_memory=tuple(sorted(parse_max_memory(args.max_memory).items(), key=str)) if args.max_memory else None,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
@@ -94,13 +102,28 @@ def _notice_printer(quiet: bool):
     return notice
 
 
-def _progress_factory(quiet: bool):
-    def factory(total_bytes: int):
+class _Progress:
+    """tqdm on stderr (bytes/s, ETA), with each GPU's memory and utilization from NVML when there is any."""
+
+    def __init__(self, total_bytes: int, telemetry, quiet: bool) -> None:
         from tqdm import tqdm
 
-        return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
-                    file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False)
-    return factory
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                        file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False)
+        self.telemetry = telemetry
+
+    def update(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+        line = self.telemetry.line() if self.telemetry is not None else ""
+        if line:
+            self.bar.set_postfix_str(line, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_factory(quiet: bool):
+    return lambda total_bytes, telemetry=None: _Progress(total_bytes, telemetry, quiet)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -108,7 +131,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from gpumerge.report import summary_line
 
     spec = spec_from_args(args)
+    if args.report is not None and not args.report.parent.expanduser().is_dir():
+        raise SpecError(f"--report {args.report}: the directory {args.report.parent} does not exist")
     result = run_merge(spec, notice=_notice_printer(spec.quiet), progress_factory=_progress_factory(spec.quiet))
+    if args.report is not None:
+        args.report.expanduser().write_text(json.dumps(result.report, indent=2) + "\n")
     print(summary_line(result))
     return 0
 

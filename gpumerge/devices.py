@@ -1,8 +1,17 @@
-"""Probing devices: which one the merge runs on. Planning never probes; it is handed the answer."""
+"""Probing devices and memory into a plain budget dict; sampling GPU telemetry. Planning never probes: it is handed
+the budget this module measured (or one a test made up)."""
 
 from __future__ import annotations
 
+import threading
+from typing import Mapping
+
 from gpumerge.errors import SpecError
+
+# Share of a device's free memory the merge may use for its in-flight buffers (the rest stays for the driver,
+# other processes, and allocator slack).
+FREE_MEMORY_SHARE = 0.8
+CPU_DEFAULT_BUDGET_BYTES = 512 * 2**20  # RSS is the user's: a bounded ring, whatever the RAM size
 
 
 def cuda_count() -> int:
@@ -14,19 +23,105 @@ def cuda_count() -> int:
         return 0
 
 
-def resolve_device(device: str) -> tuple[str, str | None]:
-    """(device to use, a one-line notice or None). ``auto`` -> ``cpu`` with a notice until the GPU pipeline lands;
-    ``cuda`` without CUDA is an error."""
+def resolve_devices(flag: str) -> tuple[list[str], str | None]:
+    """``auto`` -> every visible CUDA device, else ``["cpu"]`` with a one-line notice; ``cuda`` -> all;
+    ``cuda:N`` or ``cuda:0,cuda:2`` -> those. CUDA asked for but absent is an error."""
+    if flag == "cpu":
+        return ["cpu"], None
     count = cuda_count()
-    if device == "cpu":
-        return "cpu", None
-    if device == "auto":
+    if flag == "auto":
         if count:
-            return "cpu", f"{count} CUDA device(s) found, but this version merges on the CPU only; using cpu"
-        return "cpu", "no CUDA device found; merging on the CPU"
+            return [f"cuda:{i}" for i in range(count)], None
+        return ["cpu"], "no CUDA device found; merging on the CPU"
     if count == 0:
-        raise SpecError(f"--device {device}: no CUDA device is available here (torch.cuda.is_available() is False); "
+        raise SpecError(f"--device {flag}: no CUDA device is available here (torch.cuda.is_available() is False); "
                         "use --device cpu or auto")
-    if ":" in device and int(device.split(":")[1]) >= count:
-        raise SpecError(f"--device {device}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
-    raise SpecError(f"--device {device}: the CUDA pipeline is not part of this version yet; use --device cpu")
+    if flag == "cuda":
+        return [f"cuda:{i}" for i in range(count)], None
+    devices = flag.split(",")
+    for device in devices:
+        if int(device.split(":")[1]) >= count:
+            raise SpecError(f"--device {flag}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    return devices, None
+
+
+def _budget_key(device: str) -> int | str:
+    return "cpu" if device == "cpu" else int(device.split(":")[1])
+
+
+def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None = None) -> dict[str, int]:
+    """Bytes each device may hold for the merge's in-flight buffers: --max_memory where given, else a share of the
+    free memory accelerate reports (torch.cuda.mem_get_info per GPU; available RAM for the CPU, capped)."""
+    given = dict(max_memory or {})
+    unknown = [k for k in given if k != "cpu" and f"cuda:{k}" not in devices]
+    if unknown:
+        raise SpecError(f"--max_memory names device(s) {unknown} that the merge does not use ({', '.join(devices)})")
+    needed = [d for d in devices if _budget_key(d) not in given] + (["cpu"] if "cpu" not in given else [])
+    probed: dict[int | str, int] = {}
+    if needed:
+        from accelerate.utils import get_max_memory
+
+        probed = get_max_memory()
+    budget: dict[str, int] = {}
+    for device in devices + (["cpu"] if "cpu" not in devices else []):
+        key = _budget_key(device)
+        if key in given:
+            budget[device] = int(given[key])
+        elif device == "cpu":
+            budget[device] = min(int(probed.get("cpu", CPU_DEFAULT_BUDGET_BYTES) * 0.25), CPU_DEFAULT_BUDGET_BYTES)
+        else:
+            budget[device] = int(probed.get(key, 0) * FREE_MEMORY_SHARE)
+    return budget
+
+
+class Telemetry:
+    """Samples each GPU's memory use and utilization through NVML (nvidia-ml-py, via torch.cuda's wrappers, which
+    map visible device indexes to NVML ones). Without NVML or GPUs it stays empty and quiet."""
+
+    def __init__(self, devices: list[str], *, interval_s: float = 0.25) -> None:
+        self.indexes = [int(d.split(":")[1]) for d in devices if d.startswith("cuda")]
+        self.interval_s = interval_s
+        self.latest: dict[int, tuple[int, int]] = {}
+        self.peak_used: dict[int, int] = {}
+        self.peak_util: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.indexes and self._sample():
+            self._thread = threading.Thread(target=self._loop, name="gpumerge-nvml", daemon=True)
+
+    def _sample(self) -> bool:
+        import torch
+
+        try:
+            for i in self.indexes:
+                used = int(torch.cuda.device_memory_used(i))
+                util = int(torch.cuda.utilization(i))
+                self.latest[i] = (used, util)
+                self.peak_used[i] = max(self.peak_used.get(i, 0), used)
+                self.peak_util[i] = max(self.peak_util.get(i, 0), util)
+            return True
+        except Exception:  # no NVML (nvidia-ml-py missing, or a driver without it): no telemetry
+            self.latest.clear()
+            return False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if not self._sample():
+                return
+
+    def start(self) -> "Telemetry":
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def line(self) -> str:
+        return " ".join(f"gpu{i} {used / 2**30:.1f}GiB {util}%" for i, (used, util) in sorted(self.latest.items()))
+
+    def summary(self) -> list[dict]:
+        return [{"index": i, "peak_memory_used_bytes": self.peak_used.get(i, 0),
+                 "peak_utilization_pct": self.peak_util.get(i, 0)} for i in self.indexes if i in self.peak_used]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -30,6 +31,7 @@ class MergeResult:
     elapsed_s: float
     bytes_read: int
     bytes_written: int
+    report: dict
 
 
 def open_pair(spec: MergeSpec) -> tuple[Checkpoint, Checkpoint]:
@@ -65,13 +67,21 @@ def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint)
     }
 
 
-def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print,
-              progress_factory=None, chunk_elements: int | None = None) -> MergeResult:
-    """Everything is checked before the first output byte; the output appears at OUT only when complete."""
-    from gpumerge import writer
-    from gpumerge.devices import resolve_device
+def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
+              engine: str = "pipelined", batch_bytes: int | None = None, ring_depth: int = 3,
+              chunk_elements: int | None = None, budget: dict[str, int] | None = None) -> MergeResult:
+    """Everything is checked before the first output byte; the output appears at OUT only when complete.
 
-    device, device_notice = resolve_device(spec.device)
+    ``engine="sequential"`` runs the plain reference engine (tests compare the pipeline with it bit for bit);
+    ``budget`` replaces the probed memory budget (tests and benchmarks force small batches with it).
+    """
+    from gpumerge import writer
+    from gpumerge.devices import Telemetry, probe_budget, resolve_devices
+    from gpumerge.pipeline import DEFAULT_CHUNK_ELEMENTS, PipelinedEngine, SequentialEngine, preflight
+    from gpumerge.plan import batch_capacity, make_batches
+
+    began = time.perf_counter()
+    devices, device_notice = resolve_devices(spec.device)
     a, b = open_pair(spec)
     with a, b:
         plan = make_plan(a, b, spec)
@@ -80,25 +90,63 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print,
         out = writer.check_output_path(spec.output_model_path, inputs=[a.root, b.root], overwrite=spec.overwrite)
         output = writer.OutputDir(out)
         output.check_space(plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
-
-        from gpumerge.pipeline import DEFAULT_CHUNK_ELEMENTS, CpuEngine
-
-        progress = progress_factory(plan.bytes_written) if progress_factory else None
-        engine = CpuEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
-                           progress=progress.update if progress else None)
-        engine.preflight(plan)
+        if budget is None:
+            budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
+        batches = make_batches(plan, budget, devices=devices, batch_bytes=batch_bytes, ring_depth=ring_depth)
+        capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+        preflight(plan, a, b)
         if device_notice:
             notice(device_notice)
         record = merge_record(spec, plan, a, b)
         metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
+        telemetry = Telemetry(devices).start()
+        progress = progress_factory(plan.bytes_written, telemetry) if progress_factory else None
+        advance = progress.update if progress else None
         try:
             with output:
-                stats = engine.run(plan, output.tmp, metadata)
+                if engine == "sequential":
+                    runner = SequentialEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
+                                              progress=advance)
+                    stats = runner.run(plan, output.tmp, metadata)
+                else:
+                    runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth,
+                                             progress=advance)
+                    stats = runner.run(plan, batches, output.tmp, metadata)
                 writer.write_index(output.tmp, plan)
                 aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name)
                 writer.write_model_card(output.tmp, record)
                 output.finalize()
         finally:
+            telemetry.stop()
             if progress:
                 progress.close()
-    return MergeResult(out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read, stats.bytes_written)
+    wall_s = time.perf_counter() - began
+    report = engine_report(stats, wall_s=wall_s, devices=devices, budget=budget, capacity=capacity,
+                           ring_depth=ring_depth, telemetry=telemetry.summary(), engine=engine)
+    return MergeResult(out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read, stats.bytes_written,
+                       report)
+
+
+def engine_report(stats, *, wall_s: float, devices: list[str], budget: dict[str, int], capacity: int,
+                  ring_depth: int, telemetry: list[dict], engine: str) -> dict:
+    """The --report JSON: wall_s (planning to finalized output), devices, per-stage busy time and bytes, peaks."""
+    moved = stats.bytes_read + stats.bytes_written
+    return {
+        "wall_s": round(wall_s, 6),
+        "engine_s": round(stats.elapsed_s, 6),
+        "engine": engine,
+        "devices": [{"device": d, "budget_bytes": budget.get(d)} for d in devices],
+        "batch_capacity_bytes": capacity,
+        "ring_depth": ring_depth,
+        "batches": stats.batches,
+        "bytes_read": stats.bytes_read,
+        "bytes_written": stats.bytes_written,
+        "gbps": round(moved / wall_s / 1e9, 3) if wall_s > 0 else None,
+        "stages": {name: stage.as_dict() for name, stage in stats.stages.items()},
+        "peak_pinned_bytes": stats.peak_pinned_bytes,
+        "peak_host_buffer_bytes": stats.peak_host_buffer_bytes,
+        "peak_device_bytes": stats.peak_device_bytes,
+        "gpu_telemetry": telemetry,
+        "tensors_blended": stats.tensors_blended,
+        "tensors_copied": stats.tensors_copied,
+    }

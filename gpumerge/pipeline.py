@@ -1,12 +1,22 @@
-"""The CPU engine: read -> blend -> write, tensor by tensor, in bounded chunks through reused buffers.
+"""Engines: bytes from the inputs, through the blend, to the output shards.
 
-Memory does not grow with model size: a tensor larger than a chunk is processed in flat element ranges (lerp and
-casts are elementwise), tensors copied unchanged go file-to-file in the kernel (copy_file_range), and nothing is
-mmapped, so peak RSS is the chunk buffers plus torch itself.
+``PipelinedEngine`` (the one the CLI uses) runs the stages as threads joined by bounded rings of buffers:
+
+    reader (one per device) -> [H2D -> blend -> D2H] (one per device) -> writer
+    copier: tensors kept as they are go file to file (copy_file_range) beside the rest
+
+A device owns ``ring_depth`` slots (a host buffer, pinned for CUDA, plus a device buffer for CUDA); a slot goes back
+to its ring only after the writer has written it, so memory is bounded and a slow writer holds the readers back.
+The first error in any stage cancels every stage and is re-raised in the caller, which removes the partial output.
+
+``SequentialEngine`` is the plain reference: one tensor at a time, one chunk at a time, no threads. Both compute
+torch's fp32 lerp elementwise, so they produce the same bytes whatever the batching, device or thread count.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,139 +28,405 @@ from gpumerge.checkpoint import ITEMSIZE, Checkpoint
 from gpumerge.errors import IncompatibleCheckpointsError, OutputError
 from gpumerge.kernels.dtypes import torch_dtype
 from gpumerge.kernels.lerp import lerp_into, new_infs
-from gpumerge.plan import MergePlan, TensorJob
+from gpumerge.plan import Batch, MergePlan, Piece, TensorJob, lay_out, needs_device
 from gpumerge.writer import ShardWriter
 
 DEFAULT_CHUNK_ELEMENTS = 4 * 2**20
+STAGES = ("read", "h2d", "blend", "d2h", "write", "copy")
+_POLL_S = 0.1
+
+
+@dataclass(slots=True)
+class StageStats:
+    busy_s: float = 0.0
+    bytes: int = 0
+
+    def add(self, seconds: float, nbytes: int) -> None:
+        self.busy_s += seconds
+        self.bytes += nbytes
+
+    def as_dict(self) -> dict:
+        return {"busy_s": round(self.busy_s, 6), "bytes": self.bytes,
+                "gbps": round(self.bytes / self.busy_s / 1e9, 3) if self.busy_s > 0 else None}
 
 
 @dataclass(slots=True)
 class EngineStats:
     bytes_read: int = 0
     bytes_written: int = 0
-    bytes_copied_in_kernel: int = 0
     tensors_blended: int = 0
     tensors_copied: int = 0
     elapsed_s: float = 0.0
-    stage_s: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "blend": 0.0, "write": 0.0})
+    stages: dict[str, StageStats] = field(default_factory=lambda: {s: StageStats() for s in STAGES})
+    peak_pinned_bytes: int = 0
+    peak_host_buffer_bytes: int = 0
+    peak_device_bytes: int = 0
+    batches: int = 0
+    devices: list[str] = field(default_factory=list)
+
+    def count(self, job: TensorJob) -> None:
+        self.bytes_written += job.nbytes
+        self.bytes_read += job.numel * (ITEMSIZE[job.dtype_a] + (ITEMSIZE[job.dtype_b] if job.blended else 0))
+        if job.blended:
+            self.tensors_blended += 1
+        else:
+            self.tensors_copied += 1
 
 
-class _Buffers:
-    """Reused chunk buffers: raw bytes for a, b and out, and fp32 scratch for mixed-dtype blends."""
+# ---- shared by both engines -------------------------------------------------------------------------------------
 
-    def __init__(self, chunk_elements: int) -> None:
-        self.chunk_elements = chunk_elements
-        self.a = torch.empty(chunk_elements * 8, dtype=torch.uint8)
-        self.b = torch.empty(chunk_elements * 8, dtype=torch.uint8)
-        self.out = torch.empty(chunk_elements * 8, dtype=torch.uint8)
-        self._scratch: tuple[torch.Tensor, ...] | None = None
+def preflight(plan: MergePlan, a: Checkpoint, b: Checkpoint) -> None:
+    """Checks that need tensor bytes, before the first output byte: non-float tensors in the window."""
+    differ = []
+    for job in plan.jobs:
+        if job.verify_equal:
+            nbytes = job.numel * ITEMSIZE[job.dtype_a]
+            bytes_a = torch.empty(nbytes, dtype=torch.uint8)
+            bytes_b = torch.empty(nbytes, dtype=torch.uint8)
+            a.read_into(job.name, bytes_a)
+            b.read_into(job.name, bytes_b)
+            if not torch.equal(bytes_a, bytes_b):
+                differ.append(job.name)
+    if differ:
+        raise IncompatibleCheckpointsError(
+            f"{len(differ)} non-float tensor(s) in the layer window differ between the models and cannot be "
+            "blended: " + ", ".join(differ[:8])
+        )
 
-    def scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._scratch is None:
-            self._scratch = tuple(torch.empty(self.chunk_elements, dtype=torch.float32) for _ in range(3))
-        return tuple(s[:n] for s in self._scratch)
+
+def open_writers(plan: MergePlan, directory: Path, metadata: dict[str, str]) -> list[ShardWriter]:
+    writers: list[ShardWriter] = []
+    try:
+        for shard in plan.shards:
+            writers.append(ShardWriter(directory / shard.filename, shard, metadata))
+    except BaseException:
+        for writer in writers:
+            writer.close()
+        raise
+    return writers
 
 
-class CpuEngine:
+def copy_unchanged(job: TensorJob, a: Checkpoint, writer: ShardWriter, scratch: torch.Tensor) -> None:
+    """A tensor kept as it is: file to file in the kernel, or through ``scratch`` for pickled sources."""
+    location = a.raw_location(job.name)
+    if location is not None:
+        writer.copy_from(location[0], location[1], job.nbytes, job.offset)
+        return
+    for start in range(0, job.nbytes, scratch.numel()):
+        chunk = scratch[:min(scratch.numel(), job.nbytes - start)]
+        a.read_into(job.name, chunk, start=start)
+        writer.pwrite(memoryview(chunk.numpy()), job.offset + start)
+
+
+def overflow_error(job: TensorJob, count: int) -> OutputError:
+    name = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(job.out_dtype, job.out_dtype)
+    return OutputError(f"{count} value(s) of {job.name} overflow {name} (inf from finite inputs); use --dtype "
+                       "bfloat16 (or float32), which has the range of the inputs")
+
+
+def blend_piece(piece: Piece, buffer: torch.Tensor) -> None:
+    """Blend (or cast) one piece inside a batch buffer (host or device), out region from a/b regions."""
+    job, n = piece.job, piece.count
+    a = buffer[piece.a_offset:piece.a_offset + n * ITEMSIZE[job.dtype_a]].view(torch_dtype(job.dtype_a))
+    out = buffer[piece.out_offset:piece.out_offset + n * ITEMSIZE[job.out_dtype]].view(torch_dtype(job.out_dtype))
+    if not job.blended:
+        out.copy_(a)
+        return
+    b = buffer[piece.b_offset:piece.b_offset + n * ITEMSIZE[job.dtype_b]].view(torch_dtype(job.dtype_b))
+    scratch = None
+    if not (a.dtype == b.dtype == out.dtype):
+        wide = buffer[piece.scratch_offset:piece.scratch_offset + 12 * n].view(torch.float32)
+        scratch = (wide[:n], wide[n:2 * n], wide[2 * n:])
+    lerp_into(a, b, job.t, out, scratch)
+
+
+def piece_views(piece: Piece, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(out, a[, b]) views of a piece in a host buffer, for the overflow check."""
+    job, n = piece.job, piece.count
+    out = buffer[piece.out_offset:piece.out_offset + n * ITEMSIZE[job.out_dtype]].view(torch_dtype(job.out_dtype))
+    a = buffer[piece.a_offset:piece.a_offset + n * ITEMSIZE[job.dtype_a]].view(torch_dtype(job.dtype_a))
+    if not job.blended:
+        return out, a
+    return out, a, buffer[piece.b_offset:piece.b_offset + n * ITEMSIZE[job.dtype_b]].view(torch_dtype(job.dtype_b))
+
+
+# ---- the reference: sequential -------------------------------------------------------------------------------------
+
+class SequentialEngine:
+    """One tensor at a time, in bounded chunks through reused buffers; no threads. The bitwise reference."""
+
     def __init__(self, a: Checkpoint, b: Checkpoint, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  progress: Callable[[int], None] | None = None) -> None:
-        self.a = a
-        self.b = b
-        self.buffers = _Buffers(chunk_elements)
+        self.a, self.b = a, b
+        self.chunk_elements = chunk_elements
         self.progress = progress or (lambda n: None)
-        self.stats = EngineStats()
-
-    def preflight(self, plan: MergePlan) -> None:
-        """Checks that need tensor bytes, before the first output byte: non-float tensors in the window."""
-        differ = []
-        for job in plan.jobs:
-            if job.verify_equal:
-                nbytes = job.numel * ITEMSIZE[job.dtype_a]
-                a = torch.empty(nbytes, dtype=torch.uint8)
-                b = torch.empty(nbytes, dtype=torch.uint8)
-                self.a.read_into(job.name, a)
-                self.b.read_into(job.name, b)
-                if not torch.equal(a, b):
-                    differ.append(job.name)
-        if differ:
-            raise IncompatibleCheckpointsError(
-                f"{len(differ)} non-float tensor(s) in the layer window differ between the models and cannot be "
-                "blended: " + ", ".join(differ[:8])
-            )
+        self.stats = EngineStats(devices=["cpu"])
 
     def run(self, plan: MergePlan, directory: Path, metadata: dict[str, str]) -> EngineStats:
         started = time.perf_counter()
-        for shard in plan.shards:
-            writer = ShardWriter(directory / shard.filename, shard, metadata)
-            try:
-                for job in shard.jobs:
-                    self._job(job, writer)
-            finally:
+        scratch = torch.empty(16 * 2**20, dtype=torch.uint8)
+        writers = open_writers(plan, directory, metadata)
+        try:
+            for job in plan.jobs:
+                writer = writers[job.shard]
+                if not needs_device(job):
+                    copy_unchanged(job, self.a, writer, scratch)
+                else:
+                    for first in range(0, job.numel, self.chunk_elements):
+                        count = min(self.chunk_elements, job.numel - first)
+                        piece = lay_out(0, "cpu", [Piece(job, first, count)]).pieces[0]
+                        if piece.footprint() > scratch.numel():
+                            scratch = torch.empty(piece.footprint(), dtype=torch.uint8)
+                        self._piece(piece, scratch, writer)
+                self.stats.count(job)
+                self.progress(job.nbytes)
+        finally:
+            for writer in writers:
                 writer.close()
+        self.stats.peak_host_buffer_bytes = scratch.numel()
         self.stats.elapsed_s = time.perf_counter() - started
         return self.stats
 
-    def _job(self, job: TensorJob, writer: ShardWriter) -> None:
-        info_a = self.a.tensors[job.name]
-        if not job.blended and job.out_dtype == job.dtype_a:
-            location = self.a.raw_location(job.name)
-            if location is not None:
-                began = time.perf_counter()
-                writer.copy_from(location[0], location[1], job.nbytes, job.offset)
-                self.stats.stage_s["write"] += time.perf_counter() - began
-                self.stats.bytes_copied_in_kernel += job.nbytes
-                self._count(job, read=job.nbytes)
-                return
-        size_a = ITEMSIZE[info_a.dtype]
-        size_b = ITEMSIZE[job.dtype_b] if job.blended else 0
-        size_out = ITEMSIZE[job.out_dtype]
-        step = self.buffers.chunk_elements
-        for first in range(0, job.numel, step):
-            n = min(step, job.numel - first)
-            self._chunk(job, first, n, size_a, size_b, size_out)
-            began = time.perf_counter()
-            writer.pwrite(memoryview(self.buffers.out[:n * size_out].numpy()), job.offset + first * size_out)
-            self.stats.stage_s["write"] += time.perf_counter() - began
-        self._count(job, read=job.numel * (size_a + size_b))
-
-    def _chunk(self, job: TensorJob, first: int, n: int, size_a: int, size_b: int, size_out: int) -> None:
-        bufs = self.buffers
-        began = time.perf_counter()
-        a_raw = bufs.a[:n * size_a]
-        self.a.read_into(job.name, a_raw, start=first * size_a)
-        if job.blended:
-            b_raw = bufs.b[:n * size_b]
-            self.b.read_into(job.name, b_raw, start=first * size_b)
-        mid = time.perf_counter()
-        self.stats.stage_s["read"] += mid - began
-        a = a_raw.view(torch_dtype(job.dtype_a))
-        out = bufs.out[:n * size_out].view(torch_dtype(job.out_dtype))
-        if job.blended:
-            b = b_raw.view(torch_dtype(job.dtype_b))
-            same = a.dtype == b.dtype == out.dtype
-            lerp_into(a, b, job.t, out, None if same else bufs.scratch(n))
-            inputs = (a, b)
-        else:
-            out.copy_(a)
-            inputs = (a,)
+    def _piece(self, piece: Piece, buffer: torch.Tensor, writer: ShardWriter) -> None:
+        job, n = piece.job, piece.count
+        _read_piece(piece, buffer, self.a, self.b)
+        blend_piece(piece, buffer)
         if job.check_overflow:
-            bad = new_infs(out, *inputs)
+            bad = new_infs(*piece_views(piece, buffer))
             if bad:
-                raise OutputError(
-                    f"{bad} value(s) of {job.name} overflow {_dtype_name(job.out_dtype)} (inf from finite inputs); "
-                    "use --dtype bfloat16 (or float32), which has the range of the inputs"
-                )
-        self.stats.stage_s["blend"] += time.perf_counter() - mid
-
-    def _count(self, job: TensorJob, *, read: int) -> None:
-        self.stats.bytes_read += read
-        self.stats.bytes_written += job.nbytes
-        if job.blended:
-            self.stats.tensors_blended += 1
-        else:
-            self.stats.tensors_copied += 1
-        self.progress(job.nbytes)
+                raise overflow_error(job, bad)
+        size = ITEMSIZE[job.out_dtype]
+        out = buffer[piece.out_offset:piece.out_offset + n * size]
+        writer.pwrite(memoryview(out.numpy()), job.offset + piece.start * size)
 
 
-def _dtype_name(code: str) -> str:
-    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(code, code)
+def _read_piece(piece: Piece, buffer: torch.Tensor, a: Checkpoint, b: Checkpoint) -> int:
+    job, n = piece.job, piece.count
+    size_a = ITEMSIZE[job.dtype_a]
+    a.read_into(job.name, buffer[piece.a_offset:piece.a_offset + n * size_a], start=piece.start * size_a)
+    nbytes = n * size_a
+    if job.blended:
+        size_b = ITEMSIZE[job.dtype_b]
+        b.read_into(job.name, buffer[piece.b_offset:piece.b_offset + n * size_b], start=piece.start * size_b)
+        nbytes += n * size_b
+    return nbytes
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------------
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Slot:
+    host: torch.Tensor  # uint8, pinned for CUDA devices
+    device: torch.Tensor | None  # uint8 on the GPU, None for the CPU (blends in host memory)
+
+
+class _DeviceLane:
+    """One device: its ring of slots, its queue of read batches, and (for CUDA) its streams."""
+
+    def __init__(self, device: str, capacity: int, ring_depth: int) -> None:
+        self.device = device
+        self.is_cuda = device != "cpu"
+        self.ring: queue.Queue[_Slot] = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()
+        self.slots = []
+        for _ in range(ring_depth):
+            if self.is_cuda:
+                slot = _Slot(torch.empty(capacity, dtype=torch.uint8, pin_memory=True),
+                             torch.empty(capacity, dtype=torch.uint8, device=device))
+            else:
+                slot = _Slot(torch.empty(capacity, dtype=torch.uint8), None)
+            self.slots.append(slot)
+            self.ring.put(slot)
+        if self.is_cuda:
+            self.h2d_stream = torch.cuda.Stream(device)
+            self.compute_stream = torch.cuda.Stream(device)
+            self.d2h_stream = torch.cuda.Stream(device)
+
+
+class PipelinedEngine:
+    def __init__(self, a: Checkpoint, b: Checkpoint, *, devices: list[str], capacity: int, ring_depth: int = 3,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.a, self.b = a, b
+        self.devices = devices
+        self.capacity = capacity
+        self.ring_depth = ring_depth
+        self._progress = progress or (lambda n: None)
+        self._progress_lock = threading.Lock()
+        self.stats = EngineStats(devices=list(devices))
+        self._cancel = threading.Event()
+        self._error: BaseException | None = None
+        self._error_lock = threading.Lock()
+        self._written: queue.Queue = queue.Queue()
+        self._stage_lock = threading.Lock()
+
+    # -- plumbing --
+    def _fail(self, exc: BaseException) -> None:
+        with self._error_lock:
+            if self._error is None:
+                self._error = exc
+        self._cancel.set()
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except _Cancelled:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            self._fail(exc)
+
+    def _get(self, q: queue.Queue):
+        while True:
+            if self._cancel.is_set():
+                raise _Cancelled
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    def _stage(self, name: str, seconds: float, nbytes: int) -> None:
+        with self._stage_lock:
+            self.stats.stages[name].add(seconds, nbytes)
+
+    def _advance(self, nbytes: int) -> None:
+        with self._progress_lock:
+            self._progress(nbytes)
+
+    # -- run --
+    def run(self, plan: MergePlan, batches: tuple[Batch, ...], directory: Path,
+            metadata: dict[str, str]) -> EngineStats:
+        started = time.perf_counter()
+        self.stats.batches = len(batches)
+        lanes = {device: _DeviceLane(device, self.capacity, self.ring_depth) for device in self.devices}
+        pinned = sum(s.host.numel() for lane in lanes.values() if lane.is_cuda for s in lane.slots)
+        self.stats.peak_pinned_bytes = pinned
+        self.stats.peak_host_buffer_bytes = sum(s.host.numel() for lane in lanes.values() for s in lane.slots)
+        writers = open_writers(plan, directory, metadata)
+        threads = [threading.Thread(target=self._guard, args=(self._reader, lanes[d], [b for b in batches
+                                                                                       if b.device == d]),
+                                    name=f"gpumerge-read-{d}", daemon=True) for d in self.devices]
+        threads += [threading.Thread(target=self._guard, args=(self._blender, lane), name=f"gpumerge-blend-{d}",
+                                     daemon=True) for d, lane in lanes.items()]
+        threads.append(threading.Thread(target=self._guard, args=(self._writer, writers, len(lanes)),
+                                        name="gpumerge-write", daemon=True))
+        threads.append(threading.Thread(target=self._guard, args=(self._copier, plan, writers),
+                                        name="gpumerge-copy", daemon=True))
+        try:
+            for thread in threads:
+                thread.start()
+            self._join(threads)
+        except BaseException as exc:  # Ctrl-C in the caller's thread: stop every stage, then re-raise
+            self._fail(exc)
+            self._join(threads)
+            raise
+        finally:
+            for lane in lanes.values():
+                if lane.is_cuda:
+                    torch.cuda.synchronize(lane.device)
+                    self.stats.peak_device_bytes += torch.cuda.max_memory_allocated(lane.device)
+            for writer in writers:
+                writer.close()
+        if self._error is not None:
+            raise self._error
+        for job in plan.jobs:
+            self.stats.count(job)
+        self.stats.elapsed_s = time.perf_counter() - started
+        return self.stats
+
+    def _join(self, threads: list[threading.Thread]) -> None:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=_POLL_S)
+
+    # -- stages --
+    def _reader(self, lane: _DeviceLane, batches: list[Batch]) -> None:
+        for batch in batches:
+            slot = self._get(lane.ring)
+            began = time.perf_counter()
+            nbytes = sum(_read_piece(piece, slot.host, self.a, self.b) for piece in batch.pieces)
+            self._stage("read", time.perf_counter() - began, nbytes)
+            lane.ready.put((batch, slot))
+        lane.ready.put(None)
+
+    def _blender(self, lane: _DeviceLane) -> None:
+        if lane.is_cuda:
+            torch.cuda.set_device(lane.device)
+        while True:
+            item = self._get(lane.ready)
+            if item is None:
+                self._written.put(None)
+                return
+            batch, slot = item
+            if lane.is_cuda:
+                events = self._blend_cuda(lane, batch, slot)
+            else:
+                began = time.perf_counter()
+                for piece in batch.pieces:
+                    blend_piece(piece, slot.host)
+                self._stage("blend", time.perf_counter() - began, batch.payload_bytes)
+                events = None
+            self._written.put((lane, batch, slot, events))
+
+    def _blend_cuda(self, lane: _DeviceLane, batch: Batch, slot: _Slot):
+        """H2D on the copy stream, blend on the compute stream, D2H on its own stream; the writer waits on the
+        last event before it reads the pinned output (reading it earlier would be wrong data, silently)."""
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        with torch.cuda.stream(lane.h2d_stream):
+            events[0].record()
+            slot.device[:batch.in_bytes].copy_(slot.host[:batch.in_bytes], non_blocking=True)
+            events[1].record()
+        lane.compute_stream.wait_event(events[1])
+        with torch.cuda.stream(lane.compute_stream):
+            for piece in batch.pieces:
+                blend_piece(piece, slot.device)
+            events[2].record()
+        lane.d2h_stream.wait_event(events[2])
+        with torch.cuda.stream(lane.d2h_stream):
+            span = slice(batch.out_start, batch.out_end)
+            slot.host[span].copy_(slot.device[span], non_blocking=True)
+            events[3].record()
+        return events
+
+    def _writer(self, writers: list[ShardWriter], producers: int) -> None:
+        finished = 0
+        while finished < producers:
+            item = self._get(self._written)
+            if item is None:
+                finished += 1
+                continue
+            lane, batch, slot, events = item
+            if events is not None:
+                events[3].synchronize()
+                self._stage("h2d", events[0].elapsed_time(events[1]) / 1e3, batch.in_bytes)
+                self._stage("blend", events[1].elapsed_time(events[2]) / 1e3, batch.payload_bytes)
+                self._stage("d2h", events[2].elapsed_time(events[3]) / 1e3, batch.out_end - batch.out_start)
+            began = time.perf_counter()
+            nbytes = 0
+            for piece in batch.pieces:
+                job = piece.job
+                if job.check_overflow:
+                    bad = new_infs(*piece_views(piece, slot.host))
+                    if bad:
+                        raise overflow_error(job, bad)
+                size = ITEMSIZE[job.out_dtype]
+                out = slot.host[piece.out_offset:piece.out_offset + piece.count * size]
+                writers[job.shard].pwrite(memoryview(out.numpy()), job.offset + piece.start * size)
+                nbytes += piece.count * size
+            self._stage("write", time.perf_counter() - began, nbytes)
+            lane.ring.put(slot)
+            self._advance(nbytes)
+
+    def _copier(self, plan: MergePlan, writers: list[ShardWriter]) -> None:
+        scratch = torch.empty(16 * 2**20, dtype=torch.uint8)
+        for job in plan.jobs:
+            if needs_device(job):
+                continue
+            if self._cancel.is_set():
+                raise _Cancelled
+            began = time.perf_counter()
+            copy_unchanged(job, self.a, writers[job.shard], scratch)
+            self._stage("copy", time.perf_counter() - began, job.nbytes)
+            self._advance(job.nbytes)

@@ -233,3 +233,152 @@ def layer_table(plan: MergePlan) -> list[tuple[int, float, int, int]]:
             rows[job.layer][1] += 1
             rows[job.layer][2] += job.nbytes
     return [(layer, t, n, nbytes) for layer, (t, n, nbytes) in sorted(rows.items())]
+
+
+# ---- batches per device -----------------------------------------------------------------------------------------
+
+DEFAULT_BATCH_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+RING_DEPTH = 3  # buffers in flight per device: one being read, one blended, one written
+ALIGN = 64  # every region starts on a 64-byte boundary (aligned dtype views, vector loads)
+_FP32_SCRATCH = 12  # a, b and out widened to fp32 for a mixed-dtype blend
+
+
+def _align(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def needs_device(job: TensorJob) -> bool:
+    """Blends and casts run on a device; tensors kept as they are go file to file."""
+    return job.blended or job.out_dtype != job.dtype_a
+
+
+def _mixed(job: TensorJob) -> bool:
+    return job.blended and not (job.dtype_a == job.dtype_b == job.out_dtype)
+
+
+def footprint_per_element(job: TensorJob) -> int:
+    size = ITEMSIZE[job.dtype_a] + ITEMSIZE[job.out_dtype]
+    if job.blended:
+        size += ITEMSIZE[job.dtype_b]
+    return size + (_FP32_SCRATCH if _mixed(job) else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Elements [start, start + count) of one job, and where its regions sit in a batch buffer."""
+
+    job: TensorJob
+    start: int
+    count: int
+    a_offset: int = 0
+    b_offset: int = 0  # meaningful when job.blended
+    out_offset: int = 0
+    scratch_offset: int = 0  # meaningful for a mixed-dtype blend
+
+    def footprint(self) -> int:
+        job, n = self.job, self.count
+        total = _align(n * ITEMSIZE[job.dtype_a]) + _align(n * ITEMSIZE[job.out_dtype])
+        if job.blended:
+            total += _align(n * ITEMSIZE[job.dtype_b])
+        return total + (_align(n * _FP32_SCRATCH) if _mixed(job) else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Pieces blended together on one device. Buffer layout: [a regions | b regions) = the bytes read and sent to
+    the device, [out regions) = the bytes sent back and written, then fp32 scratch."""
+
+    index: int
+    device: str
+    pieces: tuple[Piece, ...]
+    in_bytes: int  # end of the input regions
+    out_start: int
+    out_end: int
+    nbytes: int  # the whole footprint, scratch included
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes read plus bytes written for this batch."""
+        return sum(p.count * (footprint_per_element(p.job) - (_FP32_SCRATCH if _mixed(p.job) else 0))
+                   for p in self.pieces)
+
+
+def batch_capacity(devices: list[str], budget: Mapping[str, int], *, batch_bytes: int | None = None,
+                   ring_depth: int = RING_DEPTH) -> int:
+    """The largest batch footprint: within batch_bytes and, for every device, its budget over the ring of buffers
+    (for GPUs also the host budget for their pinned staging buffers)."""
+    cuda = [d for d in devices if d != "cpu"]
+    caps = []
+    for device in devices:
+        kind = "cpu" if device == "cpu" else "cuda"
+        cap = min(batch_bytes or DEFAULT_BATCH_BYTES[kind], budget[device] // ring_depth)
+        if kind == "cuda" and "cpu" in budget:
+            cap = min(cap, budget["cpu"] // (ring_depth * len(cuda)))
+        caps.append((cap, device))
+    cap, device = min(caps)
+    if cap < 4 * ALIGN + 64:
+        raise SpecError(f"the memory budget for {device} ({budget[device]} bytes) is too small for {ring_depth} "
+                        f"in-flight buffers; give it at least {ring_depth * (4 * ALIGN + 64)} bytes")
+    return cap
+
+
+def make_batches(plan: MergePlan, budget: Mapping[str, int], *, devices: list[str], batch_bytes: int | None = None,
+                 ring_depth: int = RING_DEPTH) -> tuple[Batch, ...]:
+    """Cut the device work into batches no larger than batch_capacity (a tensor too large for one is split into
+    row chunks, or element ranges when one row is too large) and assign them to devices balancing bytes."""
+    cap = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+    groups: list[list[Piece]] = [[]]
+    used = 0
+    for job in plan.jobs:
+        if not needs_device(job):
+            continue
+        for piece in _split(job, cap):
+            size = piece.footprint()
+            if groups[-1] and used + size > cap:
+                groups.append([])
+                used = 0
+            groups[-1].append(piece)
+            used += size
+    load = {device: 0 for device in devices}
+    batches = []
+    for index, pieces in enumerate(g for g in groups if g):
+        device = min(devices, key=lambda d: (load[d], devices.index(d)))
+        batch = lay_out(index, device, pieces)
+        load[device] += batch.payload_bytes
+        batches.append(batch)
+    return tuple(batches)
+
+
+def _split(job: TensorJob, cap: int) -> list[Piece]:
+    whole = Piece(job, 0, job.numel)
+    if whole.footprint() <= cap:
+        return [whole]
+    per_element = footprint_per_element(job)
+    row = job.numel // job.shape[0] if job.shape and job.shape[0] else job.numel
+    budget_elements = max(1, (cap - 4 * ALIGN) // per_element)
+    step = (budget_elements // row) * row if row <= budget_elements else budget_elements
+    return [Piece(job, start, min(step, job.numel - start)) for start in range(0, job.numel, step)]
+
+
+def lay_out(index: int, device: str, pieces: list[Piece]) -> Batch:
+    offset = 0
+    a_offsets, b_offsets, out_offsets, scratch_offsets = [], [], [], []
+    for piece in pieces:
+        a_offsets.append(offset)
+        offset += _align(piece.count * ITEMSIZE[piece.job.dtype_a])
+    for piece in pieces:
+        b_offsets.append(offset)
+        if piece.job.blended:
+            offset += _align(piece.count * ITEMSIZE[piece.job.dtype_b])
+    in_bytes = out_start = offset
+    for piece in pieces:
+        out_offsets.append(offset)
+        offset += _align(piece.count * ITEMSIZE[piece.job.out_dtype])
+    out_end = offset
+    for piece in pieces:
+        scratch_offsets.append(offset)
+        if _mixed(piece.job):
+            offset += _align(piece.count * _FP32_SCRATCH)
+    laid = tuple(Piece(p.job, p.start, p.count, a, b, o, s)
+                 for p, a, b, o, s in zip(pieces, a_offsets, b_offsets, out_offsets, scratch_offsets))
+    return Batch(index, device, laid, in_bytes, out_start, out_end, offset)

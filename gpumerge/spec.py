@@ -14,7 +14,7 @@ DTYPE_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "auto")
 
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+(,cuda:\d+)*)$")
 
 # Size units as huggingface_hub/transformers spell them: decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB.
 # Written here (not accelerate's convert_file_size_to_int) so that spec parsing stays free of heavy imports
@@ -53,10 +53,35 @@ def parse_dtype(text: str) -> str:
 
 
 def parse_device(text: str) -> str:
-    value = text.strip().lower()
+    value = text.strip().lower().replace(" ", "")
     if not DEVICE_RE.match(value):
-        raise SpecError(f"--device {text!r} is not one of auto, cpu, cuda, cuda:N")
+        raise SpecError(f"--device {text!r} is not one of auto, cpu, cuda, cuda:N or a list cuda:0,cuda:2")
+    if len(set(value.split(","))) != len(value.split(",")):
+        raise SpecError(f"--device {text!r} names a device twice")
     return value
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """``"0=20GiB,1=20GiB,cpu=8GiB"`` -> accelerate's max_memory dict ``{0: bytes, 1: bytes, "cpu": bytes}``."""
+    from accelerate.utils import convert_file_size_to_int  # accelerate's size parsing, as its max_memory uses
+
+    budget: dict[int | str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = part.partition("=")
+        key = key.strip().lower().removeprefix("cuda:")
+        if not sep or not (key.isdigit() or key == "cpu"):
+            raise SpecError(f"--max_memory {text!r}: each entry is DEVICE=SIZE with DEVICE a GPU index or cpu, "
+                            f"e.g. 0=20GiB,1=20GiB,cpu=8GiB (got {part!r})")
+        try:
+            value = convert_file_size_to_int(size.strip())
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f"--max_memory {text!r}: {size.strip()!r} is not a size (e.g. 20GiB, 500MB)") from exc
+        if value <= 0:
+            raise SpecError(f"--max_memory {text!r}: {part!r} must be more than 0 bytes")
+        budget[int(key) if key.isdigit() else "cpu"] = value
+    if not budget:
+        raise SpecError(f"--max_memory {text!r} names no device")
+    return budget
 
 
 def check_finite(value: float, *, flag: str) -> float:
@@ -84,6 +109,7 @@ class MergeSpec:
     dtype: str = "float16"  # float16 | bfloat16 | float32 | auto
     dtype_was_default: bool = True
     device: str = "auto"
+    max_memory: tuple[tuple[int | str, int], ...] | None = None  # accelerate-style budget, as sorted items
     overwrite: bool = False
     quiet: bool = False
 

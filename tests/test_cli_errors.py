@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli, write_checkpoint
 
 import gpumerge.pipeline
+import gpumerge.writer
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -171,15 +172,15 @@ def test_failure_mid_merge_leaves_nothing_and_keeps_old_output(pair, tmp_path, c
     out.mkdir()
     (out / "keep.txt").write_text("old merge")
     calls = {"n": 0}
-    original = gpumerge.pipeline.CpuEngine._job
+    original = gpumerge.writer.ShardWriter.pwrite
 
-    def failing(self, job, writer):
+    def failing(self, data, offset, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 20:
+        if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        return original(self, job, writer)
+        return original(self, data, offset, **kwargs)
 
-    monkeypatch.setattr(gpumerge.pipeline.CpuEngine, "_job", failing)
+    monkeypatch.setattr(gpumerge.writer.ShardWriter, "pwrite", failing)
     code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
     assert_one_line_error(code, err, "No space left")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -189,10 +190,10 @@ def test_failure_mid_merge_leaves_nothing_and_keeps_old_output(pair, tmp_path, c
 def test_ctrl_c_leaves_nothing(pair, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
 
-    def interrupted(self, job, writer):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpumerge.pipeline.CpuEngine, "_job", interrupted)
+    monkeypatch.setattr(gpumerge.pipeline, "_read_piece", interrupted)
     code, _, err = run_cli(*merge_args(*pair, out), capsys=capsys)
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []

@@ -201,7 +201,7 @@ def test_chunked_engine_is_bitwise_equal(models, tmp_path):
         spec = MergeSpec(model_path1=str(models["bf16_a"]), model_path2=str(models["fp16_b"]),
                          output_model_path=tmp_path / f"out{chunk}", gradient_start=0.9, gradient_end=0.1,
                          dtype="float16", device="cpu", quiet=True)
-        outs.append(run_merge(spec, notice=lambda line: None, chunk_elements=chunk).output)
+        outs.append(run_merge(spec, notice=lambda line: None, engine="sequential", chunk_elements=chunk).output)
     states = [load_state(o) for o in outs]
     for name, value in states[0].items():
         raw = value.view(torch.uint8)
