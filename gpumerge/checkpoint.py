@@ -282,18 +282,13 @@ class Checkpoint:
     def fingerprint(self) -> str:
         """sha256 of every weight file's name, size and header, and of the first 4 KiB of every tensor: cheap
         (no full read), and it tells apart two fine-tunes with the same layout."""
-        import torch
-
         digest = hashlib.sha256()
         for path in sorted(self.files):
             digest.update(path.name.encode())
             digest.update(str(path.stat().st_size).encode())
             digest.update(self._headers[path])
-        sample = torch.empty(4096, dtype=torch.uint8)
         for info in self.tensors.values():
-            n = min(4096, info.nbytes)
-            self.read_into(info.name, sample[:n])
-            digest.update(sample[:n].numpy().tobytes())
+            digest.update(self.read_bytes(info.name, 0, min(4096, info.nbytes)))
         return digest.hexdigest()
 
     # ---- bytes -------------------------------------------------------------------------------------------
@@ -310,6 +305,23 @@ class Checkpoint:
         if info.offset is None:
             return None
         return self.fd(info.path), info.offset
+
+    def read_bytes(self, name: str, start: int, nbytes: int) -> bytes:
+        """``nbytes`` of a tensor's bytes from byte ``start`` (small reads; torch only for pickled sources)."""
+        info = self.tensors[name]
+        if info.offset is None:
+            import torch
+
+            dest = torch.empty(nbytes, dtype=torch.uint8)
+            self.read_into(name, dest, start=start)
+            return dest.numpy().tobytes()
+        data = b""
+        while len(data) < nbytes:
+            chunk = os.pread(self.fd(info.path), nbytes - len(data), info.offset + start + len(data))
+            if not chunk:
+                raise CheckpointError(f"{self.label} {info.path}: unexpected end of file while reading {name}")
+            data += chunk
+        return data
 
     def read_into(self, name: str, dest, *, start: int = 0) -> None:
         """Fill ``dest`` (a contiguous uint8 torch tensor) with the tensor's bytes from byte ``start`` on."""

@@ -56,10 +56,9 @@ def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None 
     unknown = [k for k in given if k != "cpu" and f"cuda:{k}" not in devices]
     if unknown:
         raise SpecError(f"--max_memory names device(s) {unknown} that the merge does not use ({', '.join(devices)})")
-    needed = [d for d in devices if _budget_key(d) not in given] + (["cpu"] if "cpu" not in given else [])
-    probed: dict[int | str, int] = {}
-    if needed:
-        from accelerate.utils import get_max_memory
+    probed: dict[int | str, int] = {"cpu": _available_ram()}
+    if any(d != "cpu" and _budget_key(d) not in given for d in devices):
+        from accelerate.utils import get_max_memory  # GPU runs only: it initialises every visible device
 
         probed = get_max_memory()
     budget: dict[str, int] = {}
@@ -72,6 +71,16 @@ def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None 
         else:
             budget[device] = int(probed.get(key, 0) * FREE_MEMORY_SHARE)
     return budget
+
+
+def _available_ram() -> int:
+    """Available RAM without importing accelerate/psutil on the CPU path (what they report, from sysconf)."""
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 * CPU_DEFAULT_BUDGET_BYTES
 
 
 class Telemetry:

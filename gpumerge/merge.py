@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shlex
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpumerge.checkpoint import Checkpoint
+from gpumerge.errors import IncompatibleCheckpointsError
 from gpumerge.plan import MergePlan, make_plan
 from gpumerge.spec import MergeSpec
 
@@ -67,6 +71,37 @@ def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint)
     }
 
 
+def preflight(plan: MergePlan, a: Checkpoint, b: Checkpoint) -> None:
+    """Checks that need tensor bytes, before the first output byte: non-float tensors in the window must be equal."""
+    differ = [job.name for job in plan.jobs if job.verify_equal
+              and a.read_bytes(job.name, 0, a.tensors[job.name].nbytes)
+              != b.read_bytes(job.name, 0, b.tensors[job.name].nbytes)]
+    if differ:
+        raise IncompatibleCheckpointsError(
+            f"{len(differ)} non-float tensor(s) in the layer window differ between the models and cannot be "
+            "blended: " + ", ".join(differ[:8])
+        )
+
+
+def _import_torch_in_background() -> threading.Thread:
+    """torch takes seconds to import on a small CPU machine: import it while the checkpoints are indexed, the plan
+    is made and the unchanged tensors are copied (those need no torch)."""
+    thread = threading.Thread(target=importlib.import_module, args=("torch",), name="gpumerge-import", daemon=True)
+    thread.start()
+    return thread
+
+
+class _LockedProgress:
+    def __init__(self, update: Callable[[int], None] | None) -> None:
+        self._update = update
+        self._lock = threading.Lock()
+
+    def __call__(self, nbytes: int) -> None:
+        if self._update is not None:
+            with self._lock:
+                self._update(nbytes)
+
+
 def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
               engine: str = "pipelined", batch_bytes: int | None = None, ring_depth: int = 3,
               chunk_elements: int | None = None, budget: dict[str, int] | None = None) -> MergeResult:
@@ -76,12 +111,10 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     ``budget`` replaces the probed memory budget (tests and benchmarks force small batches with it).
     """
     from gpumerge import writer
-    from gpumerge.devices import Telemetry, probe_budget, resolve_devices
-    from gpumerge.pipeline import DEFAULT_CHUNK_ELEMENTS, PipelinedEngine, SequentialEngine, preflight
-    from gpumerge.plan import batch_capacity, make_batches
+    from gpumerge.copier import Copier
 
     began = time.perf_counter()
-    devices, device_notice = resolve_devices(spec.device)
+    importing = _import_torch_in_background() if "torch" not in sys.modules else None
     a, b = open_pair(spec)
     with a, b:
         plan = make_plan(a, b, spec)
@@ -90,34 +123,36 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
         out = writer.check_output_path(spec.output_model_path, inputs=[a.root, b.root], overwrite=spec.overwrite)
         output = writer.OutputDir(out)
         output.check_space(plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
-        if budget is None:
-            budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
-        batches = make_batches(plan, budget, devices=devices, batch_bytes=batch_bytes, ring_depth=ring_depth)
-        capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
         preflight(plan, a, b)
-        if device_notice:
-            notice(device_notice)
         record = merge_record(spec, plan, a, b)
         metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
-        telemetry = Telemetry(devices).start()
-        progress = progress_factory(plan.bytes_written, telemetry) if progress_factory else None
-        advance = progress.update if progress else None
+        progress = progress_factory(plan.bytes_written) if progress_factory else None
+        advance = _LockedProgress(progress.update if progress else None)
+        telemetry = None
         try:
             with output:
-                if engine == "sequential":
-                    runner = SequentialEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
-                                              progress=advance)
-                    stats = runner.run(plan, output.tmp, metadata)
-                else:
-                    runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth,
-                                             progress=advance)
-                    stats = runner.run(plan, batches, output.tmp, metadata)
+                writers = writer.open_writers(plan, output.tmp, metadata)
+                copier = Copier(plan, a, writers, progress=advance) if engine != "sequential" else None
+                try:
+                    if copier is not None:
+                        copier.start()
+                    if importing is not None:
+                        importing.join()
+                    stats, devices, budget, capacity, telemetry = _run_engine(
+                        spec, plan, a, b, writers, copier, engine=engine, budget=budget,
+                        batch_bytes=batch_bytes, ring_depth=ring_depth, chunk_elements=chunk_elements,
+                        advance=advance, progress=progress, notice=notice)
+                finally:
+                    if copier is not None:
+                        copier.cancel()
+                    writer.close_writers(writers)
                 writer.write_index(output.tmp, plan)
                 aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name)
                 writer.write_model_card(output.tmp, record)
                 output.finalize()
         finally:
-            telemetry.stop()
+            if telemetry is not None:
+                telemetry.stop()
             if progress:
                 progress.close()
     wall_s = time.perf_counter() - began
@@ -125,6 +160,33 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                            ring_depth=ring_depth, telemetry=telemetry.summary(), engine=engine)
     return MergeResult(out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read, stats.bytes_written,
                        report)
+
+
+def _run_engine(spec, plan, a, b, writers, copier, *, engine, budget, batch_bytes,
+                ring_depth, chunk_elements, advance, progress, notice):
+    """Devices, budget and batches (these need torch), then the engine. Errors here stop the copier, and the
+    partial output is removed by the caller."""
+    from gpumerge.devices import Telemetry, probe_budget, resolve_devices
+    from gpumerge.pipeline import DEFAULT_CHUNK_ELEMENTS, PipelinedEngine, SequentialEngine
+    from gpumerge.plan import batch_capacity, make_batches
+
+    devices, device_notice = resolve_devices(spec.device)
+    if budget is None:
+        budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
+    batches = make_batches(plan, budget, devices=devices, batch_bytes=batch_bytes, ring_depth=ring_depth)
+    capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+    if device_notice:
+        notice(device_notice)
+    telemetry = Telemetry(devices).start()
+    if progress is not None:
+        progress.telemetry = telemetry
+    if engine == "sequential":
+        runner = SequentialEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS, progress=advance)
+        stats = runner.run(plan, writers)
+    else:
+        runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth, progress=advance)
+        stats = runner.run(plan, batches, writers, copier)
+    return stats, devices, budget, capacity, telemetry
 
 
 def engine_report(stats, *, wall_s: float, devices: list[str], budget: dict[str, int], capacity: int,

@@ -3,7 +3,7 @@
 ``PipelinedEngine`` (the one the CLI uses) runs the stages as threads joined by bounded rings of buffers:
 
     reader (one per device) -> [H2D -> blend -> D2H] (one per device) -> writer
-    copier: tensors kept as they are go file to file (copy_file_range) beside the rest
+    copier (gpumerge.copier): tensors kept as they are go file to file (copy_file_range) beside the rest
 
 A device owns ``ring_depth`` slots (a host buffer, pinned for CUDA, plus a device buffer for CUDA); a slot goes back
 to its ring only after the writer has written it, so memory is bounded and a slow writer holds the readers back.
@@ -19,13 +19,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from gpumerge.checkpoint import ITEMSIZE, Checkpoint
-from gpumerge.errors import IncompatibleCheckpointsError, OutputError
+from gpumerge.copier import Copier, copy_unchanged
+from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
 from gpumerge.kernels.lerp import lerp_into, new_infs
 from gpumerge.plan import Batch, MergePlan, Piece, TensorJob, lay_out, needs_device
@@ -75,49 +75,6 @@ class EngineStats:
 
 # ---- shared by both engines -------------------------------------------------------------------------------------
 
-def preflight(plan: MergePlan, a: Checkpoint, b: Checkpoint) -> None:
-    """Checks that need tensor bytes, before the first output byte: non-float tensors in the window."""
-    differ = []
-    for job in plan.jobs:
-        if job.verify_equal:
-            nbytes = job.numel * ITEMSIZE[job.dtype_a]
-            bytes_a = torch.empty(nbytes, dtype=torch.uint8)
-            bytes_b = torch.empty(nbytes, dtype=torch.uint8)
-            a.read_into(job.name, bytes_a)
-            b.read_into(job.name, bytes_b)
-            if not torch.equal(bytes_a, bytes_b):
-                differ.append(job.name)
-    if differ:
-        raise IncompatibleCheckpointsError(
-            f"{len(differ)} non-float tensor(s) in the layer window differ between the models and cannot be "
-            "blended: " + ", ".join(differ[:8])
-        )
-
-
-def open_writers(plan: MergePlan, directory: Path, metadata: dict[str, str]) -> list[ShardWriter]:
-    writers: list[ShardWriter] = []
-    try:
-        for shard in plan.shards:
-            writers.append(ShardWriter(directory / shard.filename, shard, metadata))
-    except BaseException:
-        for writer in writers:
-            writer.close()
-        raise
-    return writers
-
-
-def copy_unchanged(job: TensorJob, a: Checkpoint, writer: ShardWriter, scratch: torch.Tensor) -> None:
-    """A tensor kept as it is: file to file in the kernel, or through ``scratch`` for pickled sources."""
-    location = a.raw_location(job.name)
-    if location is not None:
-        writer.copy_from(location[0], location[1], job.nbytes, job.offset)
-        return
-    for start in range(0, job.nbytes, scratch.numel()):
-        chunk = scratch[:min(scratch.numel(), job.nbytes - start)]
-        a.read_into(job.name, chunk, start=start)
-        writer.pwrite(memoryview(chunk.numpy()), job.offset + start)
-
-
 def overflow_error(job: TensorJob, count: int) -> OutputError:
     name = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(job.out_dtype, job.out_dtype)
     return OutputError(f"{count} value(s) of {job.name} overflow {name} (inf from finite inputs); use --dtype "
@@ -162,27 +119,22 @@ class SequentialEngine:
         self.progress = progress or (lambda n: None)
         self.stats = EngineStats(devices=["cpu"])
 
-    def run(self, plan: MergePlan, directory: Path, metadata: dict[str, str]) -> EngineStats:
+    def run(self, plan: MergePlan, writers: list[ShardWriter]) -> EngineStats:
         started = time.perf_counter()
         scratch = torch.empty(16 * 2**20, dtype=torch.uint8)
-        writers = open_writers(plan, directory, metadata)
-        try:
-            for job in plan.jobs:
-                writer = writers[job.shard]
-                if not needs_device(job):
-                    copy_unchanged(job, self.a, writer, scratch)
-                else:
-                    for first in range(0, job.numel, self.chunk_elements):
-                        count = min(self.chunk_elements, job.numel - first)
-                        piece = lay_out(0, "cpu", [Piece(job, first, count)]).pieces[0]
-                        if piece.footprint() > scratch.numel():
-                            scratch = torch.empty(piece.footprint(), dtype=torch.uint8)
-                        self._piece(piece, scratch, writer)
-                self.stats.count(job)
-                self.progress(job.nbytes)
-        finally:
-            for writer in writers:
-                writer.close()
+        for job in plan.jobs:
+            writer = writers[job.shard]
+            if not needs_device(job):
+                copy_unchanged(job, self.a, writer)
+            else:
+                for first in range(0, job.numel, self.chunk_elements):
+                    count = min(self.chunk_elements, job.numel - first)
+                    piece = lay_out(0, "cpu", [Piece(job, first, count)]).pieces[0]
+                    if piece.footprint() > scratch.numel():
+                        scratch = torch.empty(piece.footprint(), dtype=torch.uint8)
+                    self._piece(piece, scratch, writer)
+            self.stats.count(job)
+            self.progress(job.nbytes)
         self.stats.peak_host_buffer_bytes = scratch.numel()
         self.stats.elapsed_s = time.perf_counter() - started
         return self.stats
@@ -296,15 +248,19 @@ class PipelinedEngine:
             self._progress(nbytes)
 
     # -- run --
-    def run(self, plan: MergePlan, batches: tuple[Batch, ...], directory: Path,
-            metadata: dict[str, str]) -> EngineStats:
+    def run(self, plan: MergePlan, batches: tuple[Batch, ...], writers: list[ShardWriter],
+            copier: Copier | None = None) -> EngineStats:
+        """Run the device stages over ``batches`` into the open shard ``writers``; ``copier`` (started by the
+        caller, possibly before torch was imported) copies the unchanged tensors meanwhile, else one is started
+        here. On any error every stage, the copier included, is stopped before the error is re-raised."""
         started = time.perf_counter()
         self.stats.batches = len(batches)
         lanes = {device: _DeviceLane(device, self.capacity, self.ring_depth) for device in self.devices}
         pinned = sum(s.host.numel() for lane in lanes.values() if lane.is_cuda for s in lane.slots)
         self.stats.peak_pinned_bytes = pinned
         self.stats.peak_host_buffer_bytes = sum(s.host.numel() for lane in lanes.values() for s in lane.slots)
-        writers = open_writers(plan, directory, metadata)
+        if copier is None:
+            copier = Copier(plan, self.a, writers, progress=self._advance).start()
         threads = [threading.Thread(target=self._guard, args=(self._reader, lanes[d], [b for b in batches
                                                                                        if b.device == d]),
                                     name=f"gpumerge-read-{d}", daemon=True) for d in self.devices]
@@ -312,25 +268,25 @@ class PipelinedEngine:
                                      daemon=True) for d, lane in lanes.items()]
         threads.append(threading.Thread(target=self._guard, args=(self._writer, writers, len(lanes)),
                                         name="gpumerge-write", daemon=True))
-        threads.append(threading.Thread(target=self._guard, args=(self._copier, plan, writers),
-                                        name="gpumerge-copy", daemon=True))
         try:
             for thread in threads:
                 thread.start()
             self._join(threads)
-        except BaseException as exc:  # Ctrl-C in the caller's thread: stop every stage, then re-raise
+            if self._error is None:
+                while not self._cancel.is_set() and not copier.wait(_POLL_S):
+                    pass
+        except BaseException as exc:  # Ctrl-C in the caller's thread, or the copier's error
             self._fail(exc)
             self._join(threads)
-            raise
         finally:
+            copier.cancel()
             for lane in lanes.values():
                 if lane.is_cuda:
                     torch.cuda.synchronize(lane.device)
                     self.stats.peak_device_bytes += torch.cuda.max_memory_allocated(lane.device)
-            for writer in writers:
-                writer.close()
         if self._error is not None:
             raise self._error
+        self.stats.stages["copy"].add(copier.busy_s, copier.bytes)
         for job in plan.jobs:
             self.stats.count(job)
         self.stats.elapsed_s = time.perf_counter() - started
@@ -418,15 +374,3 @@ class PipelinedEngine:
             self._stage("write", time.perf_counter() - began, nbytes)
             lane.ring.put(slot)
             self._advance(nbytes)
-
-    def _copier(self, plan: MergePlan, writers: list[ShardWriter]) -> None:
-        scratch = torch.empty(16 * 2**20, dtype=torch.uint8)
-        for job in plan.jobs:
-            if needs_device(job):
-                continue
-            if self._cancel.is_set():
-                raise _Cancelled
-            began = time.perf_counter()
-            copy_unchanged(job, self.a, writers[job.shard], scratch)
-            self._stage("copy", time.perf_counter() - began, job.nbytes)
-            self._advance(job.nbytes)

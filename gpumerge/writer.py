@@ -157,6 +157,23 @@ class ShardWriter:
             self.fd = -1
 
 
+def open_writers(plan: MergePlan, directory: Path, metadata: dict[str, str]) -> list[ShardWriter]:
+    """Every shard of the plan, header written and space reserved, ready for bytes at any offset."""
+    writers: list[ShardWriter] = []
+    try:
+        for shard in plan.shards:
+            writers.append(ShardWriter(directory / shard.filename, shard, metadata))
+    except BaseException:
+        close_writers(writers)
+        raise
+    return writers
+
+
+def close_writers(writers: list[ShardWriter]) -> None:
+    for writer in writers:
+        writer.close()
+
+
 def write_index(directory: Path, plan: MergePlan) -> None:
     if len(plan.shards) == 1:
         return

@@ -12,6 +12,7 @@ import torch
 from conftest import load_state, run_cli
 from test_plan import FakeIndex, llama_index, spec
 
+import gpumerge.copier
 import gpumerge.pipeline
 import gpumerge.writer
 from gpumerge.errors import SpecError
@@ -181,7 +182,7 @@ def test_a_failing_stage_cancels_everything_and_leaves_nothing(models, tmp_path,
         return wrapped
 
     target = {"reader": (gpumerge.pipeline, "_read_piece"), "blender": (gpumerge.pipeline, "blend_piece"),
-              "copier": (gpumerge.pipeline, "copy_unchanged"),
+              "copier": (gpumerge.copier, "copy_unchanged"),
               "writer": (gpumerge.writer.ShardWriter, "pwrite")}[where]
     monkeypatch.setattr(*target, fail_third(getattr(*target)))
     out = tmp_path / "out"
