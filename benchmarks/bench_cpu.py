@@ -32,8 +32,8 @@ from make_pair import DEFAULT_DATA, add_shape_args, ensure_pair, shape_from_args
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 TIME_BIN = Path("/usr/bin/time")
 MERGE_ARGS = dict(gradient_start=0.9, gradient_end=0.0, layer_start=0, layer_end=12)
-TARGET_CLI_RATIO = 1.5
-TARGET_ENGINE_RATIO = 1.3
+TARGET_CLI_RATIO = 1.25  # issue 3 (issue 2 asked for 1.5)
+TARGET_ENGINE_RATIO = 1.1  # issue 3, on the report's wall_s (issue 2 asked for 1.3 on the engine alone)
 TARGET_RSS_BYTES = 10**9
 
 
@@ -47,6 +47,7 @@ class Timings:
     engine_s: float
     run_merge_s: float
     engine_bytes: int
+    sequential_s: float
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -134,8 +135,9 @@ def cli_once(a: Path, b: Path, out: Path) -> tuple[float, int]:
     return elapsed, rss
 
 
-def engine_once(a: Path, b: Path, out: Path) -> tuple[float, float, int]:
-    """(result.elapsed_s, wall of run_merge, bytes read + written) of one in-process merge."""
+def engine_once(a: Path, b: Path, out: Path, engine: str = "pipelined") -> tuple[float, float, int]:
+    """(result.elapsed_s, the report's wall_s: planning to finalized output, bytes read + written) of one
+    in-process merge."""
     from gpumerge.merge import run_merge
     from gpumerge.spec import MergeSpec
 
@@ -143,11 +145,9 @@ def engine_once(a: Path, b: Path, out: Path) -> tuple[float, float, int]:
     remove(merged)
     spec = MergeSpec(model_path1=str(a), model_path2=str(b), output_model_path=merged, overwrite=True, quiet=True,
                      **MERGE_ARGS)
-    began = time.perf_counter()
-    result = run_merge(spec, notice=lambda line: None)
-    wall = time.perf_counter() - began
+    result = run_merge(spec, notice=lambda line: None, engine=engine)
     remove(merged)
-    return result.elapsed_s, wall, result.bytes_read + result.bytes_written
+    return result.elapsed_s, result.report["wall_s"], result.bytes_read + result.bytes_written
 
 
 def measure(a: Path, b: Path, out: Path, runs: int) -> Timings:
@@ -160,6 +160,7 @@ def measure(a: Path, b: Path, out: Path, runs: int) -> Timings:
     torch_import = best_of(runs, torch_import_once)
     cli = [cli_once(a, b, out) for _ in range(runs)]
     engine = [engine_once(a, b, out) for _ in range(runs)]
+    sequential = [engine_once(a, b, out, "sequential") for _ in range(runs)]
     return Timings(
         io_floor_s=io_floor,
         torch_import_s=torch_import,
@@ -169,6 +170,7 @@ def measure(a: Path, b: Path, out: Path, runs: int) -> Timings:
         engine_s=min(e[0] for e in engine),
         run_merge_s=min(e[1] for e in engine),
         engine_bytes=engine[0][2],
+        sequential_s=min(e[1] for e in sequential),
     )
 
 
@@ -198,21 +200,23 @@ def verdict(value: float, target: float) -> str:
 
 def table(t: Timings) -> list[str]:
     cli_ratio = t.cli_s / (t.torch_import_s + t.io_floor_s)
-    engine_ratio = t.engine_s / t.io_floor_s
+    engine_ratio = t.run_merge_s / t.io_floor_s
     rss_gb = t.cli_rss_bytes / 1e9
     rows = [
         ("I/O floor: cat A+B, dd A (s)", f"{t.io_floor_s:.2f}", "", ""),
         ("python -c 'import torch' (s)", f"{t.torch_import_s:.2f}", "", ""),
         ("CLI wall (s)", f"{t.cli_s:.2f}", "", ""),
-        ("engine, result.elapsed_s (s)", f"{t.engine_s:.2f}", "", ""),
-        ("engine, run_merge wall (s)", f"{t.run_merge_s:.2f}", "", ""),
+        ("engine stages only, result.elapsed_s (s)", f"{t.engine_s:.2f}", "", ""),
+        ("engine, report wall_s: planning to finalized output (s)", f"{t.run_merge_s:.2f}", "", ""),
+        ("sequential reference engine, wall_s (s)", f"{t.sequential_s:.2f}", "", ""),
         ("CLI / (import torch + I/O floor)", f"{cli_ratio:.2f}", f"≤ {TARGET_CLI_RATIO}",
          verdict(cli_ratio, TARGET_CLI_RATIO)),
-        ("engine / I/O floor", f"{engine_ratio:.2f}", f"≤ {TARGET_ENGINE_RATIO}",
+        ("engine wall_s / I/O floor", f"{engine_ratio:.2f}", f"≤ {TARGET_ENGINE_RATIO}",
          verdict(engine_ratio, TARGET_ENGINE_RATIO)),
         ("CLI peak RSS", f"{rss_gb:.3f} GB ({t.cli_rss_bytes / 2**20:.0f} MiB)", "≤ 1 GB",
          verdict(t.cli_rss_bytes, TARGET_RSS_BYTES)),
-        ("engine throughput, read+written", f"{t.engine_bytes / t.engine_s / 1e9:.2f} GB/s "
+        ("sequential wall_s / I/O floor", f"{t.sequential_s / t.io_floor_s:.2f}", "", ""),
+        ("engine throughput, read+written", f"{t.engine_bytes / t.run_merge_s / 1e9:.2f} GB/s "
          f"({t.engine_bytes / 1e9:.2f} GB)", "", ""),
     ]
     lines = ["| measure | value | target | |", "|---|---:|---|---|"]

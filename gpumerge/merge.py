@@ -114,7 +114,6 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     from gpumerge.copier import Copier
 
     began = time.perf_counter()
-    importing = _import_torch_in_background() if "torch" not in sys.modules else None
     a, b = open_pair(spec)
     with a, b:
         plan = make_plan(a, b, spec)
@@ -126,6 +125,8 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
         preflight(plan, a, b)
         record = merge_record(spec, plan, a, b)
         metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
+        # started only now: while torch imports it holds the GIL, and the many small reads above would crawl
+        importing = _import_torch_in_background() if "torch" not in sys.modules else None
         progress = progress_factory(plan.bytes_written) if progress_factory else None
         advance = _LockedProgress(progress.update if progress else None)
         telemetry = None

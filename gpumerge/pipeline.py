@@ -261,6 +261,11 @@ class PipelinedEngine:
         self.stats.peak_host_buffer_bytes = sum(s.host.numel() for lane in lanes.values() for s in lane.slots)
         if copier is None:
             copier = Copier(plan, self.a, writers, progress=self._advance).start()
+        # The CPU blend shares the cores with the reader, writer and copier threads: leave them one core
+        # (measured on 2 cores: 1 blend thread + 16 MiB batches ~1.25 s vs 2 threads + 64 MiB ~1.6-1.8 s).
+        intra_op_threads = torch.get_num_threads()
+        if "cpu" in lanes:
+            torch.set_num_threads(max(1, intra_op_threads - 1))
         threads = [threading.Thread(target=self._guard, args=(self._reader, lanes[d], [b for b in batches
                                                                                        if b.device == d]),
                                     name=f"gpumerge-read-{d}", daemon=True) for d in self.devices]
@@ -279,6 +284,7 @@ class PipelinedEngine:
             self._fail(exc)
             self._join(threads)
         finally:
+            torch.set_num_threads(intra_op_threads)
             copier.cancel()
             for lane in lanes.values():
                 if lane.is_cuda:

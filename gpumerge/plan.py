@@ -237,7 +237,7 @@ def layer_table(plan: MergePlan) -> list[tuple[int, float, int, int]]:
 
 # ---- batches per device -----------------------------------------------------------------------------------------
 
-DEFAULT_BATCH_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+DEFAULT_BATCH_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}  # CPU: batches stay in L3
 RING_DEPTH = 3  # buffers in flight per device: one being read, one blended, one written
 ALIGN = 64  # every region starts on a 64-byte boundary (aligned dtype views, vector loads)
 _FP32_SCRATCH = 12  # a, b and out widened to fp32 for a mixed-dtype blend
