@@ -27,8 +27,8 @@ from gpumerge.checkpoint import ITEMSIZE, Checkpoint
 from gpumerge.copier import Copier, copy_unchanged
 from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
-from gpumerge.kernels.lerp import lerp_into, new_infs
-from gpumerge.plan import Batch, MergePlan, Piece, TensorJob, lay_out, needs_device
+from gpumerge.kernels.lerp import blend_into, new_infs
+from gpumerge.plan import Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device, pieces_of
 from gpumerge.writer import ShardWriter
 
 DEFAULT_CHUNK_ELEMENTS = 4 * 2**20
@@ -66,7 +66,8 @@ class EngineStats:
 
     def count(self, job: TensorJob) -> None:
         self.bytes_written += job.nbytes
-        self.bytes_read += job.numel * (ITEMSIZE[job.dtype_a] + (ITEMSIZE[job.dtype_b] if job.blended else 0))
+        self.bytes_read += job.numel * ITEMSIZE[job.dtype_a] + job.blend_numel * (ITEMSIZE[job.dtype_b]
+                                                                                 if job.blended else 0)
         if job.blended:
             self.tensors_blended += 1
         else:
@@ -81,30 +82,37 @@ def overflow_error(job: TensorJob, count: int) -> OutputError:
                        "bfloat16 (or float32), which has the range of the inputs")
 
 
+def _region(buffer: torch.Tensor, offset: int, count: int, code: str) -> torch.Tensor:
+    return buffer[offset:offset + count * ITEMSIZE[code]].view(torch_dtype(code))
+
+
 def blend_piece(piece: Piece, buffer: torch.Tensor) -> None:
     """Blend (or cast) one piece inside a batch buffer (host or device), out region from a/b regions."""
     job, n = piece.job, piece.count
-    a = buffer[piece.a_offset:piece.a_offset + n * ITEMSIZE[job.dtype_a]].view(torch_dtype(job.dtype_a))
-    out = buffer[piece.out_offset:piece.out_offset + n * ITEMSIZE[job.out_dtype]].view(torch_dtype(job.out_dtype))
-    if not job.blended:
+    a = _region(buffer, piece.a_offset, n, job.dtype_a)
+    out = _region(buffer, piece.out_offset, n, job.out_dtype)
+    if not piece.blended:
         out.copy_(a)
         return
-    b = buffer[piece.b_offset:piece.b_offset + n * ITEMSIZE[job.dtype_b]].view(torch_dtype(job.dtype_b))
-    scratch = None
-    if not (a.dtype == b.dtype == out.dtype):
-        wide = buffer[piece.scratch_offset:piece.scratch_offset + 12 * n].view(torch.float32)
-        scratch = (wide[:n], wide[n:2 * n], wide[2 * n:])
-    lerp_into(a, b, job.t, out, scratch)
+    b = _region(buffer, piece.b_offset, n, job.dtype_b)
+    if not piece.scratch:
+        torch.lerp(a, b, job.t, out=out)
+        return
+    wide = _region(buffer, piece.scratch_offset, 3 * n, "F32")
+    blend_into(a, b, out, t=job.t, coef=job.coef,
+               load_dtype=torch_dtype(job.load_dtype) if job.load_dtype else None,
+               round_via=torch_dtype(job.round_via) if job.round_via else None,
+               scratch=(wide[:n], wide[n:2 * n], wide[2 * n:]))
 
 
 def piece_views(piece: Piece, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(out, a[, b]) views of a piece in a host buffer, for the overflow check."""
     job, n = piece.job, piece.count
-    out = buffer[piece.out_offset:piece.out_offset + n * ITEMSIZE[job.out_dtype]].view(torch_dtype(job.out_dtype))
-    a = buffer[piece.a_offset:piece.a_offset + n * ITEMSIZE[job.dtype_a]].view(torch_dtype(job.dtype_a))
-    if not job.blended:
+    out = _region(buffer, piece.out_offset, n, job.out_dtype)
+    a = _region(buffer, piece.a_offset, n, job.dtype_a)
+    if not piece.blended:
         return out, a
-    return out, a, buffer[piece.b_offset:piece.b_offset + n * ITEMSIZE[job.dtype_b]].view(torch_dtype(job.dtype_b))
+    return out, a, _region(buffer, piece.b_offset, n, job.dtype_b)
 
 
 # ---- the reference: sequential -------------------------------------------------------------------------------------
@@ -127,9 +135,9 @@ class SequentialEngine:
             if not needs_device(job):
                 copy_unchanged(job, self.a, writer)
             else:
-                for first in range(0, job.numel, self.chunk_elements):
-                    count = min(self.chunk_elements, job.numel - first)
-                    piece = lay_out(0, "cpu", [Piece(job, first, count)]).pieces[0]
+                chunk_bytes = self.chunk_elements * footprint_per_element(job) + 4 * 64
+                for piece in pieces_of(job, chunk_bytes):
+                    piece = lay_out(0, "cpu", [piece]).pieces[0]
                     if piece.footprint() > scratch.numel():
                         scratch = torch.empty(piece.footprint(), dtype=torch.uint8)
                     self._piece(piece, scratch, writer)
@@ -157,7 +165,7 @@ def _read_piece(piece: Piece, buffer: torch.Tensor, a: Checkpoint, b: Checkpoint
     size_a = ITEMSIZE[job.dtype_a]
     a.read_into(job.name, buffer[piece.a_offset:piece.a_offset + n * size_a], start=piece.start * size_a)
     nbytes = n * size_a
-    if job.blended:
+    if piece.blended:
         size_b = ITEMSIZE[job.dtype_b]
         b.read_into(job.name, buffer[piece.b_offset:piece.b_offset + n * size_b], start=piece.start * size_b)
         nbytes += n * size_b

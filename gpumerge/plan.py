@@ -6,6 +6,7 @@ written here, so planning a 70B merge takes milliseconds and can be tested with 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
@@ -46,6 +47,11 @@ class TensorJob:
     nbytes: int  # output bytes
     check_overflow: bool  # the output dtype (or an extrapolating t) can overflow where the inputs did not
     verify_equal: bool = False  # a non-float tensor inside the window: must be equal in both models
+    method: str = "lerp"  # lerp | slerp | linear
+    coef: tuple[float, float] | None = None  # out = coef[0]*A + coef[1]*B (linear; slerp once its angle is known)
+    blend_rows: int | None = None  # vocabulary mismatch: only the first rows are blended, the rest are model 1's
+    load_dtype: str | None = None  # round the inputs to this dtype before the math (mergekit's dtype)
+    round_via: str | None = None  # round the result to this dtype before the output dtype (mergekit)
 
     @property
     def numel(self) -> int:
@@ -54,6 +60,15 @@ class TensorJob:
     @property
     def blended(self) -> bool:
         return self.t is not None
+
+    @property
+    def blend_numel(self) -> int:
+        """Elements blended, from the start (all of them unless the vocabularies differ)."""
+        if not self.blended:
+            return 0
+        if self.blend_rows is None:
+            return self.numel
+        return self.blend_rows * (self.numel // self.shape[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +102,10 @@ class MergePlan:
         total = 0
         for job in self.jobs:
             total += job.numel * ITEMSIZE[job.dtype_a]
-            if job.dtype_b is not None:
+            if job.verify_equal:
                 total += job.numel * ITEMSIZE[job.dtype_b]
+            elif job.blended:
+                total += job.blend_numel * ITEMSIZE[job.dtype_b]
         return total
 
     @property
@@ -96,49 +113,103 @@ class MergePlan:
         return DTYPE_NAMES[self.out_dtype]
 
 
-def make_plan(a: CheckpointIndex, b: CheckpointIndex, spec: MergeSpec) -> MergePlan:
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """How one selected tensor is blended: t = share of model 2; ``coef`` (a, b) makes it out = a*A + b*B;
+    ``load_dtype`` rounds the inputs first and ``round_via`` the result before the output dtype (mergekit)."""
+
+    t: float
+    method: str = "lerp"  # lerp | slerp | linear
+    coef: tuple[float, float] | None = None
+    load_dtype: str | None = None
+    round_via: str | None = None
+
+
+_EMBEDDING_RE = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings|lm_head|embed_out)\.weight$")
+
+
+def selection(a: CheckpointIndex, spec: MergeSpec, num_layers: int | None, *, order: list[str] | None = None,
+              tied: Mapping[str, str] | None = None) -> tuple[dict[str, Rule], dict[int, float], range | None]:
+    """The recipe as rules per stored tensor of model 1 (absent = model 1's), with per-layer t and the window
+    for the BlockMerge gradient."""
+    from gpumerge.spec import LayerGradientsRecipe, OperationsRecipe
+
+    recipe = spec.recipe
+    names = list(a.tensors)
+    layer_t: dict[int, float] = {}
+    window = None
+    if recipe is None or isinstance(recipe, LayerGradientsRecipe):
+        if num_layers is None:
+            raise IncompatibleCheckpointsError(
+                f"{a.label} {a.root}: config.json has no layer count (num_hidden_layers or n_layer); "
+                "cannot place the layer window")
+    if recipe is None:
+        window = schedule.resolve_window(spec.layer_start, spec.layer_end, num_layers)
+        layer_t = schedule.gradient_weights(spec.gradient_start, spec.gradient_end, window)
+        weights = {n: t for n in names if (t := schedule.tensor_weight(n, layer_t)) is not None}
+    elif isinstance(recipe, LayerGradientsRecipe):
+        weights = schedule.layer_gradient_weights(names, recipe.modules, num_layers)
+    elif isinstance(recipe, OperationsRecipe):
+        order = list(order) if order is not None else sorted(names, key=schedule.natural_key)
+        weights = schedule.operations_weights(order, recipe.operations)
+        for absent, stored in (tied or {}).items():
+            # The original blends the architecture's state_dict, where a tied lm_head is listed though not stored,
+            # then loads it: the later key (lm_head) wins, so the stored tensor ends up with lm_head's t.
+            if absent not in a.tensors and stored in a.tensors:
+                if absent in weights:
+                    weights[stored] = weights[absent]
+                else:
+                    weights.pop(stored, None)
+        weights = {n: t for n, t in weights.items() if n in a.tensors}
+    elif hasattr(recipe, "rules"):
+        return recipe.rules(a, num_layers), {}, None
+    else:
+        raise SpecError(f"unknown recipe {recipe!r}")
+    return {n: Rule(t, method=spec.method) for n, t in weights.items()}, layer_t, window
+
+
+def make_plan(a: CheckpointIndex, b: CheckpointIndex, spec: MergeSpec, *, order: list[str] | None = None,
+              tied: Mapping[str, str] | None = None) -> MergePlan:
+    """``order``: model 1's canonical tensor order (its architecture's state_dict) for position-based recipes;
+    ``tied``: absent tied names -> the stored name they share (lm_head.weight -> model.embed_tokens.weight)."""
     num_layers = a.num_layers()
-    if num_layers is None:
-        raise IncompatibleCheckpointsError(
-            f"{a.label} {a.root}: config.json has no layer count (num_hidden_layers or n_layer); "
-            "cannot place the layer window"
-        )
-    window = schedule.resolve_window(spec.layer_start, spec.layer_end, num_layers)
-    layer_t = schedule.gradient_weights(spec.gradient_start, spec.gradient_end, window)
+    rules, layer_t, window = selection(a, spec, num_layers, order=order, tied=tied)
     out_dtype, notices = _output_dtype(a, spec)
     notices += _config_differences(a, b)
 
     problems: list[str] = []
-    b_only = [name for name, info in b.tensors.items()
-              if schedule.tensor_weight(name, layer_t) is not None and name not in a.tensors]
+    b_only = [name for name in b.tensors if name not in a.tensors]
     if b_only:
-        notices.append(f"{len(b_only)} tensor(s) of model 2 in the window are not in model 1 and are left out: "
+        notices.append(f"{len(b_only)} tensor(s) of model 2 are not in model 1 and are left out: "
                        + _listing(b_only))
-
-    jobs: list[tuple[TensorInfo, TensorInfo | None, float | None, bool]] = []
+    jobs: list[tuple[TensorInfo, TensorInfo | None, Rule | None, bool, int | None]] = []
     for name, info in a.tensors.items():
-        t = schedule.tensor_weight(name, layer_t)
-        in_window = schedule.layer_index(name) in layer_t
-        if not in_window:
-            jobs.append((info, None, None, False))
+        rule = rules.get(name)
+        if rule is None:
+            jobs.append((info, None, None, False, None))
             continue
         other = b.tensors.get(name)
         if other is None:
-            if t is None:  # a block buffer model 2 does not store: model 1's, as in the original
-                jobs.append((info, None, None, False))
-            else:
-                problems.append(f"{name} A={_shape(info)} B=(missing)")
+            problems.append(f"{name} A={_shape(info)} B=(missing)")
             continue
+        rows = None
         if other.shape != info.shape:
-            problems.append(f"{name} A={_shape(info)} B={_shape(other)}")
-            continue
+            if not _vocab_mismatch(name, info, other):
+                problems.append(f"{name} A={_shape(info)} B={_shape(other)}")
+                continue
+            rows = min(info.shape[0], other.shape[0])
+            notices.append(f"{name}: model 2 has {other.shape[0]} rows (vocabulary), model 1 {info.shape[0]}; "
+                           f"blending the {rows} common rows, " + ("keeping model 1's extra rows"
+                                                                    if info.shape[0] > rows else
+                                                                    "leaving out model 2's extra rows")
+                           + " (the output keeps model 1's vocabulary and tokenizer)")
         if not info.is_float or not other.is_float:
-            if info.dtype != other.dtype:
+            if info.dtype != other.dtype or rows is not None:
                 problems.append(f"{name} A={info.dtype} B={other.dtype} (non-float tensors must match exactly)")
                 continue
-            jobs.append((info, other, None, True))
+            jobs.append((info, other, None, True, None))
             continue
-        jobs.append((info, other, t, False))
+        jobs.append((info, other, rule, False, rows))
 
     if problems:
         raise IncompatibleCheckpointsError(
@@ -146,27 +217,34 @@ def make_plan(a: CheckpointIndex, b: CheckpointIndex, spec: MergeSpec) -> MergeP
             + "; ".join(problems[:_MAX_LISTED])
             + (f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
         )
-    if not any(t is not None for _, _, t, _ in jobs):
-        example = ", ".join(list(a.tensors)[:3])
-        raise IncompatibleCheckpointsError(
-            f"{a.label} {a.root}: no tensor belongs to decoder blocks {window.start}..{window.stop - 1}; the names "
-            f"({example}, ...) do not use a known block container (model.layers.N, transformer.h.N, ...)"
-        )
-    shards = _layout(jobs, out_dtype, spec.max_shard_bytes, window, layer_t)
-    return MergePlan(spec, num_layers, window, layer_t, out_dtype, shards, tuple(notices))
+    if not any(rule is not None for _, _, rule, _, _ in jobs):
+        if window is not None:
+            example = ", ".join(list(a.tensors)[:3])
+            raise IncompatibleCheckpointsError(
+                f"{a.label} {a.root}: no tensor belongs to decoder blocks {window.start}..{window.stop - 1}; the "
+                f"names ({example}, ...) do not use a known block container (model.layers.N, transformer.h.N, ...)")
+        raise SpecError("the recipe selects no float tensor of model 1 to blend")
+    shards = _layout(jobs, out_dtype, spec.max_shard_bytes)
+    return MergePlan(spec, num_layers or 0, window or range(0), layer_t, out_dtype, shards, tuple(notices))
 
 
-def _layout(jobs, out_dtype: str, max_shard_bytes: int, window: range, layer_t) -> tuple[ShardPlan, ...]:
+def _vocab_mismatch(name: str, info: TensorInfo, other: TensorInfo) -> bool:
+    """An embedding or LM head whose row counts (vocabularies) differ; any other difference is an error."""
+    return (bool(_EMBEDDING_RE.search(name)) and len(info.shape) == len(other.shape) == 2
+            and info.shape[1:] == other.shape[1:])
+
+
+def _layout(jobs, out_dtype: str, max_shard_bytes: int) -> tuple[ShardPlan, ...]:
     """Greedy shards over model 1's on-disk order: a new shard when the next tensor would pass max_shard_bytes."""
     groups: list[list[tuple]] = [[]]
     sizes = [0]
-    for info, other, t, verify in jobs:
+    for info, other, rule, verify, rows in jobs:
         dtype = out_dtype if info.is_float else info.dtype
         nbytes = info.numel * ITEMSIZE[dtype]
         if groups[-1] and sizes[-1] + nbytes > max_shard_bytes:
             groups.append([])
             sizes.append(0)
-        groups[-1].append((info, other, t, verify, dtype, nbytes))
+        groups[-1].append((info, other, rule, verify, rows, dtype, nbytes))
         sizes[-1] += nbytes
     count = len(groups)
     shards = []
@@ -174,17 +252,20 @@ def _layout(jobs, out_dtype: str, max_shard_bytes: int, window: range, layer_t) 
         filename = "model.safetensors" if count == 1 else f"model-{k + 1:05d}-of-{count:05d}.safetensors"
         offset = 0
         shard_jobs = []
-        for info, other, t, verify, dtype, nbytes in group:
+        for info, other, rule, verify, rows, dtype, nbytes in group:
             ranks = [_RANGE_RANK.get(info.dtype, -1)]
-            if t is not None:
+            if rule is not None:
                 ranks.append(_RANGE_RANK.get(other.dtype, -1))
             narrowing = info.is_float and max(ranks) > _RANGE_RANK[dtype]
-            extrapolating = t is not None and not 0.0 <= t <= 1.0
+            extrapolating = rule is not None and (rule.method == "linear" or not 0.0 <= rule.t <= 1.0)
             shard_jobs.append(TensorJob(
                 name=info.name, shape=info.shape, dtype_a=info.dtype,
-                dtype_b=other.dtype if (t is not None or verify) else None, out_dtype=dtype, t=t,
-                layer=schedule.layer_index(info.name), shard=k, offset=offset, nbytes=nbytes,
-                check_overflow=narrowing or extrapolating, verify_equal=verify,
+                dtype_b=other.dtype if (rule is not None or verify) else None, out_dtype=dtype,
+                t=rule.t if rule else None, layer=schedule.layer_index(info.name), shard=k, offset=offset,
+                nbytes=nbytes, check_overflow=narrowing or extrapolating or bool(rule and rule.method == "slerp"),
+                verify_equal=verify, method=rule.method if rule else "lerp", coef=rule.coef if rule else None,
+                blend_rows=rows, load_dtype=rule.load_dtype if rule else None,
+                round_via=rule.round_via if rule else None,
             ))
             offset += nbytes
         shards.append(ShardPlan(filename, tuple(shard_jobs), offset))
@@ -252,35 +333,49 @@ def needs_device(job: TensorJob) -> bool:
     return job.blended or job.out_dtype != job.dtype_a
 
 
-def _mixed(job: TensorJob) -> bool:
-    return job.blended and not (job.dtype_a == job.dtype_b == job.out_dtype)
+def needs_scratch(job: TensorJob) -> bool:
+    """fp32 scratch for a blend that is not one fused same-dtype torch.lerp."""
+    return job.blended and (job.coef is not None or job.method != "lerp" or job.load_dtype is not None
+                            or job.round_via is not None or not (job.dtype_a == job.dtype_b == job.out_dtype))
 
 
 def footprint_per_element(job: TensorJob) -> int:
     size = ITEMSIZE[job.dtype_a] + ITEMSIZE[job.out_dtype]
     if job.blended:
         size += ITEMSIZE[job.dtype_b]
-    return size + (_FP32_SCRATCH if _mixed(job) else 0)
+    return size + (_FP32_SCRATCH if needs_scratch(job) else 0)
 
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """Elements [start, start + count) of one job, and where its regions sit in a batch buffer."""
+    """Elements [start, start + count) of one job, and where its regions sit in a batch buffer. A piece lies
+    entirely inside or entirely outside the job's blended elements."""
 
     job: TensorJob
     start: int
     count: int
     a_offset: int = 0
-    b_offset: int = 0  # meaningful when job.blended
+    b_offset: int = 0  # meaningful when the piece is blended
     out_offset: int = 0
-    scratch_offset: int = 0  # meaningful for a mixed-dtype blend
+    scratch_offset: int = 0  # meaningful when the piece needs fp32 scratch
+
+    @property
+    def blended(self) -> bool:
+        return self.start < self.job.blend_numel
+
+    @property
+    def scratch(self) -> bool:
+        return self.blended and needs_scratch(self.job)
+
+    def in_bytes(self) -> int:
+        return self.count * (ITEMSIZE[self.job.dtype_a] + (ITEMSIZE[self.job.dtype_b] if self.blended else 0))
 
     def footprint(self) -> int:
         job, n = self.job, self.count
         total = _align(n * ITEMSIZE[job.dtype_a]) + _align(n * ITEMSIZE[job.out_dtype])
-        if job.blended:
+        if self.blended:
             total += _align(n * ITEMSIZE[job.dtype_b])
-        return total + (_align(n * _FP32_SCRATCH) if _mixed(job) else 0)
+        return total + (_align(n * _FP32_SCRATCH) if self.scratch else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,8 +394,7 @@ class Batch:
     @property
     def payload_bytes(self) -> int:
         """Bytes read plus bytes written for this batch."""
-        return sum(p.count * (footprint_per_element(p.job) - (_FP32_SCRATCH if _mixed(p.job) else 0))
-                   for p in self.pieces)
+        return sum(p.in_bytes() + p.count * ITEMSIZE[p.job.out_dtype] for p in self.pieces)
 
 
 def batch_capacity(devices: list[str], budget: Mapping[str, int], *, batch_bytes: int | None = None,
@@ -332,7 +426,7 @@ def make_batches(plan: MergePlan, budget: Mapping[str, int], *, devices: list[st
     for job in plan.jobs:
         if not needs_device(job):
             continue
-        for piece in _split(job, cap):
+        for piece in pieces_of(job, cap):
             size = piece.footprint()
             if groups[-1] and used + size > cap:
                 groups.append([])
@@ -349,15 +443,23 @@ def make_batches(plan: MergePlan, budget: Mapping[str, int], *, devices: list[st
     return tuple(batches)
 
 
-def _split(job: TensorJob, cap: int) -> list[Piece]:
-    whole = Piece(job, 0, job.numel)
-    if whole.footprint() <= cap:
-        return [whole]
-    per_element = footprint_per_element(job)
-    row = job.numel // job.shape[0] if job.shape and job.shape[0] else job.numel
-    budget_elements = max(1, (cap - 4 * ALIGN) // per_element)
-    step = (budget_elements // row) * row if row <= budget_elements else budget_elements
-    return [Piece(job, start, min(step, job.numel - start)) for start in range(0, job.numel, step)]
+def pieces_of(job: TensorJob, cap: int) -> list[Piece]:
+    """The job cut at the end of its blended elements, then into pieces of at most ``cap`` footprint bytes: whole
+    rows where a row fits, element ranges where one row is too large."""
+    bounds = [0, job.numel]
+    if 0 < job.blend_numel < job.numel:
+        bounds.insert(1, job.blend_numel)
+    row = job.numel // job.shape[0] if job.shape and job.shape[0] else max(job.numel, 1)
+    pieces = []
+    for begin, end in zip(bounds, bounds[1:]):
+        whole = Piece(job, begin, end - begin)
+        if whole.footprint() <= cap:
+            pieces.append(whole)
+            continue
+        budget_elements = max(1, (cap - 4 * ALIGN) // footprint_per_element(job))
+        step = (budget_elements // row) * row if row <= budget_elements else budget_elements
+        pieces += [Piece(job, start, min(step, end - start)) for start in range(begin, end, step)]
+    return pieces or [Piece(job, 0, 0)]
 
 
 def lay_out(index: int, device: str, pieces: list[Piece]) -> Batch:
@@ -368,7 +470,7 @@ def lay_out(index: int, device: str, pieces: list[Piece]) -> Batch:
         offset += _align(piece.count * ITEMSIZE[piece.job.dtype_a])
     for piece in pieces:
         b_offsets.append(offset)
-        if piece.job.blended:
+        if piece.blended:
             offset += _align(piece.count * ITEMSIZE[piece.job.dtype_b])
     in_bytes = out_start = offset
     for piece in pieces:
@@ -377,7 +479,7 @@ def lay_out(index: int, device: str, pieces: list[Piece]) -> Batch:
     out_end = offset
     for piece in pieces:
         scratch_offsets.append(offset)
-        if _mixed(piece.job):
+        if piece.scratch:
             offset += _align(piece.count * _FP32_SCRATCH)
     laid = tuple(Piece(p.job, p.start, p.count, a, b, o, s)
                  for p, a, b, o, s in zip(pieces, a_offsets, b_offsets, out_offsets, scratch_offsets))

@@ -5,6 +5,7 @@ No torch, no I/O. ``None`` as a weight means "copy model 1".
 
 from __future__ import annotations
 
+import math
 import re
 
 from gpumerge.errors import SpecError
@@ -80,3 +81,95 @@ def tensor_weight(name: str, layer_t: dict[int, float]) -> float | None:
     if layer is None or layer not in layer_t or is_block_buffer(name):
         return None
     return layer_t[layer]
+
+
+# ---- BlockMerge_Gradient "Tensors" and YAML editions: t over tensor positions -------------------------------------
+
+def tensors_edition(values: tuple[float, ...] | list[float], count: int) -> list[float]:
+    """The original's arithmetic: sections = len(values) - 1; per_section = count // sections; each section is
+    numpy.linspace(v[i], v[i+1], per_section) with both ends; the remainder is filled with the last value. A single
+    value is constant over all tensors."""
+    if count <= 0:
+        return []
+    if len(values) == 1:
+        return [float(values[0])] * count
+    sections = len(values) - 1
+    per_section = count // sections
+    out: list[float] = []
+    for i in range(sections):
+        out += linspace(values[i], values[i + 1], per_section)
+    out += [float(values[-1])] * (count - len(out))
+    return out
+
+
+def select(names: list[str], *, layer_only: bool = False, no_layers: bool = False,
+           substring: str | None = None) -> list[str]:
+    """The original's filters, in its order: names containing "layer"; or without it; then containing SUBSTRING."""
+    if layer_only and no_layers:
+        raise SpecError("layer_only and no_layers together select nothing; use one of them")
+    if layer_only:
+        names = [n for n in names if "layer" in n]
+    if no_layers:
+        names = [n for n in names if "layer" not in n]
+    if substring is not None:
+        names = [n for n in names if substring in n]
+    return names
+
+
+def compose(weights: list[float]) -> float:
+    """Blending again and again: lerp(lerp(A, B, t1), B, t2) = lerp(A, B, 1 - (1 - t1)(1 - t2))."""
+    if len(weights) == 1:
+        return weights[0]
+    keep = 1.0
+    for t in weights:
+        keep *= 1.0 - t
+    return 1.0 - keep
+
+
+def operations_weights(order: list[str], operations) -> dict[str, float]:
+    """t per name after every operation (each one counts positions over its own selection), composed."""
+    applied: dict[str, list[float]] = {}
+    for op in operations:
+        chosen = select(order, layer_only=op.layer_only, no_layers=op.no_layers, substring=op.filter)
+        if not chosen:
+            what = op.label or "--gradient_values"
+            raise SpecError(f"{what}: the selection (layer_only={op.layer_only}, no_layers={op.no_layers}, "
+                            f"filter={op.filter!r}) matches no tensor of model 1")
+        for name, t in zip(chosen, tensors_edition(op.gradient_values, len(chosen))):
+            applied.setdefault(name, []).append(t)
+    return {name: compose(ts) for name, ts in applied.items()}
+
+
+def natural_key(name: str) -> list:
+    """Sort key with numbers compared as numbers: layers.2 < layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# ---- mergekit-style gradients: anchors over a layer position in [0, 1] -----------------------------------------
+
+def interpolate(anchors: tuple[float, ...] | list[float], x: float) -> float:
+    """mergekit 0.1.5's evaluate_setting for a list of numbers: piecewise-linear anchors at x in [0, 1]."""
+    if len(anchors) == 1:
+        return float(anchors[0])
+    scaled = x * (len(anchors) - 1)
+    i0 = int(math.floor(scaled))
+    i1 = min(len(anchors) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * anchors[i0] + frac * anchors[i1]
+
+
+def layer_gradient_weights(names: list[str], modules, num_layers: int) -> dict[str, float]:
+    """Per-module layer gradients: the first module key (other than "default") contained in a block tensor's name
+    picks its anchors, else "default"; t at layer i = anchors at i / (L - 1) (0 when L = 1). Tensors outside the
+    blocks (embeddings, final norm, lm_head) are model 1's."""
+    default = dict(modules).get("default")
+    out: dict[str, float] = {}
+    for name in names:
+        layer = layer_index(name)
+        if layer is None or is_block_buffer(name):
+            continue
+        anchors = next((a for key, a in modules if key != "default" and key in name), default)
+        if anchors is None:
+            continue
+        out[name] = interpolate(anchors, layer / (num_layers - 1) if num_layers > 1 else 0.0)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -90,6 +91,64 @@ def check_finite(value: float, *, flag: str) -> float:
     return value
 
 
+def parse_gradient_values(text: str | list, *, what: str = "--gradient_values") -> tuple[float, ...]:
+    """``"[1.0, 0.5, 0.0]"`` (a JSON-like list of numbers, never eval'd) or a YAML list -> a tuple of floats."""
+    values = text
+    if isinstance(text, str):
+        try:
+            values = json.loads(text.strip())
+        except ValueError:
+            raise SpecError(f"{what} {text!r} is not a list of numbers like [1.0, 0.5, 0.0]") from None
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    if (not isinstance(values, list) or not values
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise SpecError(f"{what} {text!r} is not a non-empty list of numbers like [1.0, 0.5, 0.0]")
+    return tuple(check_finite(float(v), flag=what) for v in values)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorOperation:
+    """One BlockMerge_Gradient Tensors/YAML-edition operation: values over the selected tensors' positions."""
+
+    gradient_values: tuple[float, ...]
+    layer_only: bool = False
+    no_layers: bool = False
+    filter: str | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_only and self.no_layers:
+            raise SpecError(f"{self.label or 'the command line'}: layer_only and no_layers together select nothing; "
+                            "use one of them")
+
+    def as_dict(self) -> dict:
+        out = {"operation": self.label, "gradient_values": list(self.gradient_values), "filter": self.filter,
+               "layer_only": self.layer_only, "no_layers": self.no_layers}
+        return {k: v for k, v in out.items() if v not in (None, False)}
+
+
+@dataclass(frozen=True, slots=True)
+class OperationsRecipe:
+    operations: tuple[TensorOperation, ...]
+
+    def as_dict(self) -> dict:
+        return {"operations": [op.as_dict() for op in self.operations]}
+
+
+@dataclass(frozen=True, slots=True)
+class LayerGradientsRecipe:
+    """Per-module layer gradients: (module substring or "default", anchors) in the order given."""
+
+    modules: tuple[tuple[str, tuple[float, ...]], ...]
+
+    def as_dict(self) -> dict:
+        return {"layer_gradients": {key: list(anchors) for key, anchors in self.modules}}
+
+
+METHODS = ("lerp", "slerp")
+
+
 @dataclass(frozen=True, slots=True)
 class MergeSpec:
     """One two-model gradient merge, with the original BlockMerge_Gradient's meaning.
@@ -108,6 +167,8 @@ class MergeSpec:
     max_shard_size: str = "2000MiB"  # as the user wrote it, for the merge record
     dtype: str = "float16"  # float16 | bfloat16 | float32 | auto
     dtype_was_default: bool = True
+    recipe: OperationsRecipe | LayerGradientsRecipe | object | None = None  # None: the gradient fields above
+    method: str = "lerp"  # lerp | slerp
     device: str = "auto"
     max_memory: tuple[tuple[int | str, int], ...] | None = None  # accelerate-style budget, as sorted items
     overwrite: bool = False
@@ -118,15 +179,17 @@ class MergeSpec:
         check_finite(self.gradient_end, flag="--gradient_end")
         if self.dtype not in DTYPE_CHOICES:
             raise SpecError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        if self.method not in METHODS:
+            raise SpecError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
 
     def settings(self) -> dict:
-        """The recipe part of the merge record (JSON-serialisable)."""
-        return {
-            "method": "lerp",
-            "gradient_start": self.gradient_start,
-            "gradient_end": self.gradient_end,
-            "layer_start": self.layer_start,
-            "layer_end": self.layer_end,
-            "max_shard_size": self.max_shard_size,
-            "dtype": self.dtype,
-        }
+        """The recipe part of the merge record (JSON-serialisable), in the YAML recipe format: written to OUT as
+        gpumerge_recipe.yaml, so that `gpumerge --config OUT/gpumerge_recipe.yaml` re-runs the merge."""
+        out: dict = {"method": self.method}
+        if self.recipe is None:
+            out.update(gradient_start=self.gradient_start, gradient_end=self.gradient_end,
+                       layer_start=self.layer_start, layer_end=self.layer_end)
+        else:
+            out.update(self.recipe.as_dict())
+        out.update(max_shard_size=self.max_shard_size, dtype=self.dtype)
+        return out

@@ -25,6 +25,34 @@ def lerp_into(a: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor,
     return out.copy_(o32)
 
 
+def blend_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, t: float,
+               coef: tuple[float, float] | None = None, load_dtype: torch.dtype | None = None,
+               round_via: torch.dtype | None = None,
+               scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The general blend, in fp32 scratch: inputs optionally rounded to ``load_dtype`` first; then
+    ``coef[0]*a + coef[1]*b`` (linear, or slerp once its angle is known) or lerp(a, b, t); the result optionally
+    rounded to ``round_via`` before ``out``'s dtype (mergekit's dtype then out_dtype)."""
+    a32, b32, o32 = scratch
+    a32.copy_(a)
+    b32.copy_(b)
+    if load_dtype is not None:
+        a32.copy_(a32.to(load_dtype))
+        b32.copy_(b32.to(load_dtype))
+    if coef is not None:
+        torch.mul(a32, coef[0], out=o32)
+        o32.add_(b32, alpha=coef[1])
+    else:
+        torch.lerp(a32, b32, t, out=o32)
+    if round_via is not None:
+        o32.copy_(o32.to(round_via))
+    return out.copy_(o32)
+
+
+def affine_reference(a: torch.Tensor, b: torch.Tensor, coef: tuple[float, float]) -> torch.Tensor:
+    """float64 reference for coef[0]*a + coef[1]*b."""
+    return coef[0] * a.to(torch.float64) + coef[1] * b.to(torch.float64)
+
+
 def lerp_reference(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """float64 reference for tests: the exact blend before any rounding."""
     a64 = a.to(torch.float64)
