@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from gpumerge.errors import GpumergeError, SpecError
-from gpumerge.spec import DTYPE_CHOICES, MergeSpec, parse_device, parse_dtype, parse_max_memory, parse_size
+from gpumerge.spec import (DTYPE_CHOICES, MergeSpec, OperationsRecipe, TensorOperation, parse_device, parse_dtype,
+                           parse_gradient_values, parse_max_memory, parse_size)
 
 COMMANDS = ("merge", "plan", "demo")
 
@@ -27,24 +28,37 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name, **kwargs)
 
 
-def _merge_flags(parser: argparse.ArgumentParser, *, output_required: bool) -> None:
-    _flag(parser, "model_path1", required=True, metavar="PATH", help="model 1: directory or cached hub id (org/name)")
-    _flag(parser, "model_path2", required=True, metavar="PATH", help="model 2: directory or cached hub id")
-    _flag(parser, "output_model_path", required=output_required, metavar="OUT", help="directory to write the merge to")
-    _flag(parser, "gradient_start", type=float, default=0.0, metavar="T",
+def _merge_flags(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None here and filled in spec_from_args: a flag given on the command line overrides a recipe's
+    # value, and the combinations that make no sense are refused.
+    _flag(parser, "config", type=Path, default=None, metavar="RECIPE.yaml",
+          help="a YAML recipe (gpumerge's / BlockMerge YAML edition's operations, layer_gradients) or a two-model "
+               "mergekit config (linear, slerp); command-line flags override its paths, dtype and device")
+    _flag(parser, "model_path1", metavar="PATH", help="model 1: directory or cached hub id (org/name)")
+    _flag(parser, "model_path2", metavar="PATH", help="model 2: directory or cached hub id")
+    _flag(parser, "output_model_path", metavar="OUT", help="directory to write the merge to")
+    _flag(parser, "gradient_start", type=float, metavar="T",
           help="share of model 2 at the first block of the window (default 0.0)")
-    _flag(parser, "gradient_end", type=float, default=1.0, metavar="T",
+    _flag(parser, "gradient_end", type=float, metavar="T",
           help="share of model 2 at the last block of the window (default 1.0)")
-    _flag(parser, "layer_start", type=int, default=0, metavar="N", help="first block blended (default 0)")
-    _flag(parser, "layer_end", type=int, default=99, metavar="N",
+    _flag(parser, "layer_start", type=int, metavar="N", help="first block blended (default 0)")
+    _flag(parser, "layer_end", type=int, metavar="N",
           help="blocks blended are layer_start <= i < min(layer_end, num_layers) (default 99)")
-    _flag(parser, "max_shard_size", default="2000MiB", metavar="SIZE",
+    _flag(parser, "gradient_values", metavar="LIST",
+          help='BlockMerge Tensors edition: "[1.0, 0.5, 0.0]" run piecewise-linearly over the selected tensors in '
+               "the architecture's order (replaces the gradient and layer flags)")
+    _flag(parser, "layer_only", action="store_true", default=None, help='with --gradient_values: names with "layer"')
+    _flag(parser, "no_layers", action="store_true", default=None, help='with --gradient_values: names without "layer"')
+    parser.add_argument("--custom_filter", "--custom-filter", "--filter", dest="custom_filter", metavar="SUBSTRING",
+                        help="with --gradient_values: only names containing SUBSTRING")
+    _flag(parser, "method", metavar="METHOD", help="lerp (default) or slerp (per-tensor spherical interpolation)")
+    _flag(parser, "max_shard_size", metavar="SIZE",
           help='largest output shard: "2000MiB", "2GB", "500MB", "300KB" or bytes (default 2000MiB)')
-    _flag(parser, "dtype", default=None, metavar="DTYPE",
+    _flag(parser, "dtype", metavar="DTYPE",
           help=f"output dtype: {', '.join(DTYPE_CHOICES)} (default float16, like the original; auto = model 1's)")
-    _flag(parser, "device", default="auto", metavar="DEVICE",
+    _flag(parser, "device", metavar="DEVICE",
           help="auto (every CUDA device, else the CPU), cpu, cuda (all), cuda:N or cuda:0,cuda:2 (default auto)")
-    _flag(parser, "max_memory", default=None, metavar="BUDGET",
+    _flag(parser, "max_memory", metavar="BUDGET",
           help='memory for in-flight buffers per device, e.g. "0=20GiB,1=20GiB,cpu=8GiB" (default: a share of '
                "the free memory)")
     _flag(parser, "overwrite", action="store_true", help="replace a non-empty OUT")
@@ -63,36 +77,89 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         return parser
     if command == "plan":
         parser = _Parser(prog="gpumerge plan", description="Show what a merge would do; writes nothing.")
-        _merge_flags(parser, output_required=False)
+        _merge_flags(parser)
         _flag(parser, "plot", type=Path, default=None, metavar="FILE.png", help="draw each model's share per layer")
         return parser
     parser = _Parser(prog="gpumerge", description="Blend the decoder blocks of two checkpoints along a gradient "
                      "(BlockMerge Gradient), streaming, exact, atomic. Subcommands: plan, demo.")
-    _merge_flags(parser, output_required=True)
+    _merge_flags(parser)
     _flag(parser, "report", type=Path, default=None, metavar="FILE.json",
           help="write engine timings per stage, bytes, peaks and GPU telemetry as JSON")
     return parser
 
 
-def spec_from_args(args: argparse.Namespace) -> MergeSpec:
-    dtype = parse_dtype(args.dtype) if args.dtype is not None else "float16"
+_WINDOW_FLAGS = ("gradient_start", "gradient_end", "layer_start", "layer_end")
+_DEFAULTS = {"gradient_start": 0.0, "gradient_end": 1.0, "layer_start": 0, "layer_end": 99,
+             "max_shard_size": "2000MiB", "device": "auto", "method": "lerp"}
+
+
+def _recipe_settings(path: Path) -> dict:
+    from gpumerge.spec import is_mergekit_config, load_yaml, parse_recipe
+
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    data = load_yaml(text, source=str(path))
+    if is_mergekit_config(data):
+        from gpumerge.mergekit import parse_mergekit
+
+        return parse_mergekit(data, source=str(path))
+    return parse_recipe(data, source=str(path))
+
+
+def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) -> MergeSpec:
+    settings = _recipe_settings(args.config) if args.config is not None else {}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "plot", "report")}
+    window = [f"--{k}" for k in _WINDOW_FLAGS if k in given]
+    if "gradient_values" in given:
+        if window:
+            raise SpecError(f"--gradient_values replaces {', '.join(window)}; give one or the other")
+        if settings.get("recipe") is not None:
+            raise SpecError("--gradient_values and the recipe in --config both say how to blend; give one")
+        settings["recipe"] = OperationsRecipe((TensorOperation(
+            parse_gradient_values(given["gradient_values"]), layer_only=bool(given.get("layer_only")),
+            no_layers=bool(given.get("no_layers")), filter=given.get("custom_filter")),))
+    elif any(k in given for k in ("layer_only", "no_layers", "custom_filter")):
+        raise SpecError("--layer_only, --no_layers and --custom_filter select tensors for --gradient_values; "
+                        "give --gradient_values too")
+    if window and settings.get("recipe") is not None:
+        raise SpecError(f"{', '.join(window)} cannot change the recipe in --config (it has no layer window)")
+    for key, value in given.items():  # the command line wins over the recipe
+        if key in _WINDOW_FLAGS or key in ("model_path1", "model_path2", "output_model_path", "max_shard_size",
+                                           "dtype", "device", "method", "max_memory"):
+            settings[key] = value
+    merged = {**_DEFAULTS, **settings}
+    for key in ("model_path1", "model_path2") + (("output_model_path",) if output_required else ()):
+        if not merged.get(key):
+            raise SpecError(f"--{key} is required (on the command line or in a --config recipe)")
+    dtype = parse_dtype(str(merged["dtype"])) if merged.get("dtype") is not None else "float16"
+    max_memory = merged.get("max_memory")
     return MergeSpec(
-        model_path1=args.model_path1,
-        model_path2=args.model_path2,
-        output_model_path=Path(args.output_model_path) if args.output_model_path else None,
-        gradient_start=args.gradient_start,
-        gradient_end=args.gradient_end,
-        layer_start=args.layer_start,
-        layer_end=args.layer_end,
-        max_shard_bytes=parse_size(args.max_shard_size, what="--max_shard_size"),
-        max_shard_size=args.max_shard_size,
+        model_path1=str(merged["model_path1"]),
+        model_path2=str(merged["model_path2"]),
+        output_model_path=Path(merged["output_model_path"]) if merged.get("output_model_path") else None,
+        gradient_start=_number(merged["gradient_start"], float, "gradient_start"),
+        gradient_end=_number(merged["gradient_end"], float, "gradient_end"),
+        layer_start=_number(merged["layer_start"], int, "layer_start"),
+        layer_end=_number(merged["layer_end"], int, "layer_end"),
+        max_shard_bytes=parse_size(merged["max_shard_size"], what="--max_shard_size"),
+        max_shard_size=str(merged["max_shard_size"]),
         dtype=dtype,
-        dtype_was_default=args.dtype is None,
-        device=parse_device(args.device),
-        max_memory=tuple(sorted(parse_max_memory(args.max_memory).items(), key=str)) if args.max_memory else None,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
+        dtype_was_default=merged.get("dtype") is None,
+        recipe=merged.get("recipe"),
+        method=str(merged["method"]),
+        device=parse_device(str(merged["device"])),
+        max_memory=tuple(sorted(parse_max_memory(str(max_memory)).items(), key=str)) if max_memory else None,
+        overwrite=bool(args.overwrite),
+        quiet=bool(args.quiet),
     )
+
+
+def _number(value, kind, key: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise SpecError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
 
 
 def _notice_printer(quiet: bool):
@@ -143,7 +210,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from gpumerge.report import describe_plan
 
-    spec = spec_from_args(args)
+    spec = spec_from_args(args, output_required=False)
     describe_plan(spec, plot=args.plot, out=sys.stdout, notice=_notice_printer(spec.quiet))
     return 0
 

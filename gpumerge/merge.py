@@ -15,7 +15,7 @@ from typing import Callable
 
 from gpumerge.checkpoint import Checkpoint
 from gpumerge.errors import IncompatibleCheckpointsError
-from gpumerge.plan import MergePlan, make_plan
+from gpumerge.plan import MergePlan, make_plan, t_groups
 from gpumerge.spec import MergeSpec
 
 
@@ -48,12 +48,32 @@ def open_pair(spec: MergeSpec) -> tuple[Checkpoint, Checkpoint]:
     return a, b
 
 
+def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callable[[str], None]) -> MergePlan:
+    """make_plan, with model 1's canonical tensor order for the recipes that count tensor positions."""
+    from gpumerge.spec import OperationsRecipe
+
+    order = tied = None
+    if isinstance(spec.recipe, OperationsRecipe):
+        from gpumerge.architecture import canonical_order
+
+        order, tied, fallback = canonical_order(a.root, list(a.tensors))
+        if fallback:
+            notice(fallback)
+    plan = make_plan(a, b, spec, order=order, tied=tied)
+    for line in plan.notices:
+        notice(line)
+    return plan
+
+
 def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint) -> dict:
-    command = ["gpumerge", "--model_path1", spec.model_path1, "--model_path2", spec.model_path2,
-               "--output_model_path", str(spec.output_model_path),
-               "--gradient_start", repr(spec.gradient_start), "--gradient_end", repr(spec.gradient_end),
-               "--layer_start", str(spec.layer_start), "--layer_end", str(spec.layer_end),
-               "--max_shard_size", spec.max_shard_size, "--dtype", spec.dtype]
+    if spec.recipe is None:
+        command = ["gpumerge", "--model_path1", spec.model_path1, "--model_path2", spec.model_path2,
+                   "--output_model_path", str(spec.output_model_path),
+                   "--gradient_start", repr(spec.gradient_start), "--gradient_end", repr(spec.gradient_end),
+                   "--layer_start", str(spec.layer_start), "--layer_end", str(spec.layer_end),
+                   "--max_shard_size", spec.max_shard_size, "--dtype", spec.dtype, "--method", spec.method]
+    else:
+        command = ["gpumerge", "--config", "gpumerge_recipe.yaml", "--output_model_path", str(spec.output_model_path)]
     return {
         "tool": "gpumerge",
         "version": version(),
@@ -67,6 +87,7 @@ def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint)
         "num_layers": plan.num_layers,
         "output_dtype": plan.out_dtype_name,
         "layer_t": {str(layer): t for layer, t in plan.layer_t.items()},
+        "t_groups": [[row.layer, row.group, row.t_min, row.t_max] for row in t_groups(plan)],
         "command": shlex.join(command),
     }
 
@@ -116,9 +137,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     began = time.perf_counter()
     a, b = open_pair(spec)
     with a, b:
-        plan = make_plan(a, b, spec)
-        for line in plan.notices:
-            notice(line)
+        plan = plan_merge(spec, a, b, notice=notice)
         out = writer.check_output_path(spec.output_model_path, inputs=[a.root, b.root], overwrite=spec.overwrite)
         output = writer.OutputDir(out)
         output.check_space(plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
@@ -150,6 +169,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                 writer.write_index(output.tmp, plan)
                 aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name)
                 writer.write_model_card(output.tmp, record)
+                writer.write_recipe(output.tmp, record)
                 output.finalize()
         finally:
             if telemetry is not None:

@@ -306,14 +306,49 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-def layer_table(plan: MergePlan) -> list[tuple[int, float, int, int]]:
-    """(layer, t, tensors blended, output bytes) for each block in the window, for `gpumerge plan`."""
-    rows = {layer: [t, 0, 0] for layer, t in plan.layer_t.items()}
+def module_group(name: str) -> str:
+    """The module a tensor belongs to inside its block (self_attn, mlp, input_layernorm, ...), or its full name."""
+    layer = schedule.layer_index(name)
+    if layer is None:
+        return name
+    rest = name.split(f".{layer}.", 1)[1] if f".{layer}." in name else name
+    return rest.split(".", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    layer: int | None
+    group: str  # "(all)" when every blended tensor of the block has the same t
+    t_min: float
+    t_max: float
+    tensors: int
+    nbytes: int
+
+
+def t_groups(plan: MergePlan) -> list[GroupRow]:
+    """t per tensor group for `gpumerge plan`, --plot and the model card: one row per block when its tensors share
+    one t, else one per module; then the blended tensors outside blocks."""
+    groups: dict[tuple[int | None, str], list[TensorJob]] = {}
     for job in plan.jobs:
         if job.blended:
-            rows[job.layer][1] += 1
-            rows[job.layer][2] += job.nbytes
-    return [(layer, t, n, nbytes) for layer, (t, n, nbytes) in sorted(rows.items())]
+            groups.setdefault((job.layer, module_group(job.name)), []).append(job)
+    rows: list[GroupRow] = []
+    layers = sorted({layer for layer, _ in groups if layer is not None})
+    for layer in layers:
+        jobs_by_group = {g: jobs for (lay, g), jobs in groups.items() if lay == layer}
+        ts = {job.t for jobs in jobs_by_group.values() for job in jobs}
+        if len(ts) == 1:
+            jobs = [j for js in jobs_by_group.values() for j in js]
+            rows.append(GroupRow(layer, "(all)", min(ts), max(ts), len(jobs), sum(j.nbytes for j in jobs)))
+            continue
+        for group, jobs in jobs_by_group.items():
+            t = [j.t for j in jobs]
+            rows.append(GroupRow(layer, group, min(t), max(t), len(jobs), sum(j.nbytes for j in jobs)))
+    for (layer, group), jobs in groups.items():
+        if layer is None:
+            t = [j.t for j in jobs]
+            rows.append(GroupRow(None, group, min(t), max(t), len(jobs), sum(j.nbytes for j in jobs)))
+    return rows
 
 
 # ---- batches per device -----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gpumerge.errors import SpecError
-from gpumerge.plan import MergePlan, layer_table
+from gpumerge.plan import MergePlan, t_groups
 from gpumerge.spec import MergeSpec
 
 
@@ -22,21 +22,32 @@ def summary_line(result) -> str:
     plan = result.plan
     blended = sum(1 for job in plan.jobs if job.blended)
     rate = (result.bytes_read + result.bytes_written) / max(result.elapsed_s, 1e-9)
+    where = (f"in blocks {plan.window.start}..{plan.window.stop - 1} of {plan.num_layers}" if len(plan.window)
+             else f"of {len(plan.jobs)}")
     return (f"gpumerge: wrote {result.output} ({len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} "
-            f"{plan.out_dtype_name}; {blended} tensors blended in blocks {plan.window.start}..{plan.window.stop - 1}"
-            f" of {plan.num_layers}) in {result.elapsed_s:.2f} s ({human_bytes(rate)}/s read+written)")
+            f"{plan.out_dtype_name}; {blended} tensors blended {where}, method {plan.spec.method}) in "
+            f"{result.elapsed_s:.2f} s ({human_bytes(rate)}/s read+written)")
+
+
+def _t_text(row) -> str:
+    return f"{row.t_max:.6g}" if row.t_min == row.t_max else f"{row.t_min:.4g}..{row.t_max:.4g}"
+
+
+def recipe_line(plan: MergePlan) -> str:
+    spec = plan.spec
+    if spec.recipe is None:
+        return (f"blocks {plan.window.start}..{plan.window.stop - 1} ({len(plan.window)} of {plan.num_layers}), "
+                f"t {spec.gradient_start:g} -> {spec.gradient_end:g}")
+    return f"recipe {type(spec.recipe).__name__}"
 
 
 def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) -> MergePlan:
-    from gpumerge.merge import open_pair
-    from gpumerge.plan import make_plan
+    from gpumerge.merge import open_pair, plan_merge
     from gpumerge.writer import check_output_path
 
     a, b = open_pair(spec)
     with a, b:
-        plan = make_plan(a, b, spec)
-        for line in plan.notices:
-            notice(line)
+        plan = plan_merge(spec, a, b, notice=notice)
         if spec.output_model_path is not None:
             check_output_path(spec.output_model_path, inputs=[a.root, b.root], overwrite=spec.overwrite)
         write_plan_table(plan, a, b, out)
@@ -49,11 +60,14 @@ def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) ->
 def write_plan_table(plan: MergePlan, a, b, out: TextIO) -> None:
     print(f"model 1: {a.root} ({a.format}, {human_bytes(a.total_bytes())}, {plan.num_layers} blocks)", file=out)
     print(f"model 2: {b.root} ({b.format}, {human_bytes(b.total_bytes())}, {b.num_layers()} blocks)", file=out)
-    print(f"window:  blocks {plan.window.start}..{plan.window.stop - 1} ({len(plan.window)} of {plan.num_layers}); "
-          f"output dtype {plan.out_dtype_name}", file=out)
-    print(f"{'layer':>5}  {'model 1':>9}  {'model 2 (t)':>11}  {'tensors':>7}  {'bytes':>11}", file=out)
-    for layer, t, count, nbytes in layer_table(plan):
-        print(f"{layer:>5}  {1 - t:>9.6g}  {t:>11.6g}  {count:>7}  {human_bytes(nbytes):>11}", file=out)
+    print(f"blend:   {recipe_line(plan)}; method {plan.spec.method}; output dtype {plan.out_dtype_name}", file=out)
+    print(f"{'layer':>5}  {'group':<24}  {'model 1':>9}  {'model 2 (t)':>13}  {'tensors':>7}  {'bytes':>11}",
+          file=out)
+    for row in t_groups(plan):
+        one = f"{1 - row.t_max:.6g}" if row.t_min == row.t_max else f"{1 - row.t_max:.4g}..{1 - row.t_min:.4g}"
+        layer = str(row.layer) if row.layer is not None else "-"
+        print(f"{layer:>5}  {row.group:<24}  {one:>9}  {_t_text(row):>13}  {row.tensors:>7}  "
+              f"{human_bytes(row.nbytes):>11}", file=out)
     copied = [job for job in plan.jobs if not job.blended]
     outside = sorted({job.layer for job in copied if job.layer is not None})
     others = [job.name for job in copied if job.layer is None]
@@ -77,7 +91,8 @@ def _ranges(values: list[int]) -> str:
 
 
 def plot_shares(plan: MergePlan, path: Path) -> None:
-    """Stacked bars: each model's share per decoder block (blocks outside the window are all model 1)."""
+    """Each model's share per decoder block: stacked bars when every tensor of a block has the same t (blocks
+    outside the window are all model 1), else model 2's share per module group as lines."""
     try:
         import matplotlib
 
@@ -85,17 +100,25 @@ def plot_shares(plan: MergePlan, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SpecError("--plot needs matplotlib: pip install matplotlib") from exc
-    layers = list(range(plan.num_layers))
-    share2 = [plan.layer_t.get(i, 0.0) for i in layers]
-    share1 = [1 - t for t in share2]
-    fig, ax = plt.subplots(figsize=(max(6.0, plan.num_layers * 0.3), 3.5))
-    ax.bar(layers, share1, color="#4c72b0", label="model 1")
-    ax.bar(layers, share2, bottom=share1, color="#dd8452", label="model 2 (t)")
+    rows = [r for r in t_groups(plan) if r.layer is not None]
+    layers = list(range(max(plan.num_layers, 1 + max((r.layer for r in rows), default=0))))
+    fig, ax = plt.subplots(figsize=(max(6.0, len(layers) * 0.3), 3.5))
+    if all(r.group == "(all)" for r in rows):
+        by_layer = {r.layer: r.t_max for r in rows}
+        share2 = [by_layer.get(i, 0.0) for i in layers]
+        share1 = [1 - t for t in share2]
+        ax.bar(layers, share1, color="#4c72b0", label="model 1")
+        ax.bar(layers, share2, bottom=share1, color="#dd8452", label="model 2 (t)")
+        ax.set_ylabel("share")
+    else:
+        groups = sorted({r.group for r in rows})
+        for group in groups:
+            points = sorted((r.layer, (r.t_min + r.t_max) / 2) for r in rows if r.group == group)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=group)
+        ax.set_ylabel("model 2's share (t)")
     ax.set_xlabel("decoder block")
-    ax.set_ylabel("share")
-    ax.set_title(f"gpumerge: t {plan.spec.gradient_start:g} -> {plan.spec.gradient_end:g} over blocks "
-                 f"{plan.window.start}..{plan.window.stop - 1}")
-    ax.legend(loc="upper right")
+    ax.set_title(f"gpumerge: {recipe_line(plan)}, {plan.spec.method}", fontsize=9)
+    ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=100)

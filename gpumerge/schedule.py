@@ -132,7 +132,7 @@ def operations_weights(order: list[str], operations) -> dict[str, float]:
     for op in operations:
         chosen = select(order, layer_only=op.layer_only, no_layers=op.no_layers, substring=op.filter)
         if not chosen:
-            what = op.label or "--gradient_values"
+            what = f"operation {op.label!r}" if op.label else "gradient_values"
             raise SpecError(f"{what}: the selection (layer_only={op.layer_only}, no_layers={op.no_layers}, "
                             f"filter={op.filter!r}) matches no tensor of model 1")
         for name, t in zip(chosen, tensors_edition(op.gradient_values, len(chosen))):

@@ -193,3 +193,99 @@ class MergeSpec:
             out.update(self.recipe.as_dict())
         out.update(max_shard_size=self.max_shard_size, dtype=self.dtype)
         return out
+
+
+# ---- YAML recipes ---------------------------------------------------------------------------------------------
+
+# Keys of gpumerge's recipe format: the original YAML edition's (model_path1, model_path2, output_model_path,
+# max_shard_size, operations) plus every command-line setting, so a merge's record can be re-run as it is.
+RECIPE_KEYS = ("model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype", "device", "method",
+               "gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
+               "no_layers", "filter", "custom_filter", "operations", "layer_gradients", "max_memory")
+OPERATION_KEYS = ("operation", "filter", "gradient_values", "layer_only", "no_layers")
+MERGEKIT_MARKERS = ("merge_method", "slices", "models")
+
+
+def load_yaml(text: str, *, source: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise SpecError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a recipe is a YAML mapping of settings (got {type(data).__name__})")
+    return data
+
+
+def is_mergekit_config(data: dict) -> bool:
+    return any(key in data for key in MERGEKIT_MARKERS)
+
+
+def _unknown(keys, allowed, *, where: str) -> None:
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(allowed)})")
+
+
+def _bool(value, *, key: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def parse_recipe(data: dict, *, source: str) -> dict:
+    """gpumerge's YAML recipe -> MergeSpec keyword arguments (strings still to be checked by their parsers)."""
+    _unknown(data, RECIPE_KEYS, where=source)
+    out = {k: data[k] for k in ("model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype",
+                                "device", "method", "gradient_start", "gradient_end", "layer_start", "layer_end",
+                                "max_memory") if k in data}
+    recipes = [k for k in ("gradient_values", "operations", "layer_gradients") if k in data]
+    if len(recipes) > 1:
+        raise SpecError(f"{source}: use one of gradient_values, operations, layer_gradients (got {recipes})")
+    window_keys = [k for k in ("gradient_start", "gradient_end", "layer_start", "layer_end") if k in data]
+    if recipes and window_keys:
+        raise SpecError(f"{source}: {recipes[0]} replaces {', '.join(window_keys)}; remove one of them")
+    if "gradient_values" in data:
+        op = _operation({k: data[k] for k in ("gradient_values", "layer_only", "no_layers", "filter",
+                                              "custom_filter") if k in data}, source=source, label=None)
+        out["recipe"] = OperationsRecipe((op,))
+    elif any(k in data for k in ("layer_only", "no_layers", "filter", "custom_filter")):
+        raise SpecError(f"{source}: layer_only, no_layers and filter select tensors for gradient_values")
+    if "operations" in data:
+        ops = data["operations"]
+        if not isinstance(ops, list) or not ops:
+            raise SpecError(f"{source}: operations must be a non-empty list")
+        out["recipe"] = OperationsRecipe(tuple(
+            _operation(op, source=source, label=f"{source}: operations[{i}]") for i, op in enumerate(ops)))
+    if "layer_gradients" in data:
+        modules = data["layer_gradients"]
+        if not isinstance(modules, dict) or not modules:
+            raise SpecError(f"{source}: layer_gradients must map module names (or default) to lists of values")
+        out["recipe"] = LayerGradientsRecipe(tuple(
+            (str(key), parse_gradient_values(value, what=f"{source}: layer_gradients.{key}"))
+            for key, value in modules.items()))
+    return out
+
+
+def _operation(entry, *, source: str, label: str | None) -> TensorOperation:
+    where = label or source
+    if not isinstance(entry, dict):
+        raise SpecError(f"{where}: an operation is a mapping with gradient_values (and filter, layer_only, ...)")
+    allowed = OPERATION_KEYS + (("custom_filter",) if label is None else ())
+    _unknown(entry, allowed, where=where)
+    if "gradient_values" not in entry:
+        raise SpecError(f"{where}: gradient_values is missing")
+    substring = entry.get("filter", entry.get("custom_filter"))
+    if substring is not None and not isinstance(substring, str):
+        raise SpecError(f"{where}: filter must be a string, got {substring!r}")
+    name = entry.get("operation")
+    return TensorOperation(
+        gradient_values=parse_gradient_values(entry["gradient_values"], what=f"{where}: gradient_values"),
+        layer_only=_bool(entry.get("layer_only", False), key="layer_only", where=where),
+        no_layers=_bool(entry.get("no_layers", False), key="no_layers", where=where),
+        filter=substring or None,
+        label=str(name) if name is not None else None,
+    )

@@ -16,7 +16,8 @@ from gpumerge.plan import MergePlan, ShardPlan
 # Model 1's files that are not copied as they are: weights and their indexes (rewritten), config.json (dtype
 # updated) and README.md (replaced by the merge's model card).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-_NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+               "gpumerge_recipe.yaml"}
 _SPACE_MARGIN_BYTES = 64 * 2**20
 
 
@@ -209,10 +210,28 @@ def aux_bytes(model_dir: Path) -> int:
                if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))
 
 
+RECIPE_FILE = "gpumerge_recipe.yaml"
+
+
+def write_recipe(directory: Path, record: dict) -> None:
+    """The full recipe as a file `gpumerge --config` takes: the merge can be re-run from its output."""
+    import yaml
+
+    recipe = {"model_path1": record["inputs"][0]["path"], "model_path2": record["inputs"][1]["path"],
+              **record["settings"]}
+    header = (f"# Written by gpumerge {record['version']}. Re-run with:\n"
+              f"#   gpumerge --config {RECIPE_FILE} --output_model_path NEW_DIR\n"
+              f"# inputs' fingerprints: model 1 {record['inputs'][0]['fingerprint'][:16]}, "
+              f"model 2 {record['inputs'][1]['fingerprint'][:16]}\n")
+    (directory / RECIPE_FILE).write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+
+
 def write_model_card(directory: Path, record: dict) -> None:
-    settings = record["settings"]
     inputs = record["inputs"]
-    rows = "\n".join(f"| {layer} | {1 - t:.6g} | {t:.6g} |" for layer, t in record["layer_t"].items())
+    rows = "\n".join(
+        f"| {'-' if layer is None else layer} | {group} | "
+        f"{(f'{t_max:.6g}' if t_min == t_max else f'{t_min:.4g}..{t_max:.4g}')} |"
+        for layer, group, t_min, t_max in record["t_groups"])
     card = f"""---
 tags:
 - merge
@@ -223,27 +242,26 @@ base_model:
 ---
 # Merged model
 
-Made with gpumerge {record['version']}: a BlockMerge Gradient blend of two checkpoints. Decoder blocks
-{settings['layer_start']} <= i < min({settings['layer_end']}, {record['num_layers']}) are
-`model1 + t * (model2 - model1)`, with `t` running linearly from {settings['gradient_start']} to
-{settings['gradient_end']}; every other tensor is model 1's. Output dtype: {record['output_dtype']}.
+Made with gpumerge {record['version']}: a blend of two checkpoints, `model1 + t * (model2 - model1)` for the
+tensors below (method {record['settings']['method']}; t is model 2's share); every other tensor is model 1's.
+Output dtype: {record['output_dtype']}.
 
-| input | path | fingerprint (sha256 of headers and sizes) |
+| input | path | fingerprint (sha256 of headers, sizes and each tensor's first 4 KiB) |
 |---|---|---|
 | model 1 | `{inputs[0]['path']}` | `{inputs[0]['fingerprint'][:16]}` |
 | model 2 | `{inputs[1]['path']}` | `{inputs[1]['fingerprint'][:16]}` |
 
-| layer | model 1 share | model 2 share (t) |
+| layer | tensors | model 2's share (t) |
 |---|---|---|
 {rows}
 
-To re-run:
+To re-run (the recipe is in `gpumerge_recipe.yaml` next to this file):
 
 ```bash
 {record['command']}
 ```
 
-The full recipe is in this file's merge record below and in every shard's safetensors metadata (key `gpumerge`).
+The full record is below and in every shard's safetensors metadata (key `gpumerge`).
 
 <!-- gpumerge-record
 {json.dumps(record, indent=2)}

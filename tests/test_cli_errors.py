@@ -119,7 +119,7 @@ def test_bad_input(case, models, pair, tmp_path, capsys):
         (a / "config.json").write_text(json.dumps(config))
         needles = ("quantized", "gptq")
     elif case == "unknown_flag":
-        extra, needles = ("--gradient_values", "[1,0]"), ("unrecognized",)
+        extra, needles = ("--gradient_vals", "[1,0]"), ("unrecognized",)
     elif case == "auto_dtype_mixed":
         a = write_checkpoint(tmp_path / "mixed", {"model.layers.0.w": torch.ones(2, dtype=torch.float16),
                                                   "model.norm.weight": torch.ones(2, dtype=torch.float32)},

@@ -14,8 +14,9 @@ def test_plan_prints_the_table_and_writes_nothing(models, tmp_path, capsys):
     assert code == 0, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
     rows = [line.split() for line in stdout.splitlines() if line.split() and line.split()[0].isdigit()]
-    assert [(int(r[0]), float(r[2])) for r in rows] == [(1, 0.9), (2, 0.45), (3, 0.0)]
-    assert all(int(r[3]) == 9 for r in rows)
+    assert [(int(r[0]), r[1], float(r[2]), float(r[3])) for r in rows] == [
+        (1, "(all)", 0.1, 0.9), (2, "(all)", 0.55, 0.45), (3, "(all)", 1.0, 0.0)]
+    assert all(int(r[4]) == 9 for r in rows)
     assert "copied from model 1" in stdout and "model.embed_tokens.weight" in stdout and "blocks 0, 4" in stdout
     assert "reads" in stdout and "writes" in stdout
 
