@@ -27,6 +27,7 @@ def canonical_order(model_dir: Path, stored: list[str]) -> tuple[list[str], dict
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()  # transformers 5 ties only when asked, and not inside init_empty_weights
         order = list(model.state_dict().keys())
         groups: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):

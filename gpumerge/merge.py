@@ -142,6 +142,10 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
         output = writer.OutputDir(out)
         output.check_space(plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
         preflight(plan, a, b)
+        if any(job.method == "slerp" for job in plan.jobs):
+            from gpumerge.pipeline import slerp_prepass
+
+            plan = slerp_prepass(plan, a, b)
         record = merge_record(spec, plan, a, b)
         metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
         # started only now: while torch imports it holds the GIL, and the many small reads above would crawl

@@ -115,6 +115,35 @@ def piece_views(piece: Piece, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return out, a, _region(buffer, piece.b_offset, n, job.dtype_b)
 
 
+def slerp_prepass(plan: MergePlan, a: Checkpoint, b: Checkpoint, *,
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan:
+    """Read each slerp tensor pair once to get its angle (float64 sums in fixed chunks), and turn the job into
+    ``s0*A + s1*B`` (or leave it a lerp when the tensors are nearly colinear)."""
+    from dataclasses import replace
+
+    from gpumerge.kernels.slerp import Reductions, coefficients
+
+    updated: dict[str, TensorJob] = {}
+    for job in plan.jobs:
+        if not job.blended or job.method != "slerp":
+            continue
+        sums = Reductions()
+        bytes_a = torch.empty(chunk_elements * ITEMSIZE[job.dtype_a], dtype=torch.uint8)
+        bytes_b = torch.empty(chunk_elements * ITEMSIZE[job.dtype_b], dtype=torch.uint8)
+        for first in range(0, job.blend_numel, chunk_elements):
+            n = min(chunk_elements, job.blend_numel - first)
+            chunk_a = bytes_a[:n * ITEMSIZE[job.dtype_a]]
+            chunk_b = bytes_b[:n * ITEMSIZE[job.dtype_b]]
+            a.read_into(job.name, chunk_a, start=first * ITEMSIZE[job.dtype_a])
+            b.read_into(job.name, chunk_b, start=first * ITEMSIZE[job.dtype_b])
+            va, vb = chunk_a.view(torch_dtype(job.dtype_a)), chunk_b.view(torch_dtype(job.dtype_b))
+            if job.load_dtype is not None:  # mergekit blends the inputs as cast to its dtype
+                va, vb = va.to(torch_dtype(job.load_dtype)), vb.to(torch_dtype(job.load_dtype))
+            sums.add(va, vb)
+        updated[job.name] = replace(job, coef=coefficients(sums.aa, sums.bb, sums.ab, job.t))
+    return plan.with_jobs(updated)
+
+
 # ---- the reference: sequential -------------------------------------------------------------------------------------
 
 class SequentialEngine:

@@ -112,6 +112,14 @@ class MergePlan:
     def out_dtype_name(self) -> str:
         return DTYPE_NAMES[self.out_dtype]
 
+    def with_jobs(self, updated: Mapping[str, "TensorJob"]) -> "MergePlan":
+        """The same plan with some jobs replaced (same names, shapes and offsets)."""
+        if not updated:
+            return self
+        shards = tuple(ShardPlan(s.filename, tuple(updated.get(j.name, j) for j in s.jobs), s.data_bytes)
+                       for s in self.shards)
+        return MergePlan(self.spec, self.num_layers, self.window, self.layer_t, self.out_dtype, shards, self.notices)
+
 
 @dataclass(frozen=True, slots=True)
 class Rule:
