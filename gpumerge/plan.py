@@ -137,7 +137,8 @@ _EMBEDDING_RE = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings|lm
 
 
 def selection(a: CheckpointIndex, spec: MergeSpec, num_layers: int | None, *, order: list[str] | None = None,
-              tied: Mapping[str, str] | None = None) -> tuple[dict[str, Rule], dict[int, float], range | None]:
+              tied: Mapping[str, str] | None = None, dtype_b: str = "F16",
+              out_dtype: str = "F16") -> tuple[dict[str, Rule], dict[int, float], range | None]:
     """The recipe as rules per stored tensor of model 1 (absent = model 1's), with per-layer t and the window
     for the BlockMerge gradient."""
     from gpumerge.spec import LayerGradientsRecipe, OperationsRecipe
@@ -169,8 +170,8 @@ def selection(a: CheckpointIndex, spec: MergeSpec, num_layers: int | None, *, or
                 else:
                     weights.pop(stored, None)
         weights = {n: t for n, t in weights.items() if n in a.tensors}
-    elif hasattr(recipe, "rules"):
-        return recipe.rules(a, num_layers), {}, None
+    elif hasattr(recipe, "rules"):  # a mergekit config
+        return recipe.rules(a, num_layers, dtype_b=dtype_b, out_dtype=out_dtype), {}, None
     else:
         raise SpecError(f"unknown recipe {recipe!r}")
     return {n: Rule(t, method=spec.method) for n, t in weights.items()}, layer_t, window
@@ -181,8 +182,9 @@ def make_plan(a: CheckpointIndex, b: CheckpointIndex, spec: MergeSpec, *, order:
     """``order``: model 1's canonical tensor order (its architecture's state_dict) for position-based recipes;
     ``tied``: absent tied names -> the stored name they share (lm_head.weight -> model.embed_tokens.weight)."""
     num_layers = a.num_layers()
-    rules, layer_t, window = selection(a, spec, num_layers, order=order, tied=tied)
-    out_dtype, notices = _output_dtype(a, spec)
+    out_dtype, notices = _output_dtype(a, spec, b)
+    rules, layer_t, window = selection(a, spec, num_layers, order=order, tied=tied, dtype_b=_main_dtype(b),
+                                       out_dtype=out_dtype)
     notices += _config_differences(a, b)
 
     problems: list[str] = []
@@ -280,9 +282,16 @@ def _layout(jobs, out_dtype: str, max_shard_bytes: int) -> tuple[ShardPlan, ...]
     return tuple(shards)
 
 
-def _output_dtype(a: CheckpointIndex, spec: MergeSpec) -> tuple[str, list[str]]:
+def _main_dtype(index: CheckpointIndex) -> str:
+    counts = Counter(info.dtype for info in index.tensors.values() if info.is_float)
+    return counts.most_common(1)[0][0] if counts else "F16"
+
+
+def _output_dtype(a: CheckpointIndex, spec: MergeSpec, b: CheckpointIndex | None = None) -> tuple[str, list[str]]:
     counts = Counter(info.dtype for info in a.tensors.values() if info.is_float)
     notices: list[str] = []
+    if hasattr(spec.recipe, "output_dtype") and spec.dtype_was_default:  # a mergekit config: its dtypes
+        return spec.recipe.output_dtype(_main_dtype(a), _main_dtype(b) if b is not None else _main_dtype(a)), []
     if spec.dtype == "auto":
         if len(counts) > 1:
             found = ", ".join(f"{DTYPE_NAMES[c]}: {n} tensors" for c, n in counts.most_common())

@@ -25,8 +25,12 @@ def summary_line(result) -> str:
     where = (f"in blocks {plan.window.start}..{plan.window.stop - 1} of {plan.num_layers}" if len(plan.window)
              else f"of {len(plan.jobs)}")
     return (f"gpumerge: wrote {result.output} ({len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} "
-            f"{plan.out_dtype_name}; {blended} tensors blended {where}, method {plan.spec.method}) in "
+            f"{plan.out_dtype_name}; {blended} tensors blended {where}, method {_method(plan)}) in "
             f"{result.elapsed_s:.2f} s ({human_bytes(rate)}/s read+written)")
+
+
+def _method(plan: MergePlan) -> str:
+    return getattr(plan.spec.recipe, "method", plan.spec.method)
 
 
 def _t_text(row) -> str:
@@ -38,7 +42,9 @@ def recipe_line(plan: MergePlan) -> str:
     if spec.recipe is None:
         return (f"blocks {plan.window.start}..{plan.window.stop - 1} ({len(plan.window)} of {plan.num_layers}), "
                 f"t {spec.gradient_start:g} -> {spec.gradient_end:g}")
-    return f"recipe {type(spec.recipe).__name__}"
+    return {"OperationsRecipe": "gradient values over tensor positions (BlockMerge Tensors/YAML edition)",
+            "LayerGradientsRecipe": "per-module layer gradients",
+            "MergekitRecipe": "mergekit config"}.get(type(spec.recipe).__name__, type(spec.recipe).__name__)
 
 
 def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) -> MergePlan:
@@ -60,7 +66,7 @@ def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) ->
 def write_plan_table(plan: MergePlan, a, b, out: TextIO) -> None:
     print(f"model 1: {a.root} ({a.format}, {human_bytes(a.total_bytes())}, {plan.num_layers} blocks)", file=out)
     print(f"model 2: {b.root} ({b.format}, {human_bytes(b.total_bytes())}, {b.num_layers()} blocks)", file=out)
-    print(f"blend:   {recipe_line(plan)}; method {plan.spec.method}; output dtype {plan.out_dtype_name}", file=out)
+    print(f"blend:   {recipe_line(plan)}; method {_method(plan)}; output dtype {plan.out_dtype_name}", file=out)
     print(f"{'layer':>5}  {'group':<24}  {'model 1':>9}  {'model 2 (t)':>13}  {'tensors':>7}  {'bytes':>11}",
           file=out)
     for row in t_groups(plan):
@@ -117,7 +123,7 @@ def plot_shares(plan: MergePlan, path: Path) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=group)
         ax.set_ylabel("model 2's share (t)")
     ax.set_xlabel("decoder block")
-    ax.set_title(f"gpumerge: {recipe_line(plan)}, {plan.spec.method}", fontsize=9)
+    ax.set_title(f"gpumerge: {recipe_line(plan)}, {_method(plan)}", fontsize=9)
     ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     try:

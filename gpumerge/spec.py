@@ -185,7 +185,7 @@ class MergeSpec:
     def settings(self) -> dict:
         """The recipe part of the merge record (JSON-serialisable), in the YAML recipe format: written to OUT as
         gpumerge_recipe.yaml, so that `gpumerge --config OUT/gpumerge_recipe.yaml` re-runs the merge."""
-        out: dict = {"method": self.method}
+        out: dict = {"method": getattr(self.recipe, "method", self.method)}
         if self.recipe is None:
             out.update(gradient_start=self.gradient_start, gradient_end=self.gradient_end,
                        layer_start=self.layer_start, layer_end=self.layer_end)

@@ -217,8 +217,12 @@ def write_recipe(directory: Path, record: dict) -> None:
     """The full recipe as a file `gpumerge --config` takes: the merge can be re-run from its output."""
     import yaml
 
-    recipe = {"model_path1": record["inputs"][0]["path"], "model_path2": record["inputs"][1]["path"],
-              **record["settings"]}
+    settings = record["settings"]
+    if "mergekit" in settings:  # re-run the mergekit config as it was given
+        recipe = settings["mergekit"]
+    else:
+        recipe = {"model_path1": record["inputs"][0]["path"], "model_path2": record["inputs"][1]["path"],
+                  **settings}
     header = (f"# Written by gpumerge {record['version']}. Re-run with:\n"
               f"#   gpumerge --config {RECIPE_FILE} --output_model_path NEW_DIR\n"
               f"# inputs' fingerprints: model 1 {record['inputs'][0]['fingerprint'][:16]}, "
