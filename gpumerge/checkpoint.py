@@ -142,6 +142,9 @@ class Checkpoint:
             assert isinstance(weight_map, dict)
         except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
             raise CheckpointError(f"{self.label} {index_path}: not a valid index (no weight_map): {exc}") from exc
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{self.label} {index_path}: not a valid index (weight_map must map tensor names "
+                                  "to shard file names)")
         shard_names = sorted(set(weight_map.values()))
         missing = [name for name in shard_names if not (self.root / name).is_file()]
         if missing:
@@ -196,12 +199,16 @@ class Checkpoint:
         self._headers[path] = raw
 
     def _safetensors_entry(self, path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{self.label} {path}: corrupt header entry for {name}: {entry!r}") from exc
+        def integers(values) -> bool:
+            return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and integers(entry.get("shape"))
+              and integers(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2)
+        if not ok:
+            raise CheckpointError(f"{self.label} {path}: corrupt header entry for {name}: {str(entry)[:200]}")
+        dtype = entry["dtype"]
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
         if dtype not in ITEMSIZE:
             raise CheckpointError(f"{self.label} {path}: tensor {name} has unsupported dtype {dtype}")
         nbytes = math.prod(shape) * ITEMSIZE[dtype]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -198,8 +199,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from gpumerge.report import summary_line
 
     spec = spec_from_args(args)
-    if args.report is not None and not args.report.parent.expanduser().is_dir():
-        raise SpecError(f"--report {args.report}: the directory {args.report.parent} does not exist")
+    if args.report is not None:
+        report = args.report.expanduser()
+        if report.is_dir() or not report.parent.is_dir() or not os.access(report.parent, os.W_OK):
+            raise SpecError(f"--report {args.report}: give a file name in an existing, writable directory")
     result = run_merge(spec, notice=_notice_printer(spec.quiet), progress_factory=_progress_factory(spec.quiet))
     if args.report is not None:
         args.report.expanduser().write_text(json.dumps(result.report, indent=2) + "\n")
@@ -241,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(exc))
+    except BrokenPipeError:  # `gpumerge plan ... | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except OSError as exc:  # permission denied, disk full, ...: still one line
         if debug:
             raise
@@ -248,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpumerge: interrupted; nothing was written to the output path", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an input nobody foresaw: still one line, and nothing left at OUT
+        if debug:
+            raise
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
+                     "and please report it)")
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -3,6 +3,7 @@ the budget this module measured (or one a test made up)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Mapping
 
@@ -14,7 +15,18 @@ FREE_MEMORY_SHARE = 0.8
 CPU_DEFAULT_BUDGET_BYTES = 512 * 2**20  # RSS is the user's: a bounded ring, whatever the RAM size
 
 
+def cuda_possible() -> bool:
+    """False when no NVIDIA driver is loaded: then there is no CUDA device, known without importing torch."""
+    from pathlib import Path
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def cuda_count() -> int:
+    if not cuda_possible():
+        return 0
     import torch
 
     try:
@@ -75,8 +87,6 @@ def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None 
 
 def _available_ram() -> int:
     """Available RAM without importing accelerate/psutil on the CPU path (what they report, from sysconf)."""
-    import os
-
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -99,9 +109,9 @@ class Telemetry:
             self._thread = threading.Thread(target=self._loop, name="gpumerge-nvml", daemon=True)
 
     def _sample(self) -> bool:
-        import torch
-
         try:
+            import torch
+
             for i in self.indexes:
                 used = int(torch.cuda.device_memory_used(i))
                 util = int(torch.cuda.utilization(i))

@@ -133,6 +133,8 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     """
     from gpumerge import writer
     from gpumerge.copier import Copier
+    from gpumerge.devices import Telemetry, cuda_possible, probe_budget, resolve_devices
+    from gpumerge.plan import batch_capacity, make_batches
 
     began = time.perf_counter()
     a, b = open_pair(spec)
@@ -148,12 +150,25 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
             plan = slerp_prepass(plan, a, b)
         record = merge_record(spec, plan, a, b)
         metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
-        # started only now: while torch imports it holds the GIL, and the many small reads above would crawl
+        # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl.
+        # On a machine without an NVIDIA driver the device checks below need no torch, so the import overlaps
+        # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
         importing = _import_torch_in_background() if "torch" not in sys.modules else None
+        if importing is not None and spec.device != "cpu" and cuda_possible():
+            importing.join()
+        devices, device_notice = resolve_devices(spec.device)
+        if budget is None:
+            budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
+        batches = make_batches(plan, budget, devices=devices, batch_bytes=batch_bytes, ring_depth=ring_depth)
+        capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+        if device_notice:
+            notice(device_notice)
         progress = progress_factory(plan.bytes_written) if progress_factory else None
         advance = _LockedProgress(progress.update if progress else None)
-        telemetry = None
+        telemetry = Telemetry(devices)
         try:
+            if progress is not None:
+                progress.telemetry = telemetry.start()
             with output:
                 writers = writer.open_writers(plan, output.tmp, metadata)
                 copier = Copier(plan, a, writers, progress=advance) if engine != "sequential" else None
@@ -162,10 +177,9 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                         copier.start()
                     if importing is not None:
                         importing.join()
-                    stats, devices, budget, capacity, telemetry = _run_engine(
-                        spec, plan, a, b, writers, copier, engine=engine, budget=budget,
-                        batch_bytes=batch_bytes, ring_depth=ring_depth, chunk_elements=chunk_elements,
-                        advance=advance, progress=progress, notice=notice)
+                    stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
+                                        engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
+                                        advance=advance)
                 finally:
                     if copier is not None:
                         copier.cancel()
@@ -176,8 +190,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                 writer.write_recipe(output.tmp, record)
                 output.finalize()
         finally:
-            if telemetry is not None:
-                telemetry.stop()
+            telemetry.stop()
             if progress:
                 progress.close()
     wall_s = time.perf_counter() - began
@@ -187,31 +200,15 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                        report)
 
 
-def _run_engine(spec, plan, a, b, writers, copier, *, engine, budget, batch_bytes,
-                ring_depth, chunk_elements, advance, progress, notice):
-    """Devices, budget and batches (these need torch), then the engine. Errors here stop the copier, and the
-    partial output is removed by the caller."""
-    from gpumerge.devices import Telemetry, probe_budget, resolve_devices
+def _run_engine(a, b, plan, batches, writers, copier, *, devices, capacity, engine, ring_depth, chunk_elements,
+                advance):
     from gpumerge.pipeline import DEFAULT_CHUNK_ELEMENTS, PipelinedEngine, SequentialEngine
-    from gpumerge.plan import batch_capacity, make_batches
 
-    devices, device_notice = resolve_devices(spec.device)
-    if budget is None:
-        budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
-    batches = make_batches(plan, budget, devices=devices, batch_bytes=batch_bytes, ring_depth=ring_depth)
-    capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
-    if device_notice:
-        notice(device_notice)
-    telemetry = Telemetry(devices).start()
-    if progress is not None:
-        progress.telemetry = telemetry
     if engine == "sequential":
         runner = SequentialEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS, progress=advance)
-        stats = runner.run(plan, writers)
-    else:
-        runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth, progress=advance)
-        stats = runner.run(plan, batches, writers, copier)
-    return stats, devices, budget, capacity, telemetry
+        return runner.run(plan, writers)
+    runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth, progress=advance)
+    return runner.run(plan, batches, writers, copier)
 
 
 def engine_report(stats, *, wall_s: float, devices: list[str], budget: dict[str, int], capacity: int,

@@ -292,7 +292,11 @@ class PipelinedEngine:
         here. On any error every stage, the copier included, is stopped before the error is re-raised."""
         started = time.perf_counter()
         self.stats.batches = len(batches)
-        lanes = {device: _DeviceLane(device, self.capacity, self.ring_depth) for device in self.devices}
+        try:
+            lanes = {device: _DeviceLane(device, self.capacity, self.ring_depth) for device in self.devices}
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutputError(f"out of GPU memory allocating {self.ring_depth} buffers of {self.capacity} bytes per "
+                              "device; give a smaller --max_memory for it") from exc
         pinned = sum(s.host.numel() for lane in lanes.values() if lane.is_cuda for s in lane.slots)
         self.stats.peak_pinned_bytes = pinned
         self.stats.peak_host_buffer_bytes = sum(s.host.numel() for lane in lanes.values() for s in lane.slots)
@@ -336,9 +340,13 @@ class PipelinedEngine:
         return self.stats
 
     def _join(self, threads: list[threading.Thread]) -> None:
+        """Wait for every stage; a Ctrl-C meanwhile cancels them and waits on (files are closed only after)."""
         for thread in threads:
             while thread.is_alive():
-                thread.join(timeout=_POLL_S)
+                try:
+                    thread.join(timeout=_POLL_S)
+                except KeyboardInterrupt as exc:
+                    self._fail(exc)
 
     # -- stages --
     def _reader(self, lane: _DeviceLane, batches: list[Batch]) -> None:

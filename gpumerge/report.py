@@ -130,5 +130,7 @@ def plot_shares(plan: MergePlan, path: Path) -> None:
         fig.savefig(path, dpi=100)
     except OSError as exc:
         raise SpecError(f"--plot {path}: cannot write the picture ({exc.strerror})") from exc
+    except ValueError as exc:  # an extension matplotlib cannot write
+        raise SpecError(f"--plot {path}: {exc}; use a .png, .svg or .pdf name") from exc
     finally:
         plt.close(fig)

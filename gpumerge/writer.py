@@ -19,6 +19,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                "gpumerge_recipe.yaml"}
 _SPACE_MARGIN_BYTES = 64 * 2**20
+RECIPE_FILE = "gpumerge_recipe.yaml"
 
 
 def check_output_path(out: Path, *, inputs: list[Path], overwrite: bool) -> Path:
@@ -37,7 +38,19 @@ def check_output_path(out: Path, *, inputs: list[Path], overwrite: bool) -> Path
             raise OutputError(f"--output_model_path {out} exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise OutputError(f"--output_model_path {out} exists and is not empty; pass --overwrite to replace it")
+        if any(out.iterdir()) and not _replaceable(out):
+            raise OutputError(f"--overwrite would delete {out}, which does not look like a model directory (no "
+                              "config.json or weights) or is the current, home or root directory; remove it yourself")
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    """--overwrite replaces a model directory (an earlier merge, a checkpoint), never an arbitrary one."""
+    special = {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()}
+    if out.resolve() in special:
+        return False
+    return ((out / "config.json").is_file() or any(out.glob("*.safetensors")) or any(out.glob("*.bin"))
+            or (out / RECIPE_FILE).is_file())
 
 
 class OutputDir:
@@ -65,8 +78,18 @@ class OutputDir:
 
     def __enter__(self) -> "OutputDir":
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-partial-", dir=self.out.parent))
+        self._remove_stale()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-partial-{os.getpid()}-",
+                                         dir=self.out.parent))
         return self
+
+    def _remove_stale(self) -> None:
+        """Partial outputs of earlier runs to this OUT that were killed (SIGKILL, power loss) before cleaning up."""
+        for kind in ("partial", "old"):
+            for path in self.out.parent.glob(f".{self.out.name}.gpumerge-{kind}-*"):
+                pid = path.name.split(f"gpumerge-{kind}-", 1)[1].split("-", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    shutil.rmtree(path, ignore_errors=True)
 
     def finalize(self) -> None:
         """Move the finished directory into place; an --overwrite'd OUT is moved aside first, then removed."""
@@ -74,7 +97,8 @@ class OutputDir:
         os.chmod(self.tmp, 0o755)
         trash = None
         if self.out.exists() and any(self.out.iterdir()):
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-old-", dir=self.out.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-old-{os.getpid()}-",
+                                          dir=self.out.parent))
             os.replace(self.out, trash / "old")
         elif self.out.exists():
             self.out.rmdir()
@@ -86,6 +110,16 @@ class OutputDir:
     def __exit__(self, *exc) -> None:
         if not self.finalized and self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _gib(nbytes: int) -> str:
@@ -208,9 +242,6 @@ def copy_aux_files(model_dir: Path, directory: Path, out_dtype_name: str) -> lis
 def aux_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.iterdir()
                if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))
-
-
-RECIPE_FILE = "gpumerge_recipe.yaml"
 
 
 def write_recipe(directory: Path, record: dict) -> None:

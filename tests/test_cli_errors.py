@@ -152,11 +152,64 @@ def test_out_not_empty_needs_overwrite(pair, tmp_path, capsys):
     code, _, err = run_cli(*merge_args(a, b, out), capsys=capsys)
     assert_one_line_error(code, err, "not empty", "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite replaces model directories only, never an arbitrary one
+    code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
+    assert_one_line_error(code, err, "does not look like a model directory")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "config.json").write_text("{}")  # an earlier merge
     code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
     assert code == 0, err
     assert not (out / "keep.txt").exists()
     assert (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_refuses_the_current_directory(pair, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.json").write_text("{}")
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(*merge_args(*pair, ".", "--overwrite"), capsys=capsys)
+    assert_one_line_error(code, err, "current, home or root")
+    assert (work / "config.json").exists()
+
+
+def test_stale_partial_output_of_a_killed_run_is_removed(pair, tmp_path, capsys):
+    stale = tmp_path / ".out.gpumerge-partial-999999999-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    assert run_cli(*merge_args(*pair, tmp_path / "out"), capsys=capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_report_must_be_a_writable_file(pair, tmp_path, capsys):
+    code, _, err = run_cli(*merge_args(*pair, tmp_path / "out", "--report", tmp_path), capsys=capsys)
+    assert_one_line_error(code, err, "--report")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_index_and_header_types(pair, tmp_path, capsys):
+    a = corrupt_copy(pair[0], tmp_path / "badindex")
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = 5
+    (a / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = run_cli(*merge_args(a, pair[1], tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "not a valid index")
+    b = corrupt_copy(pair[1], tmp_path / "badheader")
+    shard = sorted(b.glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = ["F16"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text)) if len(text) <= n else b""
+    assert len(text) == n
+    shard.write_bytes(raw[:8] + text + raw[8 + n:])
+    code, _, err = run_cli(*merge_args(pair[0], b, tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "corrupt header entry")
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_out_dir_is_fine(pair, tmp_path, capsys):
@@ -171,6 +224,7 @@ def test_failure_mid_merge_leaves_nothing_and_keeps_old_output(pair, tmp_path, c
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old merge")
+    (out / "config.json").write_text("{}")
     calls = {"n": 0}
     original = gpumerge.writer.ShardWriter.pwrite
 
@@ -184,7 +238,7 @@ def test_failure_mid_merge_leaves_nothing_and_keeps_old_output(pair, tmp_path, c
     code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
     assert_one_line_error(code, err, "No space left")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
 
 
 def test_ctrl_c_leaves_nothing(pair, tmp_path, capsys, monkeypatch):
