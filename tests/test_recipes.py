@@ -221,8 +221,12 @@ def test_yaml_layer_gradients(models, tmp_path, capsys):
         weights[name] = (0.8 + (0.2 - 0.8) * x if "self_attn" in name else
                          0.3 + (0.7 - 0.3) * x if "mlp" in name else 0.5)
     check_blend(out, models["fp16_a"], models["fp16_b"], weights)
-    code, stdout, _ = run_cli("plan", "--config", recipe, capsys=capsys)
+    png = tmp_path / "lines.png"
+    code, stdout, _ = run_cli("plan", "--config", recipe, "--plot", png, capsys=capsys)
     assert code == 0 and "self_attn" in stdout and "mlp" in stdout and "input_layernorm" in stdout
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[0] > 100
 
 
 def test_cli_overrides_yaml_paths_and_dtype(models, tmp_path, capsys):
