@@ -84,6 +84,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog="gpumerge", description="Blend the decoder blocks of two checkpoints along a gradient "
                      "(BlockMerge Gradient), streaming, exact, atomic. Subcommands: plan, demo.")
     _merge_flags(parser)
+    parser.add_argument("--version", action="version", version=f"gpumerge {_version()}")
     _flag(parser, "report", type=Path, default=None, metavar="FILE.json",
           help="write engine timings per stage, bytes, peaks and GPU telemetry as JSON")
     return parser
@@ -107,6 +108,12 @@ def _recipe_settings(path: Path) -> dict:
 
         return parse_mergekit(data, source=str(path))
     return parse_recipe(data, source=str(path))
+
+
+def _version() -> str:
+    from gpumerge.merge import version
+
+    return version()
 
 
 def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) -> MergeSpec:

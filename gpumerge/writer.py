@@ -252,8 +252,10 @@ def write_recipe(directory: Path, record: dict) -> None:
     if "mergekit" in settings:  # re-run the mergekit config as it was given
         recipe = settings["mergekit"]
     else:
-        recipe = {"model_path1": record["inputs"][0]["path"], "model_path2": record["inputs"][1]["path"],
-                  **settings}
+        # local inputs by absolute path, so the recipe runs from anywhere; hub ids as they are
+        paths = [entry["resolved"] if Path(entry["path"]).expanduser().exists() else entry["path"]
+                 for entry in record["inputs"]]
+        recipe = {"model_path1": paths[0], "model_path2": paths[1], **settings}
     header = (f"# Written by gpumerge {record['version']}. Re-run with:\n"
               f"#   gpumerge --config {RECIPE_FILE} --output_model_path NEW_DIR\n"
               f"# inputs' fingerprints: model 1 {record['inputs'][0]['fingerprint'][:16]}, "
