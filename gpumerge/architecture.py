@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpumerge.schedule import natural_key
+from gpumerge.schedule import is_block_buffer, natural_key
 
 
 def canonical_order(model_dir: Path, stored: list[str]) -> tuple[list[str], dict[str, str], str | None]:
@@ -34,7 +34,9 @@ def canonical_order(model_dir: Path, stored: list[str]) -> tuple[list[str], dict
             groups.setdefault(id(param), []).append(name)
     except Exception as exc:  # unknown architecture, missing transformers, remote code: fall back, say so
         return _fallback(model_dir, stored, f"transformers cannot build this architecture ({type(exc).__name__})")
-    missing = [name for name in stored if name not in order]
+    # Rotary caches old checkpoints store (rotary_emb.inv_freq) are non-persistent buffers today: not positions,
+    # and copied from model 1; any other stored name the architecture lacks means it is not this architecture.
+    missing = [name for name in stored if name not in order and not is_block_buffer(name)]
     if missing:
         return _fallback(model_dir, stored, f"{len(missing)} stored tensor(s) are not in the architecture's "
                                             f"state_dict (e.g. {missing[0]})")

@@ -120,7 +120,10 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
     settings = _recipe_settings(args.config) if args.config is not None else {}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "plot", "report")}
     window = [f"--{k}" for k in _WINDOW_FLAGS if k in given]
+    if "method" in given and hasattr(settings.get("recipe"), "config"):
+        raise SpecError("--method does not apply to a mergekit config: its merge_method says how to blend")
     if "gradient_values" in given:
+        window += [k for k in _WINDOW_FLAGS if k in settings]
         if window:
             raise SpecError(f"--gradient_values replaces {', '.join(window)}; give one or the other")
         if settings.get("recipe") is not None:
@@ -129,6 +132,9 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
             parse_gradient_values(given["gradient_values"]), layer_only=bool(given.get("layer_only")),
             no_layers=bool(given.get("no_layers")), filter=given.get("custom_filter")),))
     elif any(k in given for k in ("layer_only", "no_layers", "custom_filter")):
+        if settings.get("recipe") is not None:
+            raise SpecError("--layer_only, --no_layers and --custom_filter cannot change the recipe in --config; "
+                            "set layer_only, no_layers or filter there")
         raise SpecError("--layer_only, --no_layers and --custom_filter select tensors for --gradient_values; "
                         "give --gradient_values too")
     if window and settings.get("recipe") is not None:

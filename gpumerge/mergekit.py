@@ -132,9 +132,13 @@ def _promote(code_a: str, code_b: str) -> str:
 
 
 def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"mergekit parameter {key} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise SpecError(f"mergekit parameter {key} must be a finite number, got {str(value)[:40]}")
+    return number
 
 
 def evaluate_setting(tensor_name: str, setting: Any, x: float) -> Any:
@@ -148,7 +152,7 @@ def evaluate_setting(tensor_name: str, setting: Any, x: float) -> Any:
         if not setting:
             return None
         if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-            return schedule.interpolate(setting, x)
+            return schedule.interpolate([_number(e, "gradient value") for e in setting], x)
         for cond in setting:
             flt = cond.get("filter")
             if flt is None or flt == "*" or flt in tensor_name:
@@ -166,7 +170,7 @@ def parse_mergekit(data: dict, *, source: str) -> dict:
         raise SpecError(f"{source}: mergekit key(s) {', '.join(map(str, unknown))} are not supported (gpumerge "
                         f"takes two-model linear/slerp configs: {', '.join(TOP_KEYS)})")
     method = data.get("merge_method")
-    if method not in METHOD_PARAMETERS:
+    if not isinstance(method, str) or method not in METHOD_PARAMETERS:
         raise SpecError(f"{source}: merge_method {method!r} is not supported (gpumerge runs linear and slerp)")
     if data.get("tokenizer_source") not in (None, "base"):
         raise SpecError(f"{source}: tokenizer_source {data['tokenizer_source']!r} (tokenizer surgery) is not "
@@ -175,6 +179,8 @@ def parse_mergekit(data: dict, *, source: str) -> dict:
         raise SpecError(f"{source}: give exactly one of slices or models")
     parameters = _parameters(data.get("parameters"), method, where=f"{source}: parameters")
     base = _model_ref(data["base_model"], where=f"{source}: base_model") if data.get("base_model") else None
+    if method == "slerp" and base is None:
+        raise SpecError(f"{source}: slerp needs base_model (t is the share of the other model)")
 
     if "models" in data:
         entries = data["models"]
@@ -190,6 +196,9 @@ def parse_mergekit(data: dict, *, source: str) -> dict:
             _only(entry, ("model", "parameters"), where=where)
             refs.append(_model_ref(entry["model"], where=where))
             params.append(_parameters(entry.get("parameters"), method, where=f"{where}.parameters"))
+        if base is not None and base not in refs:  # mergekit adds the base model with no parameters
+            refs.append(base)
+            params.append({})
         models, order = _two_models(refs, base, source=source)
         recipe_slices = None
         model_parameters = tuple(params[i] for i in order)
@@ -216,6 +225,10 @@ def parse_mergekit(data: dict, *, source: str) -> dict:
                 refs.append(_model_ref(src["model"], where=sw))
                 ranges.append(_layer_range(src.get("layer_range"), where=sw))
                 params.append(_parameters(src.get("parameters"), method, where=f"{sw}.parameters"))
+            if base is not None and base not in refs and len(ranges) == 1:  # the base joins with the same range
+                refs.append(base)
+                ranges.append(ranges[0])
+                params.append({})
             slice_models, order = _two_models(refs, base, source=where)
             if models is not None and slice_models != models:
                 raise SpecError(f"{where}: every slice must use the same two models ({models[0]}, {models[1]})")
@@ -236,10 +249,7 @@ def parse_mergekit(data: dict, *, source: str) -> dict:
 
 
 def _two_models(refs: list[str], base: str | None, *, source: str) -> tuple[tuple[str, str], tuple[int, int]]:
-    unique = list(dict.fromkeys(refs))
-    if base is not None and base not in unique:
-        unique.append(base)
-        refs = refs + [base]
+    unique = list(dict.fromkeys(refs + ([base] if base else [])))
     if len(unique) != 2 or len(refs) != 2:
         raise SpecError(f"{source}: gpumerge merges exactly two models, this names {len(unique)} "
                         f"({', '.join(unique)})")
@@ -285,7 +295,7 @@ def _check_setting(setting: Any, *, where: str) -> None:
         if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
             return
         for cond in setting:
-            if not isinstance(cond, dict) or "value" not in cond:
+            if not isinstance(cond, dict) or "value" not in cond or not isinstance(cond.get("filter", ""), (str, type(None))):
                 raise SpecError(f"{where}: a filtered value is {{filter: SUBSTRING, value: ...}}, got {cond!r}")
             _only(cond, ("filter", "value"), where=where)
             _check_setting(cond["value"], where=where)

@@ -160,15 +160,8 @@ def selection(a: CheckpointIndex, spec: MergeSpec, num_layers: int | None, *, or
         weights = schedule.layer_gradient_weights(names, recipe.modules, num_layers)
     elif isinstance(recipe, OperationsRecipe):
         order = list(order) if order is not None else sorted(names, key=schedule.natural_key)
-        weights = schedule.operations_weights(order, recipe.operations)
-        for absent, stored in (tied or {}).items():
-            # The original blends the architecture's state_dict, where a tied lm_head is listed though not stored,
-            # then loads it: the later key (lm_head) wins, so the stored tensor ends up with lm_head's t.
-            if absent not in a.tensors and stored in a.tensors:
-                if absent in weights:
-                    weights[stored] = weights[absent]
-                else:
-                    weights.pop(stored, None)
+        tied = {k: v for k, v in (tied or {}).items() if k not in a.tensors and v in a.tensors}
+        weights = schedule.operations_weights(order, recipe.operations, tied=tied)
         weights = {n: t for n, t in weights.items() if n in a.tensors}
     elif hasattr(recipe, "rules"):  # a mergekit config
         return recipe.rules(a, num_layers, dtype_b=dtype_b, out_dtype=out_dtype), {}, None
@@ -311,8 +304,8 @@ def _config_differences(a: CheckpointIndex, b: CheckpointIndex) -> list[str]:
              if a.config.get(key) != b.config.get(key)]
     if not diffs:
         return []
-    return ["the models' configs differ beyond shapes (" + "; ".join(diffs) + "): shapes match, so the merge runs, "
-            "but models of different families or training setups can blend into garbage"]
+    return ["the models' configs differ beyond shapes (" + "; ".join(diffs) + "): the merge runs where the "
+            "shapes allow, but models of different families or training setups can blend into garbage"]
 
 
 def _shape(info: TensorInfo) -> str:

@@ -126,8 +126,14 @@ def compose(weights: list[float]) -> float:
     return 1.0 - keep
 
 
-def operations_weights(order: list[str], operations) -> dict[str, float]:
-    """t per name after every operation (each one counts positions over its own selection), composed."""
+def operations_weights(order: list[str], operations, *, tied: dict[str, str] | None = None) -> dict[str, float]:
+    """t per name after every operation (each one counts positions over its own selection), composed.
+
+    ``tied`` maps a name the architecture lists but the file does not store (a tied lm_head.weight) to the stored
+    name it shares. The original blends the state_dict entries and loads them in order into the one shared
+    tensor: lm_head's blend is loaded last and wins when lm_head is selected; otherwise the embedding's blend
+    stays (lm_head's entry is a view of the same, already updated, storage). So per operation the stored tensor
+    takes lm_head's t, else its own, and the operations compose as usual."""
     applied: dict[str, list[float]] = {}
     for op in operations:
         chosen = select(order, layer_only=op.layer_only, no_layers=op.no_layers, substring=op.filter)
@@ -135,7 +141,11 @@ def operations_weights(order: list[str], operations) -> dict[str, float]:
             what = f"operation {op.label!r}" if op.label else "gradient_values"
             raise SpecError(f"{what}: the selection (layer_only={op.layer_only}, no_layers={op.no_layers}, "
                             f"filter={op.filter!r}) matches no tensor of model 1")
-        for name, t in zip(chosen, tensors_edition(op.gradient_values, len(chosen))):
+        assigned = dict(zip(chosen, tensors_edition(op.gradient_values, len(chosen))))
+        for absent, stored in (tied or {}).items():
+            if absent in assigned:
+                assigned[stored] = assigned.pop(absent)
+        for name, t in assigned.items():
             applied.setdefault(name, []).append(t)
     return {name: compose(ts) for name, ts in applied.items()}
 

@@ -85,10 +85,14 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
     return budget
 
 
-def check_finite(value: float, *, flag: str) -> float:
-    if not math.isfinite(value):
-        raise SpecError(f"{flag} must be a finite number, got {value!r}")
-    return value
+def check_finite(value, *, flag: str) -> float:
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise SpecError(f"{flag} must be a finite number, got {str(value)[:40]}")
+    return number
 
 
 def parse_gradient_values(text: str | list, *, what: str = "--gradient_values") -> tuple[float, ...]:
@@ -97,14 +101,14 @@ def parse_gradient_values(text: str | list, *, what: str = "--gradient_values") 
     if isinstance(text, str):
         try:
             values = json.loads(text.strip())
-        except ValueError:
-            raise SpecError(f"{what} {text!r} is not a list of numbers like [1.0, 0.5, 0.0]") from None
+        except (ValueError, RecursionError):
+            raise SpecError(f"{what} {text[:60]!r} is not a list of numbers like [1.0, 0.5, 0.0]") from None
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values]
     if (not isinstance(values, list) or not values
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-        raise SpecError(f"{what} {text!r} is not a non-empty list of numbers like [1.0, 0.5, 0.0]")
-    return tuple(check_finite(float(v), flag=what) for v in values)
+        raise SpecError(f"{what} {str(text)[:60]!r} is not a non-empty list of numbers like [1.0, 0.5, 0.0]")
+    return tuple(check_finite(v, flag=what) for v in values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +123,8 @@ class TensorOperation:
 
     def __post_init__(self) -> None:
         if self.layer_only and self.no_layers:
-            raise SpecError(f"{self.label or 'the command line'}: layer_only and no_layers together select nothing; "
-                            "use one of them")
+            what = f"operation {self.label!r}" if self.label else "gradient_values"
+            raise SpecError(f"{what}: layer_only and no_layers together select nothing; use one of them")
 
     def as_dict(self) -> dict:
         out = {"operation": self.label, "gradient_values": list(self.gradient_values), "filter": self.filter,
@@ -185,13 +189,15 @@ class MergeSpec:
     def settings(self) -> dict:
         """The recipe part of the merge record (JSON-serialisable), in the YAML recipe format: written to OUT as
         gpumerge_recipe.yaml, so that `gpumerge --config OUT/gpumerge_recipe.yaml` re-runs the merge."""
-        out: dict = {"method": getattr(self.recipe, "method", self.method)}
+        out: dict = {} if hasattr(self.recipe, "config") else {"method": self.method}
         if self.recipe is None:
             out.update(gradient_start=self.gradient_start, gradient_end=self.gradient_end,
                        layer_start=self.layer_start, layer_end=self.layer_end)
         else:
             out.update(self.recipe.as_dict())
-        out.update(max_shard_size=self.max_shard_size, dtype=self.dtype)
+        out["max_shard_size"] = self.max_shard_size
+        if not self.dtype_was_default:  # an explicit choice; the default is the default again on a re-run
+            out["dtype"] = self.dtype
         return out
 
 
@@ -199,7 +205,7 @@ class MergeSpec:
 
 # Keys of gpumerge's recipe format: the original YAML edition's (model_path1, model_path2, output_model_path,
 # max_shard_size, operations) plus every command-line setting, so a merge's record can be re-run as it is.
-RECIPE_KEYS = ("model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype", "device", "method",
+RECIPE_KEYS = ("mergekit", "model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype", "device", "method",
                "gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
                "no_layers", "filter", "custom_filter", "operations", "layer_gradients", "max_memory")
 OPERATION_KEYS = ("operation", "filter", "gradient_values", "layer_only", "no_layers")
@@ -209,12 +215,15 @@ MERGEKIT_MARKERS = ("merge_method", "slices", "models")
 def load_yaml(text: str, *, source: str) -> dict:
     import yaml
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: long lists parse fast
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise SpecError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except (ValueError, RecursionError) as exc:
+        raise SpecError(f"{source}: cannot read this YAML ({type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a recipe is a YAML mapping of settings (got {type(data).__name__})")
     return data
@@ -239,6 +248,23 @@ def _bool(value, *, key: str, where: str) -> bool:
 def parse_recipe(data: dict, *, source: str) -> dict:
     """gpumerge's YAML recipe -> MergeSpec keyword arguments (strings still to be checked by their parsers)."""
     _unknown(data, RECIPE_KEYS, where=source)
+    for key in ("model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype", "device", "method",
+                "max_memory"):
+        allowed = (str, int) if key == "max_shard_size" else (str,)
+        if key in data and (not isinstance(data[key], allowed) or isinstance(data[key], bool)):
+            raise SpecError(f"{source}: {key} must be a string, got {data[key]!r}")
+    if "mergekit" in data:  # a merge record of a mergekit config: its settings around the config itself
+        from gpumerge.mergekit import parse_mergekit
+
+        if not isinstance(data["mergekit"], dict):
+            raise SpecError(f"{source}: mergekit must be a mergekit config (a mapping)")
+        out = parse_mergekit(data["mergekit"], source=f"{source}: mergekit")
+        extra = [k for k in data if k not in ("mergekit", "model_path1", "model_path2", "output_model_path",
+                                              "max_shard_size", "dtype", "device", "max_memory")]
+        if extra:
+            raise SpecError(f"{source}: {', '.join(extra)} cannot be combined with a mergekit config")
+        out.update({k: data[k] for k in data if k != "mergekit"})
+        return out
     out = {k: data[k] for k in ("model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype",
                                 "device", "method", "gradient_start", "gradient_end", "layer_start", "layer_end",
                                 "max_memory") if k in data}
@@ -278,6 +304,8 @@ def _operation(entry, *, source: str, label: str | None) -> TensorOperation:
     _unknown(entry, allowed, where=where)
     if "gradient_values" not in entry:
         raise SpecError(f"{where}: gradient_values is missing")
+    if "filter" in entry and "custom_filter" in entry:
+        raise SpecError(f"{where}: give filter or custom_filter, not both")
     substring = entry.get("filter", entry.get("custom_filter"))
     if substring is not None and not isinstance(substring, str):
         raise SpecError(f"{where}: filter must be a string, got {substring!r}")

@@ -248,14 +248,11 @@ def write_recipe(directory: Path, record: dict) -> None:
     """The full recipe as a file `gpumerge --config` takes: the merge can be re-run from its output."""
     import yaml
 
-    settings = record["settings"]
-    if "mergekit" in settings:  # re-run the mergekit config as it was given
-        recipe = settings["mergekit"]
-    else:
-        # local inputs by absolute path, so the recipe runs from anywhere; hub ids as they are
-        paths = [entry["resolved"] if Path(entry["path"]).expanduser().exists() else entry["path"]
-                 for entry in record["inputs"]]
-        recipe = {"model_path1": paths[0], "model_path2": paths[1], **settings}
+    # local inputs by absolute path, so the recipe runs from anywhere; hub ids as they are (a mergekit config is
+    # kept as given, under `mergekit:`, and these paths override the ones inside it)
+    paths = [entry["resolved"] if Path(entry["path"]).expanduser().exists() else entry["path"]
+             for entry in record["inputs"]]
+    recipe = {"model_path1": paths[0], "model_path2": paths[1], **record["settings"]}
     header = (f"# Written by gpumerge {record['version']}. Re-run with:\n"
               f"#   gpumerge --config {RECIPE_FILE} --output_model_path NEW_DIR\n"
               f"# inputs' fingerprints: model 1 {record['inputs'][0]['fingerprint'][:16]}, "
@@ -280,7 +277,7 @@ base_model:
 # Merged model
 
 Made with gpumerge {record['version']}: a blend of two checkpoints, `model1 + t * (model2 - model1)` for the
-tensors below (method {record['settings']['method']}; t is model 2's share); every other tensor is model 1's.
+tensors below (method {record['method']}; t is model 2's share); every other tensor is model 1's.
 Output dtype: {record['output_dtype']}.
 
 | input | path | fingerprint (sha256 of headers, sizes and each tensor's first 4 KiB) |

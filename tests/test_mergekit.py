@@ -100,7 +100,7 @@ def test_slerp_slices(models, tmp_path, capsys, dtype, out_dtype):
         ref = reference("slerp", a[name], b[name], name, {"t": t}, x, mid, None)
         assert within(value, ref, a[name], b[name], mid), name
     assert (out / "gpumerge_recipe.yaml").exists()
-    assert yaml.safe_load((out / "gpumerge_recipe.yaml").read_text())["merge_method"] == "slerp"
+    assert yaml.safe_load((out / "gpumerge_recipe.yaml").read_text())["mergekit"]["merge_method"] == "slerp"
 
 
 def test_one_layer_slice_gets_its_last_anchor(models, tmp_path, capsys):
@@ -162,6 +162,10 @@ def test_no_dtype_promotes_the_inputs(models, tmp_path, capsys):
     (lambda c: c["models"][0].update(extra=1), "extra"),
     (lambda c: c.update(dtype="int8"), "dtype 'int8'"),
     (lambda c: c.update(slices=[]), "exactly one of slices or models"),
+    (lambda c: c.update(merge_method=["linear"]), "is not supported"),
+    (lambda c: c.update(merge_method="slerp", parameters={"t": 0.5}), "slerp needs base_model"),
+    (lambda c: c["models"][0]["parameters"].update(weight=[{"filter": 5, "value": 0.3}]), "filtered value"),
+    (lambda c: c["models"][0]["parameters"].update(weight=10**400), "finite number"),
 ])
 def test_unsupported_mergekit_keys(models, tmp_path, capsys, mutate, needle):
     config = {"models": [{"model": str(models["fp16_a"]), "parameters": {"weight": 0.5}},
@@ -183,3 +187,38 @@ def test_layer_remapping_is_refused(models, tmp_path, capsys):
     config["slices"][0]["sources"][1]["layer_range"] = [0, 3]
     code, err, out = run_config(tmp_path, capsys, config)
     assert_one_line_error(code, err, "cover")
+
+
+def test_base_model_not_listed_joins_with_no_parameters(models, tmp_path, capsys):
+    a_dir, b_dir = models["fp16_a"], models["fp16_b"]
+    config = {"models": [{"model": str(b_dir), "parameters": {"weight": 1.0}}], "merge_method": "linear",
+              "base_model": str(a_dir), "parameters": {"weight": 0.25}, "dtype": "float16"}
+    code, err, out = run_config(tmp_path, capsys, config)
+    assert code == 0, err
+    a, b, merged = load_state(a_dir), load_state(b_dir), load_state(out)
+    name = "model.layers.1.mlp.down_proj.weight"  # base gets the top-level weight 0.25, model 2 its own 1.0
+    assert within(merged[name], (0.25 * a[name].double() + b[name].double()) / 1.25, a[name], b[name],
+                  torch.float16)
+
+
+def test_rerun_a_mergekit_config_from_its_output(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(models["fp16_a"].parent)
+    config = {"models": [{"model": "fp16_a", "parameters": {"weight": 0.3}},
+                         {"model": "fp16_b", "parameters": {"weight": 0.7}}], "merge_method": "linear"}
+    code, err, out = run_config(tmp_path, capsys, config, "--dtype", "bfloat16", "--max_shard_size", "100KB")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("--config", out / "gpumerge_recipe.yaml", "--output_model_path", tmp_path / "again",
+                           "--quiet", capsys=capsys)
+    assert code == 0, err
+    s1, s2 = load_state(out), load_state(tmp_path / "again")
+    assert all(v.dtype == torch.bfloat16 for v in s2.values())
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert len(list((tmp_path / "again").glob("*.safetensors"))) > 1
+
+
+def test_method_flag_does_not_apply_to_mergekit(models, tmp_path, capsys):
+    config = {"models": [{"model": str(models["fp16_a"]), "parameters": {"weight": 0.5}},
+                         {"model": str(models["fp16_b"]), "parameters": {"weight": 0.5}}], "merge_method": "linear"}
+    code, err, out = run_config(tmp_path, capsys, config, "--method", "slerp")
+    assert_one_line_error(code, err, "--method does not apply")

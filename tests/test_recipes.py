@@ -97,19 +97,39 @@ def test_gradient_values_over_the_state_dict_order(models, tmp_path, capsys, fla
     assert (out / "gpumerge_recipe.yaml").exists()
 
 
-def test_tied_embeddings_take_lm_heads_t(models, tmp_path, capsys):
-    out = merge_cli(models, tmp_path, capsys, "--gradient_values", "[0.0, 1.0]", pair=("tied_a", "tied_b"))
-    keys = state_dict_order(models["tied_a"])
-    assert "lm_head.weight" in keys and "lm_head.weight" not in load_state(models["tied_a"])
-    weights = original_tensors_edition(keys, [0.0, 1.0])
-    weights["model.embed_tokens.weight"] = weights.pop("lm_head.weight")  # the later key wins
-    assert weights["model.embed_tokens.weight"] == 1.0
+def original_tied_t(model_dir, selected_filter: str | None, values) -> float:
+    """What the original Tensors edition leaves in a tied embedding: run its procedure (blend the state_dict
+    entries, then load_state_dict into the model) on the real architecture with A = 0 and B = 1, so the stored
+    tensor's value is its effective t."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).double()
+    model.tie_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    state = model.state_dict()
+    keys = [k for k in state if selected_filter is None or selected_filter in k]
+    for key, g in original_tensors_edition(keys, values).items():
+        state[key] = (1 - g) * state[key] + g * torch.ones_like(state[key])
+    model.load_state_dict(state)
+    embed = model.get_input_embeddings().weight
+    assert embed.data_ptr() == model.lm_head.weight.data_ptr()
+    assert bool((embed == embed.flatten()[0]).all())
+    return float(embed.detach().flatten()[0])
+
+
+@pytest.mark.parametrize("flt, values", [(None, [0.0, 1.0]), ("model.", [0.5]), ("embed_tokens", [0.3]),
+                                         ("lm_head", [0.7]), (None, [0.9, 0.1, 0.4])])
+def test_tied_embeddings_follow_the_originals_load_order(models, tmp_path, capsys, flt, values):
+    flags = ["--gradient_values", json.dumps(values)] + (["--filter", flt] if flt else [])
+    out = merge_cli(models, tmp_path, capsys, *flags, pair=("tied_a", "tied_b"))
+    expected = original_tied_t(models["tied_a"], flt, values)
+    keys = [k for k in state_dict_order(models["tied_a"]) if flt is None or flt in k]
+    weights = original_tensors_edition(keys, values)
+    weights.pop("lm_head.weight", None)
+    weights["model.embed_tokens.weight"] = expected
     check_blend(out, models["tied_a"], models["tied_b"], weights)
-    # embed selected but lm_head not: loading the state dict puts model 1's lm_head (the same tensor) back
-    out = merge_cli(models, tmp_path, capsys, "--gradient_values", "[0.5]", "--filter", "model.",
-                    pair=("tied_a", "tied_b"), out="out2")
-    names = [k for k in load_state(models["tied_a"]) if k != "model.embed_tokens.weight"]
-    check_blend(out, models["tied_a"], models["tied_b"], dict.fromkeys(names, 0.5))
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -246,6 +266,10 @@ def test_cli_overrides_yaml_paths_and_dtype(models, tmp_path, capsys):
     ({"gradient_values": [1, 0], "layer_start": 2}, "replaces layer_start"),
     ({"layer_gradients": {"mlp": "high"}}, "is not a list of numbers"),
     ({"operations": [{"gradient_values": [1], "layer_only": "yes"}]}, "true or false"),
+    ({"gradient_values": [1, 0], "filter": "mlp", "custom_filter": "attn"}, "not both"),
+    ({"gradient_values": [10 ** 400]}, "finite number"),
+    ({"gradient_values": "[" * 5000}, "not a list of numbers"),
+    ({"output_model_path": 5, "gradient_values": [1]}, "must be a string"),
     ("just a string", "YAML mapping"),
 ])
 def test_yaml_errors(models, tmp_path, capsys, data, needle):
@@ -255,6 +279,42 @@ def test_yaml_errors(models, tmp_path, capsys, data, needle):
                            "--output_model_path", tmp_path / "out", capsys=capsys)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_gradient_values_conflicts_with_a_yaml_window(models, tmp_path, capsys):
+    recipe = write_yaml(tmp_path / "r.yaml", {"model_path1": str(models["fp16_a"]),
+                                              "model_path2": str(models["fp16_b"]), "layer_start": 2})
+    code, _, err = run_cli("--config", recipe, "--gradient_values", "[1, 0]", "--output_model_path",
+                           tmp_path / "out", capsys=capsys)
+    assert_one_line_error(code, err, "replaces layer_start")
+    recipe = write_yaml(tmp_path / "r2.yaml", {"model_path1": str(models["fp16_a"]),
+                                               "model_path2": str(models["fp16_b"]), "gradient_values": [1, 0]})
+    code, _, err = run_cli("--config", recipe, "--filter", "mlp", "--output_model_path", tmp_path / "out",
+                           capsys=capsys)
+    assert_one_line_error(code, err, "cannot change the recipe")
+
+
+def test_stored_rotary_buffers_keep_the_architecture_order(models, tmp_path, capsys):
+    """Old Llama checkpoints store rotary_emb.inv_freq: not a position, model 1's, and the order stays."""
+    from safetensors.torch import save_file
+
+    dirs = []
+    for key in ("fp16_a", "fp16_b"):
+        d = tmp_path / key
+        d.mkdir()
+        state = load_state(models[key])
+        for i in range(5):
+            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(6)
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text((models[key] / "config.json").read_text())
+        dirs.append(d)
+    out = tmp_path / "out"
+    code, _, err = run_cli("--model_path1", dirs[0], "--model_path2", dirs[1], "--output_model_path", out,
+                           "--gradient_values", "[0, 1]", capsys=capsys)
+    assert code == 0, err
+    assert "natural sort" not in err
+    weights = original_tensors_edition(state_dict_order(models["fp16_a"]), [0, 1])
+    check_blend(out, dirs[0], dirs[1], weights)
 
 
 def test_invalid_yaml_and_missing_file(tmp_path, capsys):
