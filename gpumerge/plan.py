@@ -193,7 +193,9 @@ def make_plan(a: CheckpointIndex, b: CheckpointIndex, spec: MergeSpec, *, order:
             continue
         other = b.tensors.get(name)
         if other is None:
-            problems.append(f"{name} A={_shape(info)} B=(missing)")
+            tied_b = b.config.get("tie_word_embeddings") and _EMBEDDING_RE.search(name)
+            problems.append(f"{name} A={_shape(info)} B=(missing" + (", model 2 ties it to its input embeddings)"
+                                                                     if tied_b else ")"))
             continue
         rows = None
         if other.shape != info.shape:
