@@ -126,11 +126,13 @@ class _LockedProgress:
 
 def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
               engine: str = "pipelined", batch_bytes: int | None = None, ring_depth: int = 3,
-              chunk_elements: int | None = None, budget: dict[str, int] | None = None) -> MergeResult:
+              chunk_elements: int | None = None, budget: dict[str, int] | None = None,
+              simulate_staging: bool = False) -> MergeResult:
     """Everything is checked before the first output byte; the output appears at OUT only when complete.
 
     ``engine="sequential"`` runs the plain reference engine (tests compare the pipeline with it bit for bit);
-    ``budget`` replaces the probed memory budget (tests and benchmarks force small batches with it).
+    ``budget`` replaces the probed memory budget (tests and benchmarks force small batches with it);
+    ``simulate_staging`` runs the GPU path's host -> device -> host staging on the CPU (tests without CUDA).
     """
     from gpumerge import writer
     from gpumerge.copier import Copier
@@ -180,7 +182,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                         importing.join()
                     stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
                                         engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
-                                        advance=advance)
+                                        advance=advance, simulate_staging=simulate_staging)
                 finally:
                     if copier is not None:
                         copier.cancel()
@@ -202,13 +204,14 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
 
 
 def _run_engine(a, b, plan, batches, writers, copier, *, devices, capacity, engine, ring_depth, chunk_elements,
-                advance):
+                advance, simulate_staging=False):
     from gpumerge.pipeline import DEFAULT_CHUNK_ELEMENTS, PipelinedEngine, SequentialEngine
 
     if engine == "sequential":
         runner = SequentialEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS, progress=advance)
         return runner.run(plan, writers)
-    runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth, progress=advance)
+    runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth, progress=advance,
+                             simulate_staging=simulate_staging)
     return runner.run(plan, batches, writers, copier)
 
 

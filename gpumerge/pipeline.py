@@ -15,6 +15,7 @@ torch's fp32 lerp elementwise, so they produce the same bytes whatever the batch
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -213,33 +214,61 @@ class _Slot:
     device: torch.Tensor | None  # uint8 on the GPU, None for the CPU (blends in host memory)
 
 
-class _DeviceLane:
-    """One device: its ring of slots, its queue of read batches, and (for CUDA) its streams."""
+class _HostEvent:
+    """Stands in for a CUDA event when the staged path is simulated on the CPU (work is already done)."""
 
-    def __init__(self, device: str, capacity: int, ring_depth: int) -> None:
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, other: "_HostEvent") -> float:
+        return (other.at - self.at) * 1e3
+
+
+class _DeviceLane:
+    """One device: its ring of slots, its queue of read batches, and (for CUDA) its streams.
+
+    ``staged`` lanes copy each batch to a device buffer, blend there and copy the result back (the GPU path);
+    ``simulate_staging`` runs that same path on the CPU, with a second host buffer as the "device" and no streams,
+    so the tests exercise the GPU path's buffer logic on a machine without CUDA."""
+
+    def __init__(self, device: str, capacity: int, ring_depth: int, *, simulate_staging: bool = False) -> None:
         self.device = device
         self.is_cuda = device != "cpu"
+        self.staged = self.is_cuda or simulate_staging
         self.ring: queue.Queue[_Slot] = queue.Queue()
         self.ready: queue.Queue = queue.Queue()
         self.slots = []
         for _ in range(ring_depth):
-            if self.is_cuda:
-                slot = _Slot(torch.empty(capacity, dtype=torch.uint8, pin_memory=True),
-                             torch.empty(capacity, dtype=torch.uint8, device=device))
-            else:
-                slot = _Slot(torch.empty(capacity, dtype=torch.uint8), None)
+            host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.is_cuda)
+            staging = torch.empty(capacity, dtype=torch.uint8, device=device) if self.staged else None
+            slot = _Slot(host, staging)
             self.slots.append(slot)
             self.ring.put(slot)
-        if self.is_cuda:
-            self.h2d_stream = torch.cuda.Stream(device)
-            self.compute_stream = torch.cuda.Stream(device)
-            self.d2h_stream = torch.cuda.Stream(device)
+        streams = [torch.cuda.Stream(device) for _ in range(3)] if self.is_cuda else [None] * 3
+        self.h2d_stream, self.compute_stream, self.d2h_stream = streams
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True) if self.is_cuda else _HostEvent()
+
+    def on(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def wait(self, stream, event) -> None:
+        if stream is not None:
+            stream.wait_event(event)
 
 
 class PipelinedEngine:
     def __init__(self, a: Checkpoint, b: Checkpoint, *, devices: list[str], capacity: int, ring_depth: int = 3,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, simulate_staging: bool = False) -> None:
         self.a, self.b = a, b
+        self.simulate_staging = simulate_staging
         self.devices = devices
         self.capacity = capacity
         self.ring_depth = ring_depth
@@ -293,7 +322,8 @@ class PipelinedEngine:
         started = time.perf_counter()
         self.stats.batches = len(batches)
         try:
-            lanes = {device: _DeviceLane(device, self.capacity, self.ring_depth) for device in self.devices}
+            lanes = {device: _DeviceLane(device, self.capacity, self.ring_depth,
+                                         simulate_staging=self.simulate_staging) for device in self.devices}
         except torch.cuda.OutOfMemoryError as exc:
             raise OutputError(f"out of GPU memory allocating {self.ring_depth} buffers of {self.capacity} bytes per "
                               "device; give a smaller --max_memory for it") from exc
@@ -367,8 +397,8 @@ class PipelinedEngine:
                 self._written.put(None)
                 return
             batch, slot = item
-            if lane.is_cuda:
-                events = self._blend_cuda(lane, batch, slot)
+            if lane.staged:
+                events = self._blend_staged(lane, batch, slot)
             else:
                 began = time.perf_counter()
                 for piece in batch.pieces:
@@ -377,23 +407,23 @@ class PipelinedEngine:
                 events = None
             self._written.put((lane, batch, slot, events))
 
-    def _blend_cuda(self, lane: _DeviceLane, batch: Batch, slot: _Slot):
+    def _blend_staged(self, lane: _DeviceLane, batch: Batch, slot: _Slot):
         """H2D on the copy stream, blend on the compute stream, D2H on its own stream; the writer waits on the
         last event before it reads the pinned output (reading it earlier would be wrong data, silently)."""
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        with torch.cuda.stream(lane.h2d_stream):
+        events = [lane.event() for _ in range(4)]
+        with lane.on(lane.h2d_stream):
             events[0].record()
-            slot.device[:batch.in_bytes].copy_(slot.host[:batch.in_bytes], non_blocking=True)
+            slot.device[:batch.in_bytes].copy_(slot.host[:batch.in_bytes], non_blocking=lane.is_cuda)
             events[1].record()
-        lane.compute_stream.wait_event(events[1])
-        with torch.cuda.stream(lane.compute_stream):
+        lane.wait(lane.compute_stream, events[1])
+        with lane.on(lane.compute_stream):
             for piece in batch.pieces:
                 blend_piece(piece, slot.device)
             events[2].record()
-        lane.d2h_stream.wait_event(events[2])
-        with torch.cuda.stream(lane.d2h_stream):
+        lane.wait(lane.d2h_stream, events[2])
+        with lane.on(lane.d2h_stream):
             span = slice(batch.out_start, batch.out_end)
-            slot.host[span].copy_(slot.device[span], non_blocking=True)
+            slot.host[span].copy_(slot.device[span], non_blocking=lane.is_cuda)
             events[3].record()
         return events
 

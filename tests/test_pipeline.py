@@ -143,6 +143,21 @@ def test_pipeline_is_bitwise_equal_to_the_sequential_merge(models, tmp_path, pai
             assert result.report["batches"] > 100
 
 
+@pytest.mark.parametrize("pair, dtype", [(("fp16_a", "fp16_b"), "float16"), (("bf16_a", "fp16_b"), "float16"),
+                                         (("fp32_a", "bf16_b"), "bfloat16")])
+def test_gpu_staging_path_simulated_on_the_cpu(models, tmp_path, pair, dtype):
+    """The GPU path's H2D -> blend in a device buffer -> D2H logic (regions, spans, events, timings), run on the
+    CPU with a second host buffer as the device: the same bytes as the sequential merge."""
+    reference = merge(models, tmp_path / "seq", pair=pair, dtype=dtype, engine="sequential").output
+    for batch_bytes in (None, 3000):
+        result = merge(models, tmp_path / f"staged-{batch_bytes}", pair=pair, dtype=dtype, batch_bytes=batch_bytes,
+                       simulate_staging=True)
+        same_bytes(reference, result.output)
+        stages = result.report["stages"]
+        assert stages["h2d"]["bytes"] > 0 and stages["d2h"]["bytes"] > 0
+        assert stages["d2h"]["bytes"] >= stages["write"]["bytes"]  # the out span, alignment padding included
+
+
 def test_slow_writer_bounds_what_is_in_flight(models, tmp_path, monkeypatch):
     """Backpressure: readers never get more than ring_depth batches ahead of the writer."""
     events = []
@@ -169,8 +184,9 @@ def test_slow_writer_bounds_what_is_in_flight(models, tmp_path, monkeypatch):
     assert result.report["peak_host_buffer_bytes"] == 2 * 4096
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("where", ["reader", "writer", "blender", "copier"])
-def test_a_failing_stage_cancels_everything_and_leaves_nothing(models, tmp_path, monkeypatch, where):
+def test_a_failing_stage_cancels_everything_and_leaves_nothing(models, tmp_path, monkeypatch, where, staged):
     calls = {"n": 0}
 
     def fail_third(original):
@@ -187,7 +203,7 @@ def test_a_failing_stage_cancels_everything_and_leaves_nothing(models, tmp_path,
     monkeypatch.setattr(*target, fail_third(getattr(*target)))
     out = tmp_path / "out"
     with pytest.raises(OSError, match=f"injected {where}"):
-        merge(models, out, batch_bytes=4096)
+        merge(models, out, batch_bytes=4096, simulate_staging=staged)
     assert list(tmp_path.iterdir()) == []
     assert not any(t.name.startswith("gpumerge-") for t in threading.enumerate())
 
