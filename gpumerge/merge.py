@@ -84,7 +84,7 @@ def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint)
              "bytes": b.total_bytes(), "fingerprint": b.fingerprint()},
         ],
         "settings": spec.settings(),
-        "method": getattr(spec.recipe, "method", spec.method),
+        "method": spec.blend_method,
         "num_layers": plan.num_layers,
         "output_dtype": plan.out_dtype_name,
         "layer_t": {str(layer): t for layer, t in plan.layer_t.items()},

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from gpumerge.checkpoint import ITEMSIZE, Checkpoint
+from gpumerge.checkpoint import DTYPE_NAMES, ITEMSIZE, Checkpoint
 from gpumerge.copier import Copier, copy_unchanged
 from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
@@ -67,8 +67,7 @@ class EngineStats:
 
     def count(self, job: TensorJob) -> None:
         self.bytes_written += job.nbytes
-        self.bytes_read += job.numel * ITEMSIZE[job.dtype_a] + job.blend_numel * (ITEMSIZE[job.dtype_b]
-                                                                                 if job.blended else 0)
+        self.bytes_read += job.input_bytes
         if job.blended:
             self.tensors_blended += 1
         else:
@@ -77,10 +76,18 @@ class EngineStats:
 
 # ---- shared by both engines -------------------------------------------------------------------------------------
 
-def overflow_error(job: TensorJob, count: int) -> OutputError:
-    name = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(job.out_dtype, job.out_dtype)
-    return OutputError(f"{count} value(s) of {job.name} overflow {name} (inf from finite inputs); use --dtype "
-                       "bfloat16 (or float32), which has the range of the inputs")
+def write_piece(piece: Piece, buffer: torch.Tensor, writer: ShardWriter) -> int:
+    """Check a blended piece for overflow, then write its out region (a host buffer) at its shard offset."""
+    job = piece.job
+    if job.check_overflow:
+        bad = new_infs(*piece_views(piece, buffer))
+        if bad:
+            raise OutputError(f"{bad} value(s) of {job.name} overflow {DTYPE_NAMES[job.out_dtype]} (inf from "
+                              "finite inputs); use --dtype bfloat16 (or float32), which has the range of the inputs")
+    nbytes = piece.count * ITEMSIZE[job.out_dtype]
+    out = buffer[piece.out_offset:piece.out_offset + nbytes]
+    writer.pwrite(memoryview(out.numpy()), job.offset + piece.start * ITEMSIZE[job.out_dtype])
+    return nbytes
 
 
 def _region(buffer: torch.Tensor, offset: int, count: int, code: str) -> torch.Tensor:
@@ -178,16 +185,9 @@ class SequentialEngine:
         return self.stats
 
     def _piece(self, piece: Piece, buffer: torch.Tensor, writer: ShardWriter) -> None:
-        job, n = piece.job, piece.count
         _read_piece(piece, buffer, self.a, self.b)
         blend_piece(piece, buffer)
-        if job.check_overflow:
-            bad = new_infs(*piece_views(piece, buffer))
-            if bad:
-                raise overflow_error(job, bad)
-        size = ITEMSIZE[job.out_dtype]
-        out = buffer[piece.out_offset:piece.out_offset + n * size]
-        writer.pwrite(memoryview(out.numpy()), job.offset + piece.start * size)
+        write_piece(piece, buffer, writer)
 
 
 def _read_piece(piece: Piece, buffer: torch.Tensor, a: Checkpoint, b: Checkpoint) -> int:
@@ -441,17 +441,7 @@ class PipelinedEngine:
                 self._stage("blend", events[1].elapsed_time(events[2]) / 1e3, batch.payload_bytes)
                 self._stage("d2h", events[2].elapsed_time(events[3]) / 1e3, batch.out_end - batch.out_start)
             began = time.perf_counter()
-            nbytes = 0
-            for piece in batch.pieces:
-                job = piece.job
-                if job.check_overflow:
-                    bad = new_infs(*piece_views(piece, slot.host))
-                    if bad:
-                        raise overflow_error(job, bad)
-                size = ITEMSIZE[job.out_dtype]
-                out = slot.host[piece.out_offset:piece.out_offset + piece.count * size]
-                writers[job.shard].pwrite(memoryview(out.numpy()), job.offset + piece.start * size)
-                nbytes += piece.count * size
+            nbytes = sum(write_piece(piece, slot.host, writers[piece.job.shard]) for piece in batch.pieces)
             self._stage("write", time.perf_counter() - began, nbytes)
             lane.ring.put(slot)
             self._advance(nbytes)

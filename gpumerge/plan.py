@@ -70,6 +70,12 @@ class TensorJob:
             return self.numel
         return self.blend_rows * (self.numel // self.shape[0])
 
+    @property
+    def input_bytes(self) -> int:
+        """Bytes the blend reads: all of model 1's tensor, and model 2's blended elements."""
+        return self.numel * ITEMSIZE[self.dtype_a] + (self.blend_numel * ITEMSIZE[self.dtype_b] if self.blended
+                                                      else 0)
+
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
@@ -99,14 +105,9 @@ class MergePlan:
     @property
     def bytes_read(self) -> int:
         """Input bytes the merge reads: every tensor of model 1, and model 2's blended tensors."""
-        total = 0
-        for job in self.jobs:
-            total += job.numel * ITEMSIZE[job.dtype_a]
-            if job.verify_equal:
-                total += job.numel * ITEMSIZE[job.dtype_b]
-            elif job.blended:
-                total += job.blend_numel * ITEMSIZE[job.dtype_b]
-        return total
+        # plus model 2's copy of the non-float tensors checked for equality before the merge
+        return sum(job.input_bytes + (job.numel * ITEMSIZE[job.dtype_b] if job.verify_equal else 0)
+                   for job in self.jobs)
 
     @property
     def out_dtype_name(self) -> str:
@@ -294,7 +295,7 @@ def _output_dtype(a: CheckpointIndex, spec: MergeSpec, b: CheckpointIndex | None
                             "float16, bfloat16 or float32")
         return (next(iter(counts)) if counts else "F16"), notices
     out = DTYPE_CODES[spec.dtype]
-    main = counts.most_common(1)[0][0] if counts else out
+    main = _main_dtype(a) if counts else out
     if spec.dtype_was_default and main != out and _RANGE_RANK[main] > _RANGE_RANK[out]:
         notices.append(f"model 1 is stored in {DTYPE_NAMES[main]}; writing float16 like the original script "
                        f"(--dtype {DTYPE_NAMES[main]} or --dtype auto keeps it)")
@@ -335,6 +336,11 @@ class GroupRow:
     t_max: float
     tensors: int
     nbytes: int
+
+
+def t_range_text(low: float, high: float) -> str:
+    """One t (``0.45``) or a range (``0.2..0.6``), as the plan table, the plot and the model card show it."""
+    return f"{high:.6g}" if low == high else f"{low:.4g}..{high:.4g}"
 
 
 def t_groups(plan: MergePlan) -> list[GroupRow]:

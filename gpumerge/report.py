@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gpumerge.errors import SpecError
-from gpumerge.plan import MergePlan, t_groups
+from gpumerge.plan import MergePlan, t_groups, t_range_text
 from gpumerge.spec import MergeSpec
 
 
@@ -25,16 +25,8 @@ def summary_line(result) -> str:
     where = (f"in blocks {plan.window.start}..{plan.window.stop - 1} of {plan.num_layers}" if len(plan.window)
              else f"of {len(plan.jobs)}")
     return (f"gpumerge: wrote {result.output} ({len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} "
-            f"{plan.out_dtype_name}; {blended} tensors blended {where}, method {_method(plan)}) in "
+            f"{plan.out_dtype_name}; {blended} tensors blended {where}, method {plan.spec.blend_method}) in "
             f"{result.elapsed_s:.2f} s ({human_bytes(rate)}/s read+written)")
-
-
-def _method(plan: MergePlan) -> str:
-    return getattr(plan.spec.recipe, "method", plan.spec.method)
-
-
-def _t_text(row) -> str:
-    return f"{row.t_max:.6g}" if row.t_min == row.t_max else f"{row.t_min:.4g}..{row.t_max:.4g}"
 
 
 def recipe_line(plan: MergePlan) -> str:
@@ -66,13 +58,13 @@ def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) ->
 def write_plan_table(plan: MergePlan, a, b, out: TextIO) -> None:
     print(f"model 1: {a.root} ({a.format}, {human_bytes(a.total_bytes())}, {plan.num_layers} blocks)", file=out)
     print(f"model 2: {b.root} ({b.format}, {human_bytes(b.total_bytes())}, {b.num_layers()} blocks)", file=out)
-    print(f"blend:   {recipe_line(plan)}; method {_method(plan)}; output dtype {plan.out_dtype_name}", file=out)
+    print(f"blend:   {recipe_line(plan)}; method {plan.spec.blend_method}; output dtype {plan.out_dtype_name}", file=out)
     print(f"{'layer':>5}  {'group':<24}  {'model 1':>9}  {'model 2 (t)':>13}  {'tensors':>7}  {'bytes':>11}",
           file=out)
     for row in t_groups(plan):
-        one = f"{1 - row.t_max:.6g}" if row.t_min == row.t_max else f"{1 - row.t_max:.4g}..{1 - row.t_min:.4g}"
+        one = t_range_text(1 - row.t_max, 1 - row.t_min)
         layer = str(row.layer) if row.layer is not None else "-"
-        print(f"{layer:>5}  {row.group:<24}  {one:>9}  {_t_text(row):>13}  {row.tensors:>7}  "
+        print(f"{layer:>5}  {row.group:<24}  {one:>9}  {t_range_text(row.t_min, row.t_max):>13}  {row.tensors:>7}  "
               f"{human_bytes(row.nbytes):>11}", file=out)
     copied = [job for job in plan.jobs if not job.blended]
     outside = sorted({job.layer for job in copied if job.layer is not None})
@@ -123,7 +115,7 @@ def plot_shares(plan: MergePlan, path: Path) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=group)
         ax.set_ylabel("model 2's share (t)")
     ax.set_xlabel("decoder block")
-    ax.set_title(f"gpumerge: {recipe_line(plan)}, {_method(plan)}", fontsize=9)
+    ax.set_title(f"gpumerge: {recipe_line(plan)}, {plan.spec.blend_method}", fontsize=9)
     ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     try:

@@ -186,6 +186,11 @@ class MergeSpec:
         if self.method not in METHODS:
             raise SpecError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
 
+    @property
+    def blend_method(self) -> str:
+        """The method the blend uses: a mergekit config's merge_method, else --method."""
+        return getattr(self.recipe, "method", self.method)
+
     def settings(self) -> dict:
         """The recipe part of the merge record (JSON-serialisable), in the YAML recipe format: written to OUT as
         gpumerge_recipe.yaml, so that `gpumerge --config OUT/gpumerge_recipe.yaml` re-runs the merge."""

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from gpumerge.errors import OutputError
-from gpumerge.plan import MergePlan, ShardPlan
+from gpumerge.plan import MergePlan, ShardPlan, t_range_text
 
 # Model 1's files that are not copied as they are: weights and their indexes (rewritten), config.json (dtype
 # updated) and README.md (replaced by the merge's model card).
@@ -264,7 +264,7 @@ def write_model_card(directory: Path, record: dict) -> None:
     inputs = record["inputs"]
     rows = "\n".join(
         f"| {'-' if layer is None else layer} | {group} | "
-        f"{(f'{t_max:.6g}' if t_min == t_max else f'{t_min:.4g}..{t_max:.4g}')} |"
+        f"{t_range_text(t_min, t_max)} |"
         for layer, group, t_min, t_max in record["t_groups"])
     card = f"""---
 tags:
