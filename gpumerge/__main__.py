@@ -1,5 +1,4 @@
-import sys
+from gpumerge.cli import run
 
-from gpumerge.cli import main
-
-sys.exit(main())
+if __name__ == "__main__":
+    run()

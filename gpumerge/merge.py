@@ -124,11 +124,45 @@ class _LockedProgress:
                 self._update(nbytes)
 
 
+def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: MergePlan, *,
+                       report_path: Path | None = None) -> tuple[Path | None, Path | None]:
+    """What `gpumerge plan` and a merge both check before the first output byte, beyond the plan itself: the output
+    and report paths against every input file, the disk space, and the non-float tensors that must be equal.
+    Returns (OUT, report path), canonical."""
+    from gpumerge import writer
+    from gpumerge.outdir import Inputs, OutputDir, check_output_path, check_write_file
+
+    inputs = Inputs.of(a, b)
+    out = None
+    if spec.output_model_path is not None:
+        out = check_output_path(spec.output_model_path, inputs=inputs, overwrite=spec.overwrite)
+        OutputDir(out, overwrite=spec.overwrite).check_space(
+            plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
+    report = check_write_file(report_path, flag="--report", inputs=inputs, out=out) if report_path else None
+    preflight(plan, a, b)
+    return out, report
+
+
+def plan_devices(spec: MergeSpec, plan: MergePlan, *, budget: dict[str, int] | None = None,
+                 batch_bytes: int | None = None, ring_depth: int = 3):
+    """Devices, memory budget, batch capacity and batches: (devices, notice, budget, capacity, batches)."""
+    from gpumerge.devices import probe_budget, resolve_devices
+    from gpumerge.plan import batch_capacity, make_batches
+
+    devices, device_notice = resolve_devices(spec.device)
+    if budget is None:
+        budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
+    capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+    batches = make_batches(plan, budget, devices=devices, batch_bytes=batch_bytes, ring_depth=ring_depth)
+    return devices, device_notice, budget, capacity, batches
+
+
 def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
               engine: str = "pipelined", batch_bytes: int | None = None, ring_depth: int = 3,
               chunk_elements: int | None = None, budget: dict[str, int] | None = None,
-              simulate_staging: bool = False) -> MergeResult:
-    """Everything is checked before the first output byte; the output appears at OUT only when complete.
+              simulate_staging: bool = False, report_path: Path | None = None) -> MergeResult:
+    """Everything is checked before the first output byte; the output appears at OUT only when complete, and the
+    report (``report_path``) only with it.
 
     ``engine="sequential"`` runs the plain reference engine (tests compare the pipeline with it bit for bit);
     ``budget`` replaces the probed memory budget (tests and benchmarks force small batches with it);
@@ -136,43 +170,38 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     """
     from gpumerge import writer
     from gpumerge.copier import Copier
-    from gpumerge.devices import Telemetry, cuda_possible, probe_budget, resolve_devices
-    from gpumerge.plan import batch_capacity, make_batches
+    from gpumerge.devices import Telemetry, cuda_possible
+    from gpumerge.outdir import AtomicFile, OutputDir
 
     began = time.perf_counter()
     a, b = open_pair(spec)
     with a, b:
         plan = plan_merge(spec, a, b, notice=notice)
-        out = writer.check_output_path(spec.output_model_path, inputs=[a.root, b.root], overwrite=spec.overwrite)
-        output = writer.OutputDir(out)
-        output.check_space(plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
-        preflight(plan, a, b)
-        if any(job.method == "slerp" for job in plan.jobs):
-            from gpumerge.pipeline import slerp_prepass
+        out, report_path = check_before_merge(spec, a, b, plan, report_path=report_path)
+        with OutputDir(out, overwrite=spec.overwrite, notice=notice) as output:  # the lock on OUT from here on
+            if any(job.method == "slerp" for job in plan.jobs):
+                from gpumerge.pipeline import slerp_prepass
 
-            plan = slerp_prepass(plan, a, b)
-        record = merge_record(spec, plan, a, b)
-        metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
-        # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl.
-        # On a machine without an NVIDIA driver the device checks below need no torch, so the import overlaps
-        # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
-        importing = _import_torch_in_background() if "torch" not in sys.modules else None
-        if importing is not None and spec.device != "cpu" and cuda_possible():
-            importing.join()
-        devices, device_notice = resolve_devices(spec.device)
-        if budget is None:
-            budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
-        batches = make_batches(plan, budget, devices=devices, batch_bytes=batch_bytes, ring_depth=ring_depth)
-        capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
-        if device_notice:
-            notice(device_notice)
-        progress = progress_factory(plan.bytes_written) if progress_factory else None
-        advance = _LockedProgress(progress.update if progress else None)
-        telemetry = Telemetry(devices)
-        try:
-            if progress is not None:
-                progress.telemetry = telemetry.start()
-            with output:
+                plan = slerp_prepass(plan, a, b)
+            record = merge_record(spec, plan, a, b)
+            metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
+            # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl.
+            # On a machine without an NVIDIA driver the device checks below need no torch, so the import overlaps
+            # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
+            importing = _import_torch_in_background() if "torch" not in sys.modules else None
+            if importing is not None and spec.device != "cpu" and cuda_possible():
+                importing.join()
+            devices, device_notice, budget, capacity, batches = plan_devices(
+                spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+            if device_notice:
+                notice(device_notice)
+            progress = progress_factory(plan.bytes_written) if progress_factory else None
+            advance = _LockedProgress(progress.update if progress else None)
+            telemetry = Telemetry(devices)
+            report_file = None
+            try:
+                if progress is not None:
+                    progress.telemetry = telemetry.start()
                 writers = writer.open_writers(plan, output.tmp, metadata)
                 copier = Copier(plan, a, writers, progress=advance) if engine != "sequential" else None
                 try:
@@ -188,17 +217,32 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                         copier.cancel()
                     writer.close_writers(writers)
                 writer.write_index(output.tmp, plan)
-                aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name)
+                aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name, a.config)
                 writer.write_model_card(output.tmp, record)
                 writer.write_recipe(output.tmp, record)
+                telemetry.stop()
+                report = engine_report(stats, wall_s=time.perf_counter() - began, devices=devices, budget=budget,
+                                       capacity=capacity, ring_depth=ring_depth, telemetry=telemetry.summary(),
+                                       engine=engine)
+                if report_path is not None:  # written before the output is put in place, shown only with it
+                    report_file = AtomicFile(report_path)
+                    report_file.write_bytes((json.dumps(report, indent=2) + "\n").encode())
                 output.finalize()
-        finally:
-            telemetry.stop()
-            if progress:
-                progress.close()
-    wall_s = time.perf_counter() - began
-    report = engine_report(stats, wall_s=wall_s, devices=devices, budget=budget, capacity=capacity,
-                           ring_depth=ring_depth, telemetry=telemetry.summary(), engine=engine)
+            except BaseException:
+                if report_file is not None:
+                    report_file.discard()
+                raise
+            finally:
+                telemetry.stop()
+                if progress:
+                    progress.close()
+            if report_file is not None:
+                try:
+                    report_file.commit()
+                except OSError as exc:
+                    report_file.discard()
+                    notice(f"warning: the merge is complete at {out}, but --report {report_path} could not be "
+                           f"written ({exc.strerror})")
     return MergeResult(out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read, stats.bytes_written,
                        report)
 
@@ -217,7 +261,8 @@ def _run_engine(a, b, plan, batches, writers, copier, *, devices, capacity, engi
 
 def engine_report(stats, *, wall_s: float, devices: list[str], budget: dict[str, int], capacity: int,
                   ring_depth: int, telemetry: list[dict], engine: str) -> dict:
-    """The --report JSON: wall_s (planning to finalized output), devices, per-stage busy time and bytes, peaks."""
+    """The --report JSON: wall_s (from opening the inputs to the output complete, just before it is renamed into
+    place), devices, per-stage busy time and bytes, peaks."""
     moved = stats.bytes_read + stats.bytes_written
     return {
         "wall_s": round(wall_s, 6),

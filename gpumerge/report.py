@@ -40,14 +40,19 @@ def recipe_line(plan: MergePlan) -> str:
 
 
 def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) -> MergePlan:
-    from gpumerge.merge import open_pair, plan_merge
-    from gpumerge.writer import check_output_path
+    """Everything a merge checks before its first output byte, then the table (and the plot); writes nothing else."""
+    from gpumerge.merge import check_before_merge, open_pair, plan_devices, plan_merge
+    from gpumerge.outdir import Inputs, check_write_file
 
     a, b = open_pair(spec)
     with a, b:
         plan = plan_merge(spec, a, b, notice=notice)
-        if spec.output_model_path is not None:
-            check_output_path(spec.output_model_path, inputs=[a.root, b.root], overwrite=spec.overwrite)
+        output, _ = check_before_merge(spec, a, b, plan)
+        if plot is not None:
+            plot = check_write_file(plot, flag="--plot", inputs=Inputs.of(a, b), out=output)
+        device_notice = plan_devices(spec, plan)[1]
+        if device_notice:
+            notice(device_notice)
         write_plan_table(plan, a, b, out)
     if plot is not None:
         plot_shares(plan, plot)
@@ -118,11 +123,16 @@ def plot_shares(plan: MergePlan, path: Path) -> None:
     ax.set_title(f"gpumerge: {recipe_line(plan)}, {plan.spec.blend_method}", fontsize=9)
     ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
+    from gpumerge.outdir import AtomicFile
+
+    target = AtomicFile(path)
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(target.tmp, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
+        target.commit()
     except OSError as exc:
         raise SpecError(f"--plot {path}: cannot write the picture ({exc.strerror})") from exc
     except ValueError as exc:  # an extension matplotlib cannot write
         raise SpecError(f"--plot {path}: {exc}; use a .png, .svg or .pdf name") from exc
     finally:
+        target.discard()
         plt.close(fig)

@@ -1,5 +1,5 @@
-"""The output: a temporary sibling directory, streaming safetensors shards, index, aux files, merge record, and
-an atomic rename at the end. On any error (or Ctrl-C) the temporary directory is removed and OUT is untouched.
+"""The output's content: streaming safetensors shards, index, aux files, merge record. Where it is written, and how
+it appears at OUT atomically, is gpumerge.outdir's.
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from gpumerge.errors import OutputError
@@ -18,112 +17,7 @@ from gpumerge.plan import MergePlan, ShardPlan, t_range_text
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                "gpumerge_recipe.yaml"}
-_SPACE_MARGIN_BYTES = 64 * 2**20
 RECIPE_FILE = "gpumerge_recipe.yaml"
-
-
-def check_output_path(out: Path, *, inputs: list[Path], overwrite: bool) -> Path:
-    """Refuse an OUT that would damage an input or an existing directory. Returns OUT made absolute."""
-    out = Path(os.path.abspath(out.expanduser()))
-    real_out = out.resolve()
-    for inp in inputs:
-        real_in = inp.resolve()
-        if real_out == real_in or real_out.is_relative_to(real_in) or real_in.is_relative_to(real_out):
-            raise OutputError(
-                f"--output_model_path {out} {'is' if real_out == real_in else 'overlaps'} the input {inp}: "
-                "write the merge somewhere else (this is refused even with --overwrite)"
-            )
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputError(f"--output_model_path {out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputError(f"--output_model_path {out} exists and is not empty; pass --overwrite to replace it")
-        if any(out.iterdir()) and not _replaceable(out):
-            raise OutputError(f"--overwrite would delete {out}, which does not look like a model directory (no "
-                              "config.json or weights) or is the current, home or root directory; remove it yourself")
-    return out
-
-
-def _replaceable(out: Path) -> bool:
-    """--overwrite replaces a model directory (an earlier merge, a checkpoint), never an arbitrary one."""
-    special = {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()}
-    if out.resolve() in special:
-        return False
-    return ((out / "config.json").is_file() or any(out.glob("*.safetensors")) or any(out.glob("*.bin"))
-            or (out / RECIPE_FILE).is_file())
-
-
-class OutputDir:
-    """A temporary directory next to OUT that becomes OUT only when everything in it is complete."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.tmp: Path | None = None
-        self.finalized = False
-
-    def check_space(self, nbytes: int) -> None:
-        parent = self._existing_parent()
-        free = shutil.disk_usage(parent).free
-        if free < nbytes + _SPACE_MARGIN_BYTES:
-            raise OutputError(
-                f"not enough disk space for the merge at {parent}: it needs {_gib(nbytes)} and "
-                f"{_gib(free)} are free"
-            )
-
-    def _existing_parent(self) -> Path:
-        parent = self.out.parent
-        while not parent.exists():
-            parent = parent.parent
-        return parent
-
-    def __enter__(self) -> "OutputDir":
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-partial-{os.getpid()}-",
-                                         dir=self.out.parent))
-        return self
-
-    def _remove_stale(self) -> None:
-        """Partial outputs of earlier runs to this OUT that were killed (SIGKILL, power loss) before cleaning up."""
-        for kind in ("partial", "old"):
-            for path in self.out.parent.glob(f".{self.out.name}.gpumerge-{kind}-*"):
-                pid = path.name.split(f"gpumerge-{kind}-", 1)[1].split("-", 1)[0]
-                if pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(path, ignore_errors=True)
-
-    def finalize(self) -> None:
-        """Move the finished directory into place; an --overwrite'd OUT is moved aside first, then removed."""
-        assert self.tmp is not None
-        os.chmod(self.tmp, 0o755)
-        trash = None
-        if self.out.exists() and any(self.out.iterdir()):
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.gpumerge-old-{os.getpid()}-",
-                                          dir=self.out.parent))
-            os.replace(self.out, trash / "old")
-        elif self.out.exists():
-            self.out.rmdir()
-        os.replace(self.tmp, self.out)
-        self.finalized = True
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def __exit__(self, *exc) -> None:
-        if not self.finalized and self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
 
 
 def safetensors_header(shard: ShardPlan, metadata: dict[str, str]) -> bytes:
@@ -221,10 +115,11 @@ def write_index(directory: Path, plan: MergePlan) -> None:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_aux_files(model_dir: Path, directory: Path, out_dtype_name: str) -> list[str]:
-    """config.json (dtype updated) and every other top-level non-weight file of model 1 (tokenizer files,
-    generation_config.json, chat templates, licences, ...). Returns the names copied."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+def copy_aux_files(model_dir: Path, directory: Path, out_dtype_name: str, config: dict) -> list[str]:
+    """config.json (model 1's ``config`` as read when it was opened, dtype updated) and every other top-level
+    regular non-weight file of model 1 (tokenizer files, generation_config.json, chat templates, licences, ...).
+    Returns the names copied."""
+    config = dict(config)
     config["dtype"] = out_dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = out_dtype_name

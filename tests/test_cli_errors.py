@@ -156,11 +156,17 @@ def test_out_not_empty_needs_overwrite(pair, tmp_path, capsys):
     code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
     assert_one_line_error(code, err, "does not look like a model directory")
     assert (out / "keep.txt").read_text() == "precious"
-    (out / "config.json").write_text("{}")  # an earlier merge
+    (out / "config.json").write_text("{}")  # config but no weights: not a model directory either
+    code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
+    assert_one_line_error(code, err, "holds no weights")
+    (out / "model.safetensors").write_bytes(b"old")  # a model directory, but with a file that is not a model's
+    code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
+    assert_one_line_error(code, err, "not a model's", "keep.txt")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()  # an earlier merge: replaced
     code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
     assert code == 0, err
-    assert not (out / "keep.txt").exists()
-    assert (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").stat().st_size > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -170,12 +176,14 @@ def test_overwrite_refuses_the_current_directory(pair, tmp_path, capsys, monkeyp
     (work / "config.json").write_text("{}")
     monkeypatch.chdir(work)
     code, _, err = run_cli(*merge_args(*pair, ".", "--overwrite"), capsys=capsys)
-    assert_one_line_error(code, err, "current, home or root")
+    assert_one_line_error(code, err, "is the current directory")
     assert (work / "config.json").exists()
 
 
 def test_stale_partial_output_of_a_killed_run_is_removed(pair, tmp_path, capsys):
-    stale = tmp_path / ".out.gpumerge-partial-999999999-abcd"
+    from gpumerge.outdir import sibling_stem
+
+    stale = tmp_path / (sibling_stem(tmp_path / "out") + "-999999999-abcd.partial")
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"x" * 100)
     assert run_cli(*merge_args(*pair, tmp_path / "out"), capsys=capsys)[0] == 0
@@ -222,9 +230,8 @@ def test_empty_out_dir_is_fine(pair, tmp_path, capsys):
 def test_failure_mid_merge_leaves_nothing_and_keeps_old_output(pair, tmp_path, capsys, monkeypatch):
     a, b = pair
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old merge")
-    (out / "config.json").write_text("{}")
+    assert run_cli(*merge_args(a, b, out, "--gradient_start", "0.3"), capsys=capsys)[0] == 0  # the old merge
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
     original = gpumerge.writer.ShardWriter.pwrite
 
@@ -238,7 +245,7 @@ def test_failure_mid_merge_leaves_nothing_and_keeps_old_output(pair, tmp_path, c
     code, _, err = run_cli(*merge_args(a, b, out, "--overwrite"), capsys=capsys)
     assert_one_line_error(code, err, "No space left")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
 
 
 def test_ctrl_c_leaves_nothing(pair, tmp_path, capsys, monkeypatch):

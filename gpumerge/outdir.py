@@ -1,0 +1,472 @@
+"""Where gpumerge writes, and the promises about it.
+
+- Inputs are never written: the output directory and every file we write (--report, --plot) are compared with every
+  input directory and every input file, each resolved (symbolic links followed) before the comparison.
+- The output appears atomically: it is built in a hidden sibling directory and renamed into place when complete.
+  An existing output is replaced only with --overwrite, only when it looks like a model directory (MODEL_FILES),
+  checked again at the moment of the swap, and swapped in one step (renameat2 RENAME_EXCHANGE on Linux).
+- One run at a time per output: an advisory lock (flock) on a hidden sibling file, held by the process and released
+  by the kernel if it dies; a second run into the same output is refused at once.
+
+The lock and the swap are written by hand (fcntl, ctypes renameat2): no well-kept library offers an exchange of two
+directories, and filelock's lock files would need the same inode re-check as here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fnmatch
+import glob
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gpumerge.errors import OutputError, SpecError
+from gpumerge.signals import GUARD, test_pause
+
+# What --overwrite may replace: a directory holding config.json and weights, and nothing but files of these names
+# (the files of a Hugging Face model repository and of a gpumerge output). No subdirectories.
+MODEL_FILES = (
+    "config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model.bin.index.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "spiece.model", "sentencepiece.bpe.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "README.md", "LICENSE*", "USE_POLICY.md", "NOTICE*",
+    ".gitattributes", "gpumerge_recipe.yaml", "checksums.sha256", "configuration_*.py", "modeling_*.py",
+    "tokenization_*.py",
+)
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+_STEM_NAME_BYTES = 40  # hidden sibling names stay far below NAME_MAX whatever the output's name
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """Every input directory and every file in them, resolved: what no output path may be, be inside, or hold."""
+
+    roots: tuple[tuple[str, Path], ...]  # (label, resolved directory)
+    files: tuple[tuple[str, Path, Path], ...]  # (label, path as found, resolved)
+
+    @classmethod
+    def of(cls, *checkpoints) -> "Inputs":
+        roots, files = [], []
+        for ckpt in checkpoints:
+            label = ckpt.label.split(" (")[0]
+            roots.append((label, Path(ckpt.root).resolve()))
+            listed = set(getattr(ckpt, "input_files", lambda: [])())
+            try:
+                listed.update(p for p in Path(ckpt.root).iterdir())
+            except OSError:
+                pass
+            for path in sorted(listed):
+                files.append((label, path, _resolve(path)))
+        return cls(tuple(roots), tuple(files))
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare it as it is
+        return Path(os.path.abspath(path))
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or path.is_relative_to(directory)
+
+
+def canonical(path: Path | str, *, flag: str) -> Path:
+    """Absolute, with the parent's symbolic links and '..' resolved as the kernel would, the last component kept (a
+    link there is the caller's to judge). The name must be UTF-8 (it goes into the model card and record)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(f"{flag} {text.encode('utf-8', 'surrogateescape')!r} is not a valid UTF-8 name; "
+                        "rename it") from None
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError as exc:  # ~nouser
+        raise SpecError(f"{flag} {text}: {exc}") from None
+    if path.name in ("", ".", ".."):
+        return _resolve(path)
+    return _resolve(path.parent) / path.name
+
+
+def _protected(path: Path) -> str | None:
+    """The root, the home directory, the current directory and every directory above them are never replaced."""
+    for what, place in (("the current directory", Path.cwd()), ("your home directory", Path.home()),
+                        ("the root directory", Path("/"))):
+        place = _resolve(place)
+        if place == path:
+            return what
+        if place.is_relative_to(path):
+            return f"a directory above {what} ({place})"
+    return None
+
+
+def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool) -> Path:
+    """Refuse an OUT that could damage an input or an existing directory, before any work. Returns OUT canonical."""
+    flag = "--output_model_path"
+    out = canonical(out, flag=flag)
+    where = _existing_parent(out)
+    name_max = _name_max(where)
+    if len(os.fsencode(out.name)) > name_max:
+        raise OutputError(f"{flag}: the name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes, more than "
+                          f"the {name_max} this filesystem allows")
+    if out.is_symlink():
+        raise OutputError(f"{flag} {out} is a symbolic link (to {os.readlink(out)}); give the directory itself")
+    overlap_problem(out, inputs, flag=flag, directory=True)
+    protected = _protected(out)
+    if protected:
+        raise OutputError(f"{flag} {out} is {protected}; write the merge into a new directory "
+                          "(this is refused even with --overwrite)")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {out}: {where} is not writable")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"{flag} {out} exists and is not a directory")
+        if _non_empty(out):
+            if not overwrite:
+                raise OutputError(f"{flag} {out} exists and is not empty; pass --overwrite to replace it")
+            problem = replace_problem(out)
+            if problem:
+                raise OutputError(f"--overwrite would delete {out}, which {problem}; remove it yourself or choose "
+                                  "another output directory")
+    return out
+
+
+def overlap_problem(path: Path, inputs: Inputs, *, flag: str, directory: bool) -> None:
+    """``path`` (canonical) must not be an input, be inside one, or (a directory) hold one; links are followed."""
+    real = _resolve(path)
+    for label, root in inputs.roots:
+        for candidate in {path, real}:
+            if _inside(candidate, root) or (directory and root.is_relative_to(candidate)):
+                verb = "is" if candidate == root else "overlaps"
+                raise OutputError(f"{flag} {path} {verb} the input directory of {label} ({root}): write somewhere "
+                                  "else (this is refused even with --overwrite)")
+    for label, found, resolved in inputs.files:
+        for candidate in {path, real}:
+            if resolved == candidate or (directory and resolved.is_relative_to(candidate)):
+                raise OutputError(f"{flag} {path} {'is' if resolved == candidate else 'holds'} {label}'s file "
+                                  f"{found}" + (f" (a link to {resolved})" if resolved != found else "")
+                                  + ": write somewhere else (this is refused even with --overwrite)")
+
+
+def check_write_file(path: Path | str, *, flag: str, inputs: Inputs, out: Path | None) -> Path:
+    """A file we write besides the output directory (--report, --plot): never an input file, nothing inside an input
+    or the output directory, a regular file or nothing, in an existing writable directory. Returns it canonical."""
+    path = canonical(path, flag=flag)
+    overlap_problem(path, inputs, flag=flag, directory=False)
+    if out is not None:
+        for candidate in {path, _resolve(path)}:
+            if _inside(candidate, out):
+                raise SpecError(f"{flag} {path} is {'the' if candidate == out else 'inside the'} output directory "
+                                f"{out}; give a file elsewhere")
+    if path.exists() or path.is_symlink():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise SpecError(f"{flag} {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise SpecError(f"{flag} {path} is {kind}; give a file name")
+    parent = path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path}: give a file name in an existing, writable directory")
+    return path
+
+
+def replace_problem(out: Path) -> str | None:
+    """Why --overwrite may not replace ``out``, or None: it must hold config.json and weights, no subdirectories
+    and nothing but model files (MODEL_FILES), and be no protected directory."""
+    protected = _protected(out)
+    if protected:
+        return f"is {protected}"
+    try:
+        entries = list(os.scandir(out))
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror})"
+    names = {e.name for e in entries}
+    subdirs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    if subdirs:
+        return f"has subdirectories ({', '.join(subdirs[:3])}), which a model directory does not"
+    if "config.json" not in names:
+        return "has no config.json, so it does not look like a model directory"
+    if not any(fnmatch.fnmatch(n, pattern) for n in names for pattern in WEIGHT_FILES):
+        return "holds no weights (*.safetensors or pytorch_model*.bin), so it does not look like a model directory"
+    unrelated = sorted(n for n in names if not any(fnmatch.fnmatch(n, pattern) for pattern in MODEL_FILES))
+    if unrelated:
+        return (f"holds files that are not a model's ({', '.join(unrelated[:4])}"
+                + (", ..." if len(unrelated) > 4 else "") + ")")
+    return None
+
+
+def _non_empty(directory: Path) -> bool:
+    with os.scandir(directory) as entries:
+        return any(True for _ in entries)
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def sibling_stem(out: Path) -> str:
+    """Hidden sibling names: '.NAME-HASH.gpumerge' with NAME cut to 40 bytes, so a long OUT name still leaves room."""
+    raw = os.fsencode(out.name)
+    short = raw[:_STEM_NAME_BYTES].decode("utf-8", "ignore") or "out"
+    return f".{short}-{hashlib.sha256(raw).hexdigest()[:8]}.gpumerge"
+
+
+# ---- renameat2 ----------------------------------------------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE). OSError(ENOSYS/EINVAL) where the
+    platform or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        raise OSError(errno.ENOSYS, "renameat2 is not available") from None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+# ---- the lock -----------------------------------------------------------------------------------------------------
+
+class OutputLock:
+    """flock on '.NAME-HASH.gpumerge.lock' beside OUT: held while a run may write OUT; the kernel drops it when the
+    process dies. The file is removed by its holder at the end; the inode is re-checked after locking, so a run that
+    opened a file just removed by the previous holder does not believe it holds the lock."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out.parent / (sibling_stem(out) + ".lock")
+        self.fd = -1
+
+    def acquire(self) -> None:
+        import fcntl
+
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                raise OutputError(f"--output_model_path {self.out} is being written by another gpumerge run"
+                                  + (f" (pid {holder})" if holder.isdigit() else "")
+                                  + "; wait for it to finish or choose another output directory") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self.fd = fd
+                return
+            os.close(fd)  # the previous holder removed it meanwhile: lock the new one
+        raise OutputError(f"--output_model_path {self.out}: could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---- the output directory -----------------------------------------------------------------------------------------
+
+class OutputDir:
+    """A hidden sibling of OUT that becomes OUT only when complete; the lock on OUT held from entry to exit.
+
+    On entry (under the lock) leftovers of earlier runs into the same OUT that were killed (SIGKILL, power loss) are
+    removed: no live run holds the lock, so they are all stale. On any error or interrupt the sibling is removed,
+    along with any parent directories this run created, and OUT is as it was."""
+
+    def __init__(self, out: Path, *, overwrite: bool, notice: Callable[[str], None] = lambda line: None) -> None:
+        self.out = out
+        self.overwrite = overwrite
+        self.notice = notice
+        self.tmp: Path | None = None
+        self.finalized = False
+        self._lock = OutputLock(out)
+        self._created: list[Path] = []
+
+    @property
+    def stem(self) -> str:
+        return sibling_stem(self.out)
+
+    def check_space(self, nbytes: int, margin_bytes: int = 64 * 2**20) -> None:
+        parent = _existing_parent(self.out)
+        free = shutil.disk_usage(parent).free
+        if free < nbytes + margin_bytes:
+            raise OutputError(f"not enough disk space for the merge at {parent}: it needs {_gib(nbytes)} and "
+                              f"{_gib(free)} are free")
+
+    def __enter__(self) -> "OutputDir":
+        self._make_parents()
+        try:
+            self._lock.acquire()
+            self._recover_stale()
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.stem}-{os.getpid()}-", suffix=".partial",
+                                             dir=self.out.parent))
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cleanup()
+
+    def _make_parents(self) -> None:
+        missing = []
+        parent = self.out.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for directory in reversed(missing):
+            directory.mkdir()
+            self._created.append(directory)
+
+    def _stale(self, suffix: str) -> list[Path]:
+        return sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(str(self.out.parent)),
+                                                              glob.escape(self.stem) + "-*" + suffix)))
+
+    def _recover_stale(self) -> None:
+        for path in self._stale(".partial"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self._stale(".old"):  # only the two-rename fallback leaves these: an earlier OUT, moved aside
+            if self.out.exists() or self.out.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, self.out)
+                self.notice(f"an earlier run was interrupted while replacing {self.out}; its previous contents "
+                            "were put back")
+
+    def finalize(self) -> None:
+        """Put the finished directory at OUT, replacing only what --overwrite allows as OUT is *now*. Signals wait
+        until this is done; a crash at any point leaves either the old OUT or the new one in place."""
+        assert self.tmp is not None
+        test_pause("finalize")
+        with GUARD.critical():
+            os.chmod(self.tmp, 0o755)
+            for _ in range(5):
+                if self._place():
+                    break
+            else:
+                raise OutputError(f"--output_model_path {self.out} kept changing while the merge was put in place")
+            self.finalized = True
+            GUARD.completed_output = self.out
+
+    def _place(self) -> bool:
+        out, tmp = self.out, self.tmp
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise OutputError(f"--output_model_path {out} appeared during the merge and is not a directory; it was "
+                              "left as it is and the merge was discarded")
+        if not out.exists() or not _non_empty(out):
+            try:
+                os.rename(tmp, out)  # onto nothing or an empty directory: atomic; a non-empty one is refused
+                return True
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    return False  # OUT changed under us: look again
+                raise
+        if not self.overwrite:
+            raise OutputError(f"--output_model_path {out} appeared during the merge and is not empty; it was left as "
+                              "it is and the merge was discarded (pass --overwrite to replace it)")
+        problem = replace_problem(out)
+        if problem:
+            raise OutputError(f"--overwrite would delete {out}, which {problem} (it changed during the merge); it "
+                              "was left as it is and the merge was discarded")
+        try:
+            exchange(tmp, out)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            self._two_renames()
+            return True
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous OUT, now at the hidden name
+        self.tmp = None
+        return True
+
+    def _two_renames(self) -> None:
+        """Where renameat2 cannot exchange: OUT aside to '.NAME-HASH.gpumerge-PID-X.old', the new one in. If we die
+        between the two, the next run into OUT puts the old one back; the interrupt message says where it is."""
+        aside = Path(tempfile.mkdtemp(prefix=f"{self.stem}-{os.getpid()}-", suffix=".old", dir=self.out.parent))
+        os.rmdir(aside)
+        os.rename(self.out, aside)
+        try:
+            os.rename(self.tmp, self.out)
+        except BaseException:
+            os.rename(aside, self.out)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _cleanup(self) -> None:
+        with GUARD.critical():
+            if not self.finalized and self.tmp is not None:
+                test_pause("cleanup")
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self._lock.release()
+            if not self.finalized:
+                for directory in reversed(self._created):
+                    try:
+                        directory.rmdir()
+                    except OSError:
+                        break
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+class AtomicFile:
+    """A file that appears at its path only on commit() (a temporary sibling renamed into place); discard() removes
+    the temporary. The rename replaces a link at the path, never the file it points to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd, name = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".gpumerge-tmp", dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+
+    def write_bytes(self, data: bytes) -> None:
+        self.tmp.write_bytes(data)
+
+    def commit(self) -> None:
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,100 @@
+"""SIGINT, SIGTERM and SIGHUP: the first one stops the run (as KeyboardInterrupt does); cleanup then runs to the end
+whatever else arrives, and critical sections (the final rename, the removal of a partial output) are never cut.
+
+One process-wide guard, because signal handlers are process-wide. Exit codes follow the shell: 128 + signal number
+(SIGINT 130, SIGTERM 143, SIGHUP 129).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A handled signal arrived. A KeyboardInterrupt, so every stage that stops on Ctrl-C stops on it too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class SignalGuard:
+    """The first handled signal raises Interrupted in the main thread, unless a critical section is running: then it
+    is raised when the section ends (if nothing else is failing). Later signals are recorded, never raised, so the
+    cleanup that the first one started is not cut short."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.raised = False
+        self._deferring = 0
+        self._previous: dict[int, object] = {}
+        self.completed_output: Path | None = None  # set once an output is in place: what an interrupt message says
+
+    def install(self) -> None:
+        self.received, self.raised, self._deferring, self.completed_output = None, False, 0, None
+        for signum in HANDLED:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def swallow(self) -> None:
+        """From now on every handled signal is recorded and ignored (the run is over; exit with its own code)."""
+        self.raised = True
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        if self.raised or self._deferring:
+            return
+        self.raised = True
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def critical(self):
+        """Signals wait until the block ends; then the first one is raised, unless an error is already on its way."""
+        self._deferring += 1
+        try:
+            yield
+        except BaseException:
+            self._deferring -= 1
+            raise
+        self._deferring -= 1
+        if not self._deferring and self.received is not None and not self.raised and self._previous:
+            self.raised = True
+            raise Interrupted(self.received)
+
+
+GUARD = SignalGuard()
+
+
+def test_pause(point: str, cancelled=None) -> None:
+    """Test hook: with GPUMERGE_TEST_PAUSE=FILE and GPUMERGE_TEST_PAUSE_AT=POINT[,POINT...] in the environment,
+    reaching POINT writes FILE.POINT and waits until that file is removed (or ``cancelled()`` is true, or 60 s pass),
+    so that a test can land signals while a tiny merge is really in flight. Points: ``write`` (the writer thread,
+    after the first batch), ``finalize`` (just before the output is renamed into place), ``cleanup`` (while a failed
+    or interrupted run removes its partial output)."""
+    base = os.environ.get("GPUMERGE_TEST_PAUSE")
+    if not base or point not in os.environ.get("GPUMERGE_TEST_PAUSE_AT", "").split(","):
+        return
+    marker = Path(f"{base}.{point}")
+    marker.write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while marker.exists() and time.monotonic() < deadline and not (cancelled and cancelled()):
+        time.sleep(0.005)
