@@ -62,7 +62,10 @@ def _merge_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "max_memory", metavar="BUDGET",
           help='memory for in-flight buffers per device, e.g. "0=20GiB,1=20GiB,cpu=8GiB" (default: a share of '
                "the free memory)")
-    _flag(parser, "overwrite", action="store_true", help="replace a non-empty OUT")
+    _flag(parser, "overwrite", action="store_true",
+          help="replace a non-empty OUT that looks like a model directory (config.json, weights, model files only)")
+    _flag(parser, "allow_nonfinite", action="store_true",
+          help="blend tensors holding NaN or inf (IEEE arithmetic) instead of stopping with an error")
     _flag(parser, "quiet", action="store_true", help="no progress bar or notices")
     _flag(parser, "debug", action="store_true", help="show tracebacks")
 
@@ -166,6 +169,7 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
         device=parse_device(str(merged["device"])),
         max_memory=tuple(sorted(parse_max_memory(str(max_memory)).items(), key=str)) if max_memory else None,
         overwrite=bool(args.overwrite),
+        allow_nonfinite=bool(getattr(args, "allow_nonfinite", False)),
         quiet=bool(args.quiet),
     )
 
@@ -212,13 +216,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from gpumerge.report import summary_line
 
     spec = spec_from_args(args)
-    if args.report is not None:
-        report = args.report.expanduser()
-        if report.is_dir() or not report.parent.is_dir() or not os.access(report.parent, os.W_OK):
-            raise SpecError(f"--report {args.report}: give a file name in an existing, writable directory")
-    result = run_merge(spec, notice=_notice_printer(spec.quiet), progress_factory=_progress_factory(spec.quiet))
-    if args.report is not None:
-        args.report.expanduser().write_text(json.dumps(result.report, indent=2) + "\n")
+    result = run_merge(spec, notice=_notice_printer(spec.quiet), progress_factory=_progress_factory(spec.quiet),
+                       report_path=args.report)
     print(summary_line(result))
     return 0
 
@@ -237,21 +236,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, quiet=args.quiet)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
+    """Run one command; returns the exit code. SIGINT, SIGTERM and SIGHUP stop it with 128 + the signal number and
+    one line; the cleanup they start is not cut short by more signals (gpumerge.signals)."""
+    from gpumerge.signals import GUARD, Interrupted
 
-
-def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "merge"
     parser = build_parser(command)
+    debug = "--debug" in argv
+    GUARD.install()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a bad command line already reported in one line
-        return exc.code if isinstance(exc.code, int) else 2
-    debug = getattr(args, "debug", False)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, or a bad command line already reported in one line
+            return exc.code if isinstance(exc.code, int) else 2
         return {"merge": cmd_merge, "plan": cmd_plan, "demo": cmd_demo}[command](args)
     except GpumergeError as exc:
         if debug:
@@ -264,25 +263,48 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
-    except KeyboardInterrupt:
-        print("gpumerge: interrupted; nothing was written to the output path", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        done = GUARD.completed_output
+        _say(f"gpumerge: interrupted ({signal.Signals(signum).name}); "
+             + (f"the merge was already complete and is at {done}" if done is not None else
+                "nothing was written to the output path" if command == "merge" else "stopped"))
+        return 128 + signum
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, and nothing left at OUT
         if debug:
             raise
         return _fail(f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
                      "and please report it)")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        GUARD.swallow()
+        if restore_signals:
+            GUARD.restore()
+
+
+def _say(line: str) -> None:
+    """One line on stderr, even when the terminal is gone (SIGHUP) or stderr is closed."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(message: str) -> int:
-    print(f"gpumerge: error: {' '.join(message.split())}", file=sys.stderr)
+    _say(f"gpumerge: error: {' '.join(message.split())}")
     return 2
 
 
 def run() -> None:
-    sys.exit(main())
+    """The console script: main(), then exit at once with its code. Signals stay swallowed to the end and
+    interpreter shutdown (atexit handlers, daemon threads) is skipped: a late signal can neither turn a finished
+    run's exit code into a kill nor print tracebacks from exit handlers."""
+    code = main(restore_signals=False)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ class MergeSpec:
     device: str = "auto"
     max_memory: tuple[tuple[int | str, int], ...] | None = None  # accelerate-style budget, as sorted items
     overwrite: bool = False
+    allow_nonfinite: bool = False  # blend NaN/inf inputs in IEEE arithmetic instead of refusing them
     quiet: bool = False
 
     def __post_init__(self) -> None:
