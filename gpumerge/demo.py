@@ -77,6 +77,28 @@ def verify_merge(model1: Path, model2: Path, merged: Path, layer_t: dict[int, fl
     return blended, exact
 
 
+_DEMO_MARKER = ".gpumerge-demo"
+
+
+def _demo_root(workdir: Path | None) -> Path:
+    """A new temporary directory, or --workdir when it is new, empty, or an earlier demo's (it holds our marker):
+    the demo writes model1/, model2/ and merged/ there and must never overwrite a user's files."""
+    if workdir is None:
+        root = Path(tempfile.mkdtemp(prefix="gpumerge-demo-"))
+    else:
+        from gpumerge.outdir import canonical
+
+        root = canonical(workdir, flag="--workdir")
+        if root.is_symlink() or (root.exists() and not root.is_dir()):
+            raise GpumergeError(f"--workdir {root} exists and is not a directory")
+        if root.exists() and any(root.iterdir()) and not (root / _DEMO_MARKER).is_file():
+            raise GpumergeError(f"--workdir {root} is not empty and is not an earlier demo's directory; give a new "
+                                "or empty directory (the demo writes model1/, model2/ and merged/ there)")
+        root.mkdir(parents=True, exist_ok=True)
+    (root / _DEMO_MARKER).write_text("gpumerge demo\n")
+    return root
+
+
 def run_demo(*, workdir: Path | None, quiet: bool) -> int:
     from gpumerge.merge import run_merge
     from gpumerge.spec import MergeSpec
@@ -85,8 +107,7 @@ def run_demo(*, workdir: Path | None, quiet: bool) -> int:
         if not quiet:
             print(f"gpumerge demo: {line}", file=sys.stderr)
 
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gpumerge-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
+    root = _demo_root(workdir)
     say(f"building two small Llama checkpoints in {root} (no network)")
     tokenizer = None
     for name, seed in (("model1", 1), ("model2", 2)):

@@ -335,7 +335,9 @@ class OutputDir:
         self._make_parents()
         try:
             self._lock.acquire()
-            self._recover_stale()
+            if self._recover_stale() and not self.overwrite:
+                raise OutputError(f"an earlier run was interrupted while replacing {self.out}; its previous contents "
+                                  "were put back there: pass --overwrite to replace them")
             self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.stem}-{os.getpid()}-", suffix=".partial",
                                              dir=self.out.parent))
         except BaseException:
@@ -360,23 +362,27 @@ class OutputDir:
         return sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(str(self.out.parent)),
                                                               glob.escape(self.stem) + "-*" + suffix)))
 
-    def _recover_stale(self) -> None:
+    def _recover_stale(self) -> bool:
+        """Remove partial outputs; put back an OUT that the two-rename fallback had moved aside. True if it did."""
         for path in self._stale(".partial"):
             shutil.rmtree(path, ignore_errors=True)
+        restored = False
         for path in self._stale(".old"):  # only the two-rename fallback leaves these: an earlier OUT, moved aside
             if self.out.exists() or self.out.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.rename(path, self.out)
+                restored = True
                 self.notice(f"an earlier run was interrupted while replacing {self.out}; its previous contents "
                             "were put back")
+        return restored
 
     def finalize(self) -> None:
         """Put the finished directory at OUT, replacing only what --overwrite allows as OUT is *now*. Signals wait
         until this is done; a crash at any point leaves either the old OUT or the new one in place."""
         assert self.tmp is not None
-        test_pause("finalize")
         with GUARD.critical():
+            test_pause("finalize")
             os.chmod(self.tmp, 0o755)
             for _ in range(5):
                 if self._place():

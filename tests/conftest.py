@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -68,8 +69,37 @@ def load_state(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+_INPUT_FLAGS = ("--model_path1", "--model-path1", "--model_path2", "--model-path2", "--config")
+
+
+def input_paths(argv) -> list[Path]:
+    """The inputs a command line names (model directories, the recipe file)."""
+    argv = [str(a) for a in argv]
+    return [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in _INPUT_FLAGS and Path(argv[i + 1]).exists()]
+
+
+def snapshot(paths) -> dict[str, tuple[str, int, int]]:
+    """Every file under the given inputs (links followed), with its sha256, size and mtime."""
+    state = {}
+    for root in paths:
+        root = Path(root)
+        files = [root] if not root.is_dir() else sorted(p for p in root.rglob("*"))
+        for path in files:
+            if path.is_file():
+                info = path.stat()
+                state[str(path)] = (hashlib.sha256(path.read_bytes()).hexdigest(), info.st_size, info.st_mtime_ns)
+            else:
+                state[str(path)] = ("dir" if path.is_dir() else "other", 0, 0)
+    return state
+
+
 def run_cli(*argv, capsys=None) -> tuple[int, str, str]:
+    """main() in this process; every run, failed and interrupted ones included, must leave the inputs' bytes and
+    mtimes as they were."""
+    inputs = input_paths(argv)
+    before = snapshot(inputs)
     code = main([str(a) for a in argv])
+    assert snapshot(inputs) == before, "an input changed"
     if capsys is None:
         return code, "", ""
     captured = capsys.readouterr()
