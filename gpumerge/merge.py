@@ -132,6 +132,10 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
     from gpumerge import writer
     from gpumerge.outdir import Inputs, OutputDir, check_output_path, check_write_file
 
+    from gpumerge.outdir import canonical
+
+    for flag, value in (("--model_path1", spec.model_path1), ("--model_path2", spec.model_path2)):
+        canonical(value, flag=flag)  # a name that is not UTF-8 could not be written into the merge record
     inputs = Inputs.of(a, b)
     out = None
     if spec.output_model_path is not None:

@@ -456,3 +456,15 @@ def test_extrapolation_overflow_says_so(pair, tmp_path, capsys):
     assert_one_line_error(code, err, "overflow float16", "extrapolates")
     assert "range of the inputs" not in err
     assert leftovers(tmp_path / "out") == []
+
+
+def test_names_that_are_not_utf8_are_refused_before_the_merge(pair, tmp_path, capsys):
+    bad = os.fsdecode(b"out-\xff")
+    code, _, err = run_cli(*merge_args(*pair, tmp_path / bad), capsys=capsys)
+    assert_one_line_error(code, err, "--output_model_path", "not a valid UTF-8 name")
+    only(tmp_path)
+    link = tmp_path / os.fsdecode(b"model-\xfe")
+    link.symlink_to(pair[0])
+    code, _, err = run_cli(*merge_args(link, pair[1], tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "--model_path1", "not a valid UTF-8 name")
+    only(tmp_path, link.name)
