@@ -12,12 +12,16 @@ import json
 import math
 import os
 import re
+import reprlib
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpumerge.errors import CheckpointError
+from gpumerge.fsutil import load_json, read_regular
+from gpumerge.schedule import layer_index
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -38,7 +42,16 @@ DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bf
 # Tensor-name endings that only quantized checkpoints have (GPTQ/AWQ, bitsandbytes 8-bit and 4-bit).
 _QUANT_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".weight_format", ".absmax", ".quant_map",
                    ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".nested_absmax")
-_MAX_HEADER_BYTES = 100 * 2**20
+# The safetensors library's own limits (safetensors/src/tensor.rs): a header of at most MAX_HEADER_SIZE bytes, and
+# shapes, offsets and sizes that fit its 64-bit `usize`.
+_MAX_HEADER_BYTES = 100_000_000
+_MAX_USIZE = 2**64 - 1
+_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
+# Keys a config.json declares its number of decoder blocks with, in the order they are believed.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_SHOWN_CHARS = 120
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxlong = 3, 8, 4, 60, 40
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,6 +71,93 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_CODES
+
+
+def _show(name: Any) -> str:
+    """A tensor or file name for a one-line message: as it is when short and printable, else quoted and escaped."""
+    if isinstance(name, str) and name and name.isprintable() and len(name) <= _SHOWN_CHARS:
+        return name
+    text = name[:_SHOWN_CHARS] if isinstance(name, str) else name
+    return repr(text) + ("..." if isinstance(name, str) and len(name) > _SHOWN_CHARS else "")
+
+
+def _brief(value: Any) -> str:
+    """A JSON value for a one-line message: scalars as JSON, containers summarised (never walked deeply)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = json.dumps(value)
+        return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+    return _BRIEF.repr(value)
+
+
+def _json_type(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _is_usize(value: Any) -> bool:
+    """A JSON integer the safetensors library reads as a 64-bit unsigned `usize` (bools are not integers)."""
+    return type(value) is int and 0 <= value <= _MAX_USIZE
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string with a lone UTF-16 surrogate (JSON ``"\\ud800"``): Python reads it, the library refuses it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _has_negative_zero(text: str) -> bool:
+    """Whether JSON ``text`` (already parsed once: depth and keys are fine) holds the integer -0, which Python reads
+    as 0 and the library's parser as the float -0.0, refused for a shape or an offset."""
+    if "-0" not in text:
+        return False
+    found: list[bool] = []
+    json.loads(text, parse_int=lambda digits: found.append(digits == "-0") or 0)
+    return any(found)
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """A file directly inside the model directory: no separator, not '.' or '..', no NUL byte."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _file_kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def _blocks_text(blocks: list[int]) -> str:
+    """Sorted block numbers as '0..5 (6 blocks)' or '0, 1, 3, 7..9 (6 blocks)'."""
+    runs: list[list[int]] = []
+    for block in blocks:
+        if runs and block == runs[-1][1] + 1:
+            runs[-1][1] = block
+        else:
+            runs.append([block, block])
+    shown = [f"{a}..{b}" if b - a >= 2 or len(runs) == 1 and b > a else ", ".join(map(str, range(a, b + 1)))
+             for a, b in runs[:8]]
+    return ", ".join(shown) + (", ..." if len(runs) > 8 else "") + f" ({len(blocks)} blocks)"
+
+
+def _unusual_tensor_problem(tensor) -> str | None:
+    """What makes a tensor from a .bin file something other than a dense CPU tensor, or None."""
+    import torch
+
+    if tensor.is_nested:
+        return "a nested tensor"
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    if tensor.is_quantized:
+        return f"a quantized tensor ({tensor.dtype})"
+    if tensor.device.type != "cpu":
+        return f"a tensor on the {tensor.device.type} device"
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return f"a {type(tensor).__name__} (a tensor subclass)"
+    return None
 
 
 def resolve_model_dir(path: str, *, label: str) -> Path:
@@ -91,41 +191,67 @@ class Checkpoint:
         self.label = label
         self.source = path
         self.root = resolve_model_dir(path, label=label)
-        self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = {}
         self.files: list[Path] = []
+        self.index_path: Path | None = None
         self._headers: dict[Path, bytes] = {}
         self._bin_state: dict[Path, dict] = {}
         self._fds: dict[Path, int] = {}
         self._fd_lock = threading.Lock()  # readers of several devices and the copier share the descriptors
-        self._index()
-        self._refuse_quantized()
+        try:
+            self.config = self._read_config()
+            self._declared_layers = self._layer_count()
+            self._index()
+            self._refuse_quantized()
+            self._check_stored_blocks()
+        except BaseException:
+            self.close()
+            raise
 
-    # ---- index -------------------------------------------------------------------------------------------
+    # ---- config ------------------------------------------------------------------------------------------
+    def _read_json(self, path: Path) -> Any:
+        """A small JSON file: a regular file (never a FIFO or a device), bounded in size, strict JSON."""
+        what = f"{self.label} {path}"
+        return load_json(read_regular(path, what=what, error=CheckpointError), what=what, error=CheckpointError)
+
     def _read_config(self) -> dict[str, Any]:
         path = self.root / "config.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CheckpointError(f"{self.label} {self.root}: no config.json (is this a Hugging Face model directory?)")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{self.label} {path}: config.json is not valid JSON ({exc})") from exc
+        config = self._read_json(path)
         if not isinstance(config, dict):
-            raise CheckpointError(f"{self.label} {path}: config.json is not a JSON object")
+            raise CheckpointError(f"{self.label} {path}: config.json is {_json_type(config)}, not a JSON object")
         return config
 
+    def _layer_count(self) -> tuple[str, int] | None:
+        """(key, count): the config's number of decoder blocks, from the first of its layer keys that is set (a
+        JSON null is unset); None when none is. A count that is not a positive integer is an error."""
+        candidates = [(key, self.config.get(key)) for key in _LAYER_KEYS]
+        text = self.config.get("text_config")
+        if isinstance(text, dict):
+            candidates.append(("text_config.num_hidden_layers", text.get("num_hidden_layers")))
+        for key, value in candidates:
+            if value is None:
+                continue
+            if type(value) is not int or value <= 0:
+                raise CheckpointError(f"{self.label} {self.root / 'config.json'}: {key} = {_brief(value)} is not a "
+                                      "positive integer (the number of decoder blocks)")
+            return key, value
+        return None
+
+    # ---- index -------------------------------------------------------------------------------------------
     def _index(self) -> None:
         root = self.root
-        if (root / SAFE_INDEX).is_file():
+        if os.path.lexists(root / SAFE_INDEX):
             self.format = "safetensors"
             self._index_sharded(root / SAFE_INDEX, self._index_safetensors)
-        elif (root / SAFE_SINGLE).is_file():
+        elif os.path.lexists(root / SAFE_SINGLE):
             self.format = "safetensors"
             self._index_safetensors(root / SAFE_SINGLE)
-        elif (root / BIN_INDEX).is_file():
+        elif os.path.lexists(root / BIN_INDEX):
             self.format = "bin"
             self._index_sharded(root / BIN_INDEX, self._index_bin)
-        elif (root / BIN_SINGLE).is_file():
+        elif os.path.lexists(root / BIN_SINGLE):
             self.format = "bin"
             self._index_bin(root / BIN_SINGLE)
         else:
@@ -137,20 +263,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.label} {root}: the weight files hold no tensors")
 
     def _index_sharded(self, index_path: Path, index_file) -> None:
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
-            raise CheckpointError(f"{self.label} {index_path}: not a valid index (no weight_map): {exc}") from exc
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-            raise CheckpointError(f"{self.label} {index_path}: not a valid index (weight_map must map tensor names "
-                                  "to shard file names)")
+        self.index_path = index_path
+        weight_map = self._read_weight_map(index_path)
         shard_names = sorted(set(weight_map.values()))
-        missing = [name for name in shard_names if not (self.root / name).is_file()]
+        missing = [name for name in shard_names if not (self.root / name).exists()]
         if missing:
             raise CheckpointError(
                 f"{self.label} {index_path.name} names {len(missing)} shard(s) that are not in {self.root}: "
-                + ", ".join(missing[:5])
+                + ", ".join(map(_show, missing[:5]))
             )
         for shard in shard_names:
             index_file(self.root / shard)
@@ -159,74 +279,189 @@ class Checkpoint:
         if absent:
             raise CheckpointError(
                 f"{self.label} {index_path.name} lists {len(absent)} tensor(s) that are not in the shard it names: "
-                + ", ".join(absent[:5])
+                + ", ".join(map(_show, absent[:5]))
             )
 
-    def _index_safetensors(self, path: Path) -> None:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{self.label} {path}: truncated safetensors file ({size} bytes)")
-            header_len = int.from_bytes(prefix, "little")
-            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CheckpointError(
-                    f"{self.label} {path}: corrupt or truncated safetensors file (header of {header_len} bytes, "
-                    f"file of {size} bytes)"
-                )
-            raw = fh.read(header_len)
+    def _read_weight_map(self, index_path: Path) -> dict[str, str]:
+        """The index's weight_map: tensor name -> shard, a plain file name inside the model directory."""
+        index = self._read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        where = f"{self.label} {index_path}: not a valid index"
+        if not isinstance(weight_map, dict):
+            found = _json_type(weight_map) if isinstance(index, dict) and "weight_map" in index else "none"
+            raise CheckpointError(f"{where} (expected an object with a weight_map object, found {found})")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{where}: weight_map must map tensor names to shard file names, "
+                                      f"{_show(repr(name))} maps to {_brief(shard)}")
+            if not _is_plain_file_name(shard):
+                raise CheckpointError(f"{where}: weight_map entry {_show(repr(name))} names the shard "
+                                      f"{_show(repr(shard))}; a shard must be a plain file name inside {self.root}")
+        return weight_map
+
+    def _open_regular(self, path: Path) -> int:
+        """A read-only descriptor of ``path``, which must be a regular file: a FIFO or a device is refused, never
+        waited on or read without end (O_NONBLOCK; the type is checked on the open descriptor)."""
         try:
-            header = json.loads(raw)
-            assert isinstance(header, dict)
-        except (ValueError, AssertionError) as exc:
-            raise CheckpointError(f"{self.label} {path}: corrupt safetensors header ({exc})") from exc
-        data_start = 8 + header_len
-        data_size = size - data_start
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            info = self._safetensors_entry(path, name, entry, data_start, data_size)
-            if name in self.tensors:
-                raise CheckpointError(f"{self.label}: tensor {name} is stored twice ({self.tensors[name].path.name}, "
-                                      f"{path.name})")
-            self.tensors[name] = info
-        # keep on-disk order: by file, then by offset
-        ordered = sorted((t for t in self.tensors.values() if t.path == path), key=lambda t: t.offset)
-        for t in ordered:
-            self.tensors.pop(t.name)
-            self.tensors[t.name] = t
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointError(f"{self.label} {path}: cannot read it ({exc.strerror})") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise CheckpointError(f"{self.label} {path}: is {_file_kind(mode)}, not a weight file")
+        return fd
+
+    def _pread_exact(self, fd: int, path: Path, nbytes: int, offset: int, *, what: str) -> bytes:
+        data = bytearray()
+        while len(data) < nbytes:
+            chunk = os.pread(fd, min(nbytes - len(data), 2**24), offset + len(data))
+            if not chunk:
+                raise CheckpointError(f"{self.label} {path}: unexpected end of file while reading {what}")
+            data += chunk
+        return bytes(data)
+
+    def _index_safetensors(self, path: Path) -> None:
+        """One safetensors file, accepted exactly when the safetensors library accepts it (its ``read_metadata``
+        and ``Metadata::validate``), except where gpumerge is stricter (duplicate keys, unknown entry keys, dtypes
+        it does not read)."""
+        fd = self._fds[path] = self._open_regular(path)
+        file_bytes = os.fstat(fd).st_size
+        raw = self._read_header_bytes(fd, path, file_bytes)
+        header = self._parse_header(path, raw)
+        data_start = 8 + len(raw)
+        self._check_metadata(path, header.get("__metadata__"))
+        infos = [self._safetensors_entry(path, name, entry, data_start)
+                 for name, entry in header.items() if name != "__metadata__"]
+        self._check_data_layout(path, infos, data_start=data_start, data_bytes=file_bytes - data_start)
+        for info in sorted(infos, key=lambda t: t.offset):  # on-disk order
+            if info.name in self.tensors:
+                raise CheckpointError(f"{self.label}: tensor {_show(info.name)} is stored twice "
+                                      f"({_show(self.tensors[info.name].path.name)}, {_show(path.name)})")
+            self.tensors[info.name] = info
         self.files.append(path)
         self._headers[path] = raw
 
-    def _safetensors_entry(self, path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
-        def integers(values) -> bool:
-            return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    def _read_header_bytes(self, fd: int, path: Path, file_bytes: int) -> bytes:
+        """The JSON header's bytes; its length field is checked against the limit and the file's size first."""
+        if file_bytes < 8:
+            raise CheckpointError(f"{self.label} {path}: truncated safetensors file ({file_bytes} bytes; it should "
+                                  "start with an 8-byte header length)")
+        header_bytes = int.from_bytes(self._pread_exact(fd, path, 8, 0, what="the header length"), "little")
+        if header_bytes > _MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{self.label} {path}: corrupt safetensors file: its header length field says {header_bytes} bytes, "
+                f"more than the {_MAX_HEADER_BYTES} bytes the safetensors format allows")
+        if 8 + header_bytes > file_bytes:
+            raise CheckpointError(f"{self.label} {path}: corrupt or truncated safetensors file (header of "
+                                  f"{header_bytes} bytes, file of {file_bytes} bytes)")
+        return self._pread_exact(fd, path, header_bytes, 8, what="the header")
 
-        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and integers(entry.get("shape"))
-              and integers(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2)
-        if not ok:
-            raise CheckpointError(f"{self.label} {path}: corrupt header entry for {name}: {str(entry)[:200]}")
-        dtype = entry["dtype"]
-        shape = tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
+    def _parse_header(self, path: Path, raw: bytes) -> dict[str, Any]:
+        what = f"{self.label} {path}: corrupt safetensors header"
+        try:
+            text = raw.decode("utf-8")  # strict: no byte-order mark dropped, as in the library
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{what}: it is not UTF-8 text (byte {8 + exc.start} of the file is "
+                                  f"{raw[exc.start:exc.start + 1]!r})") from None
+        header = load_json(text, what=what, error=CheckpointError)
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{what}: it is {_json_type(header)}, not a JSON object")
+        if _has_negative_zero(text):
+            raise CheckpointError(f"{what}: it holds the integer -0, which the safetensors library refuses in a "
+                                  "shape or offset")
+        return header
+
+    def _check_metadata(self, path: Path, metadata: Any) -> None:
+        """``__metadata__``: absent, null, or an object of strings (the library's Option<HashMap<String, String>>)."""
+        where = f"{self.label} {path}: corrupt safetensors header: __metadata__ must map strings to strings"
+        if metadata is None:
+            return
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{where}, found {_json_type(metadata)}")
+        for key, value in metadata.items():
+            if not isinstance(value, str):
+                raise CheckpointError(f"{where}, found {_show(key)}: {_json_type(value)}")
+            if not (_is_unicode(key) and _is_unicode(value)):
+                raise CheckpointError(f"{where}; the entry {_show(key)} holds a lone UTF-16 surrogate escape")
+
+    def _safetensors_entry(self, path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+        """One tensor's entry, with the library's types and arithmetic (64-bit, overflow refused)."""
+        where = f"{self.label} {path}: corrupt header entry for {_show(name)}"
+        if not _is_unicode(name):
+            raise CheckpointError(f"{where}: the name holds a lone UTF-16 surrogate escape")
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: expected an object with dtype, shape and data_offsets, found "
+                                  f"{_json_type(entry)}")
+        unexpected = [key for key in entry if key not in _ENTRY_KEYS]
+        if unexpected:
+            raise CheckpointError(f"{where}: unexpected key {_show(repr(unexpected[0]))} (an entry has dtype, shape "
+                                  "and data_offsets only)")
+        missing = [key for key in _ENTRY_KEYS if key not in entry]
+        if missing:
+            raise CheckpointError(f"{where}: it has no {missing[0]}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{where}: dtype must be a string such as \"F16\", found {_brief(dtype)}")
         if dtype not in ITEMSIZE:
-            raise CheckpointError(f"{self.label} {path}: tensor {name} has unsupported dtype {dtype}")
-        nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        if begin < 0 or end - begin != nbytes or any(d < 0 for d in shape):
-            raise CheckpointError(
-                f"{self.label} {path}: corrupt header entry for {name}: {dtype}{list(shape)} needs {nbytes} bytes, "
-                f"offsets say {end - begin}"
-            )
-        if end > data_size:
-            raise CheckpointError(
-                f"{self.label} {path}: truncated file: tensor {name} ends at byte {data_start + end}, the file has "
-                f"{data_start + data_size} bytes"
-            )
-        return TensorInfo(name, dtype, shape, nbytes, path, data_start + begin)
+            raise CheckpointError(f"{self.label} {path}: tensor {_show(name)} has unsupported dtype {_show(dtype)} "
+                                  f"(gpumerge reads {', '.join(ITEMSIZE)})")
+        if not isinstance(shape, list) or not all(_is_usize(dim) for dim in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative 64-bit integers, found "
+                                  f"{_brief(shape)}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_usize(o) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets must be two non-negative 64-bit integers [begin, end], "
+                                  f"found {_brief(offsets)}")
+        begin, end = offsets
+        if end < begin:
+            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] ends before it begins")
+        nbytes = self._tensor_bytes(where, dtype, shape)
+        if end - begin != nbytes:
+            raise CheckpointError(f"{where}: {dtype}{_brief(shape)} needs {nbytes} bytes, its data_offsets "
+                                  f"[{begin}, {end}] span {end - begin}")
+        return TensorInfo(name, dtype, tuple(shape), nbytes, path, data_start + begin)
+
+    @staticmethod
+    def _tensor_bytes(where: str, dtype: str, shape: list[int]) -> int:
+        """prod(shape) * itemsize, refused where the library's 64-bit product (element count, then bits) overflows."""
+        elements = 1
+        for dim in shape:
+            elements *= dim
+            if elements > _MAX_USIZE:
+                break
+        if elements > _MAX_USIZE or elements * ITEMSIZE[dtype] * 8 > _MAX_USIZE:
+            raise CheckpointError(f"{where}: the size of {dtype}{_brief(shape)} overflows 64 bits (the safetensors "
+                                  "library refuses it)")
+        return elements * ITEMSIZE[dtype]
+
+    def _check_data_layout(self, path: Path, infos: list[TensorInfo], *, data_start: int, data_bytes: int) -> None:
+        """Sorted by offset, the tensors tile the data buffer: the first begins at byte 0, each where the previous
+        one ends, and the last ends at the end of the file."""
+        where = f"{self.label} {path}: corrupt safetensors header"
+        previous: TensorInfo | None = None
+        position = 0
+        for info in sorted(infos, key=lambda t: (t.offset, t.nbytes)):
+            begin = info.offset - data_start
+            if begin < position:
+                raise CheckpointError(f"{where}: overlapping data_offsets: {_show(info.name)} begins at byte {begin}, "
+                                      f"inside {_show(previous.name)}, which ends at byte {position}")
+            if begin > position:
+                before = f"{_show(previous.name)} ends at byte {position}" if previous else "the data begins at byte 0"
+                raise CheckpointError(f"{where}: a gap in the data: {_show(info.name)} begins at byte {begin}, "
+                                      f"{before}")
+            previous, position = info, begin + info.nbytes
+        if position < data_bytes:
+            raise CheckpointError(f"{self.label} {path}: corrupt safetensors file: {data_bytes - position} bytes "
+                                  f"after the last tensor's data (the tensors hold {position} bytes, the file has "
+                                  f"{data_bytes} after its header)")
+        if position > data_bytes:
+            raise CheckpointError(f"{self.label} {path}: truncated file: the tensors need {position} bytes of data "
+                                  f"after the header, the file has {data_bytes}")
 
     def _index_bin(self, path: Path) -> None:
         import torch  # pickled checkpoints need torch to be read at all
 
+        os.close(self._open_regular(path))  # a FIFO or a device is refused before torch opens it by name
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:
@@ -240,12 +475,29 @@ class Checkpoint:
             raise CheckpointError(f"{self.label} {path}: a .bin checkpoint must hold a dict of tensors")
         from gpumerge.kernels.dtypes import code_of
 
+        file_bytes = path.stat().st_size
+        copied_bytes = 0  # what making views contiguous allocates, bounded by the file's size
         for name, tensor in state.items():
+            where = f"{self.label} {path}: tensor {_show(name)}"
+            if not isinstance(name, str):
+                raise CheckpointError(f"{self.label} {path}: entry {_show(name)} has a name that is not a string")
             if not isinstance(tensor, torch.Tensor):
-                raise CheckpointError(f"{self.label} {path}: entry {name} is not a tensor")
+                raise CheckpointError(f"{self.label} {path}: entry {_show(name)} is not a tensor")
+            problem = _unusual_tensor_problem(tensor)
+            if problem:
+                raise CheckpointError(f"{where} is {problem}; gpumerge reads dense CPU tensors only")
             code = code_of(tensor.dtype)
             if code is None:
-                raise CheckpointError(f"{self.label} {path}: tensor {name} has unsupported dtype {tensor.dtype}")
+                raise CheckpointError(f"{where} has unsupported dtype {tensor.dtype}")
+            if not tensor.is_contiguous():
+                copied_bytes += tensor.numel() * tensor.element_size()
+                if copied_bytes > file_bytes:
+                    raise CheckpointError(
+                        f"{where} is a view whose elements overlap or repeat in storage: made contiguous, this "
+                        f"file's views would take {copied_bytes} bytes, more than the file's {file_bytes}")
+            if name in self.tensors:
+                raise CheckpointError(f"{self.label}: tensor {_show(name)} is stored twice "
+                                      f"({_show(self.tensors[name].path.name)}, {_show(path.name)})")
             tensor = tensor.contiguous()
             state[name] = tensor
             self.tensors[name] = TensorInfo(name, code, tuple(tensor.shape), tensor.numel() * ITEMSIZE[code], path,
@@ -260,11 +512,11 @@ class Checkpoint:
         reason = None
         if qconfig:
             method = qconfig.get("quant_method", "unknown") if isinstance(qconfig, dict) else "unknown"
-            reason = f"its config.json has quantization_config ({method})"
+            reason = f"its config.json has quantization_config ({_show(str(method))})"
         else:
             for info in self.tensors.values():
                 if info.name.endswith(_QUANT_SUFFIXES) or info.dtype in FP8_CODES:
-                    reason = f"it stores quantized tensors such as {info.name} ({info.dtype})"
+                    reason = f"it stores quantized tensors such as {_show(info.name)} ({info.dtype})"
                     break
         if reason:
             raise CheckpointError(
@@ -272,16 +524,31 @@ class Checkpoint:
                 "weights only; merge the unquantized models, then quantize the result"
             )
 
+    def _check_stored_blocks(self) -> None:
+        """When numbered decoder blocks are stored, they are exactly 0..L-1 for the config's L (plus the
+        multi-token-prediction blocks a config declares with num_nextn_predict_layers)."""
+        if self._declared_layers is None:
+            return
+        key, count = self._declared_layers
+        blocks = sorted({block for block in map(layer_index, self.tensors) if block is not None})
+        if not blocks:
+            return
+        extra = self.config.get("num_nextn_predict_layers")
+        allowed = {count, count + extra} if type(extra) is int and extra > 0 else {count}
+        if blocks[0] == 0 and blocks[-1] == len(blocks) - 1 and len(blocks) in allowed:
+            return
+        raise CheckpointError(f"{self.label} {self.root}: config.json says {key} = {count}, the weights store "
+                              f"decoder blocks {_blocks_text(blocks)}")
+
+    def input_files(self) -> list[Path]:
+        """Every file this checkpoint reads: config.json, the index if any, every weight file, named under ``root``
+        as they are there (symlinks, such as a hub cache's, are not followed)."""
+        return [self.root / "config.json", *([self.index_path] if self.index_path else []), *self.files]
+
     # ---- facts -------------------------------------------------------------------------------------------
     def num_layers(self) -> int | None:
-        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-            value = self.config.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-        text = self.config.get("text_config")
-        if isinstance(text, dict) and isinstance(text.get("num_hidden_layers"), int):
-            return text["num_hidden_layers"]
-        return None
+        """The config's number of decoder blocks (checked against the stored blocks), or None when it has none."""
+        return self._declared_layers[1] if self._declared_layers else None
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
@@ -303,7 +570,7 @@ class Checkpoint:
         with self._fd_lock:
             fd = self._fds.get(path)
             if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                fd = self._fds[path] = self._open_regular(path)
             return fd
 
     def raw_location(self, name: str) -> tuple[int, int] | None:
@@ -322,13 +589,7 @@ class Checkpoint:
             dest = torch.empty(nbytes, dtype=torch.uint8)
             self.read_into(name, dest, start=start)
             return dest.numpy().tobytes()
-        data = b""
-        while len(data) < nbytes:
-            chunk = os.pread(self.fd(info.path), nbytes - len(data), info.offset + start + len(data))
-            if not chunk:
-                raise CheckpointError(f"{self.label} {info.path}: unexpected end of file while reading {name}")
-            data += chunk
-        return data
+        return self._pread_exact(self.fd(info.path), info.path, nbytes, info.offset + start, what=_show(name))
 
     def read_into(self, name: str, dest, *, start: int = 0) -> None:
         """Fill ``dest`` (a contiguous uint8 torch tensor) with the tensor's bytes from byte ``start`` on."""
@@ -348,7 +609,7 @@ class Checkpoint:
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], info.offset + start + done)
             if got <= 0:
-                raise CheckpointError(f"{self.label} {info.path}: unexpected end of file while reading {name}")
+                raise CheckpointError(f"{self.label} {info.path}: unexpected end of file while reading {_show(name)}")
             done += got
 
     def close(self) -> None:

@@ -99,9 +99,13 @@ def canonical(path: Path | str, *, flag: str) -> Path:
 
 def _protected(path: Path) -> str | None:
     """The root, the home directory, the current directory and every directory above them are never replaced."""
-    for what, place in (("the current directory", Path.cwd()), ("your home directory", Path.home()),
-                        ("the root directory", Path("/"))):
-        place = _resolve(place)
+    places = [("the root directory", lambda: Path("/")), ("your home directory", Path.home),
+              ("the current directory", Path.cwd)]
+    for what, where in places:
+        try:
+            place = _resolve(where())
+        except (OSError, RuntimeError):  # no home directory, or a current directory that was deleted
+            continue
         if place == path:
             return what
         if place.is_relative_to(path):

@@ -47,7 +47,10 @@ class SignalGuard:
     def install(self) -> None:
         self.received, self.raised, self._deferring, self.completed_output = None, False, 0, None
         for signum in HANDLED:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (gpumerge used as a library): leave signals to the caller
+                return
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
