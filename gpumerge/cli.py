@@ -99,13 +99,18 @@ _DEFAULTS = {"gradient_start": 0.0, "gradient_end": 1.0, "layer_start": 0, "laye
 
 
 def _recipe_settings(path: Path) -> dict:
-    from gpumerge.spec import is_mergekit_config, load_yaml, parse_recipe
+    from gpumerge import fsutil
+    from gpumerge.spec import MAX_RECIPE_BYTES, is_mergekit_config, load_yaml, parse_recipe
 
+    what = f"--config {path}"
     try:
-        text = path.expanduser().read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"--config {path}: cannot read it ({exc.strerror})") from None
-    data = load_yaml(text, source=str(path))
+        resolved = path.expanduser()
+    except RuntimeError:  # ~name of a user who does not exist (or no home directory at all)
+        user = str(path).split("/", 1)[0].removeprefix("~")
+        raise SpecError(f"{what}: there is no user named {user} (or no home directory) to expand "
+                        f"~{user}; give the path without ~ or with an existing user") from None
+    raw = fsutil.read_regular(resolved, max_bytes=MAX_RECIPE_BYTES, what=what, error=SpecError)
+    data = load_yaml(fsutil.decode_text(raw, what=what, error=SpecError), source=str(path))
     if is_mergekit_config(data):
         from gpumerge.mergekit import parse_mergekit
 
@@ -152,15 +157,19 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
             raise SpecError(f"--{key} is required (on the command line or in a --config recipe)")
     dtype = parse_dtype(str(merged["dtype"])) if merged.get("dtype") is not None else "float16"
     max_memory = merged.get("max_memory")
-    return MergeSpec(
+
+    def origin(key: str) -> str:  # where a bad value came from: the command line or the recipe file
+        return f"--{key}" if key in given or args.config is None else f"{args.config}: {key}"
+
+    spec = MergeSpec(
         model_path1=str(merged["model_path1"]),
         model_path2=str(merged["model_path2"]),
         output_model_path=Path(merged["output_model_path"]) if merged.get("output_model_path") else None,
-        gradient_start=_number(merged["gradient_start"], float, "gradient_start"),
-        gradient_end=_number(merged["gradient_end"], float, "gradient_end"),
-        layer_start=_number(merged["layer_start"], int, "layer_start"),
-        layer_end=_number(merged["layer_end"], int, "layer_end"),
-        max_shard_bytes=parse_size(merged["max_shard_size"], what="--max_shard_size"),
+        gradient_start=_number(merged["gradient_start"], float, origin("gradient_start")),
+        gradient_end=_number(merged["gradient_end"], float, origin("gradient_end")),
+        layer_start=_number(merged["layer_start"], int, origin("layer_start")),
+        layer_end=_number(merged["layer_end"], int, origin("layer_end")),
+        max_shard_bytes=parse_size(merged["max_shard_size"], what=origin("max_shard_size")),
         max_shard_size=str(merged["max_shard_size"]),
         dtype=dtype,
         dtype_was_default=merged.get("dtype") is None,
@@ -172,12 +181,19 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
         allow_nonfinite=bool(getattr(args, "allow_nonfinite", False)),
         quiet=bool(args.quiet),
     )
+    from gpumerge.devices import check_without_torch
+
+    check_without_torch(spec.device, spec.max_memory)  # what the merge would refuse here; `gpumerge plan` too
+    return spec
 
 
 def _number(value, kind, key: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise SpecError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return kind(value)
+    """A recipe's or the command line's number: a finite float, or a block number (an integer within bounds)."""
+    from gpumerge.spec import check_finite, check_layer_number, shown
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {shown(value)}")
+    return check_layer_number(value, key=key) if kind is int else check_finite(value, flag=key)
 
 
 def _notice_printer(quiet: bool):

@@ -8,6 +8,7 @@ import threading
 from typing import Mapping
 
 from gpumerge.errors import SpecError
+from gpumerge.spec import MIN_DEVICE_BUDGET_BYTES, unused_budget_error
 
 # Share of a device's free memory the merge may use for its in-flight buffers (the rest stays for the driver,
 # other processes, and allocator slack).
@@ -46,8 +47,7 @@ def resolve_devices(flag: str) -> tuple[list[str], str | None]:
             return [f"cuda:{i}" for i in range(count)], None
         return ["cpu"], "no CUDA device found; merging on the CPU"
     if count == 0:
-        raise SpecError(f"--device {flag}: no CUDA device is available here (torch.cuda.is_available() is False); "
-                        "use --device cpu or auto")
+        raise _no_cuda(flag)
     if flag == "cuda":
         return [f"cuda:{i}" for i in range(count)], None
     devices = flag.split(",")
@@ -55,6 +55,23 @@ def resolve_devices(flag: str) -> tuple[list[str], str | None]:
         if int(device.split(":")[1]) >= count:
             raise SpecError(f"--device {flag}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
     return devices, None
+
+
+def _no_cuda(flag: str) -> SpecError:
+    return SpecError(f"--device {flag}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                     "use --device cpu or auto")
+
+
+def check_without_torch(flag: str, max_memory) -> None:
+    """What resolve_devices and probe_budget will refuse, decided here without torch where no NVIDIA driver is
+    loaded (then CUDA is absent and ``auto`` is the CPU), so that `gpumerge plan` refuses it as the merge does."""
+    if flag == "cpu" or cuda_possible():
+        return
+    if flag != "auto":
+        raise _no_cuda(flag)
+    unknown = [key for key, _ in max_memory or () if key != "cpu"]
+    if unknown:
+        raise unused_budget_error(unknown, ["cpu"])
 
 
 def _budget_key(device: str) -> int | str:
@@ -67,7 +84,7 @@ def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None 
     given = dict(max_memory or {})
     unknown = [k for k in given if k != "cpu" and f"cuda:{k}" not in devices]
     if unknown:
-        raise SpecError(f"--max_memory names device(s) {unknown} that the merge does not use ({', '.join(devices)})")
+        raise unused_budget_error(unknown, devices)
     probed: dict[int | str, int] = {"cpu": _available_ram()}
     if any(d != "cpu" and _budget_key(d) not in given for d in devices):
         from accelerate.utils import get_max_memory  # GPU runs only: it initialises every visible device
@@ -78,10 +95,15 @@ def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None 
         key = _budget_key(device)
         if key in given:
             budget[device] = int(given[key])
-        elif device == "cpu":
-            budget[device] = min(int(probed.get("cpu", CPU_DEFAULT_BUDGET_BYTES) * 0.25), CPU_DEFAULT_BUDGET_BYTES)
+        elif device == "cpu":  # a ring of 16 MiB is always there to take, however little RAM is free
+            budget[device] = max(min(int(probed.get("cpu", CPU_DEFAULT_BUDGET_BYTES) * 0.25),
+                                     CPU_DEFAULT_BUDGET_BYTES), MIN_DEVICE_BUDGET_BYTES)
         else:
             budget[device] = int(probed.get(key, 0) * FREE_MEMORY_SHARE)
+            if budget[device] < MIN_DEVICE_BUDGET_BYTES:
+                raise SpecError(f"{device} has {int(probed.get(key, 0))} bytes of free memory, less than the "
+                                f"{MIN_DEVICE_BUDGET_BYTES // FREE_MEMORY_SHARE:.0f} bytes the merge needs on it; "
+                                "free memory on it or leave it out with --device")
     return budget
 
 

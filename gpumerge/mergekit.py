@@ -23,6 +23,7 @@ from typing import Any
 
 from gpumerge import schedule
 from gpumerge.errors import SpecError
+from gpumerge.spec import MAX_LAYER_NUMBER, shown, shown_names
 
 TOP_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source")
@@ -137,7 +138,7 @@ def _number(value: Any, key: str) -> float:
     except OverflowError:
         number = math.nan
     if not math.isfinite(number):
-        raise SpecError(f"mergekit parameter {key} must be a finite number, got {str(value)[:40]}")
+        raise SpecError(f"mergekit parameter {key} must be a finite number, got {shown(value)}")
     return number
 
 
@@ -158,7 +159,7 @@ def evaluate_setting(tensor_name: str, setting: Any, x: float) -> Any:
             if flt is None or flt == "*" or flt in tensor_name:
                 return evaluate_setting(tensor_name, cond.get("value"), x)
         return None
-    raise SpecError(f"mergekit parameter value {setting!r} is not a number, a list, or a list of filters")
+    raise SpecError(f"mergekit parameter value {shown(setting)} is not a number, a list, or a list of filters")
 
 
 # ---- parsing ------------------------------------------------------------------------------------------------
@@ -167,13 +168,13 @@ def parse_mergekit(data: dict, *, source: str) -> dict:
     """A mergekit config -> MergeSpec keyword arguments (model paths and a MergekitRecipe)."""
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
-        raise SpecError(f"{source}: mergekit key(s) {', '.join(map(str, unknown))} are not supported (gpumerge "
+        raise SpecError(f"{source}: mergekit key(s) {shown_names(unknown)} are not supported (gpumerge "
                         f"takes two-model linear/slerp configs: {', '.join(TOP_KEYS)})")
     method = data.get("merge_method")
     if not isinstance(method, str) or method not in METHOD_PARAMETERS:
-        raise SpecError(f"{source}: merge_method {method!r} is not supported (gpumerge runs linear and slerp)")
+        raise SpecError(f"{source}: merge_method {shown(method)} is not supported (gpumerge runs linear and slerp)")
     if data.get("tokenizer_source") not in (None, "base"):
-        raise SpecError(f"{source}: tokenizer_source {data['tokenizer_source']!r} (tokenizer surgery) is not "
+        raise SpecError(f"{source}: tokenizer_source {shown(data['tokenizer_source'])} (tokenizer surgery) is not "
                         "supported; the output keeps model 1's (the base model's) tokenizer")
     if ("slices" in data) == ("models" in data):
         raise SpecError(f"{source}: give exactly one of slices or models")
@@ -259,16 +260,21 @@ def _two_models(refs: list[str], base: str | None, *, source: str) -> tuple[tupl
 
 def _model_ref(value: Any, *, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise SpecError(f"{where}: a model is a path or hub id, got {value!r}")
+        raise SpecError(f"{where}: a model is a path or hub id, got {shown(value)}")
+    if "\0" in value:
+        raise SpecError(f"{where}: the model {shown(value)} contains a NUL character, which no path can hold")
     if "+" in value:
-        raise SpecError(f"{where}: {value!r} applies a LoRA (model+lora), which is not supported")
+        raise SpecError(f"{where}: {shown(value)} applies a LoRA (model+lora), which is not supported")
     return value
 
 
 def _layer_range(value: Any, *, where: str) -> tuple[int, int]:
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or not 0 <= value[0] < value[1]):
-        raise SpecError(f"{where}: layer_range must be [start, end] with 0 <= start < end, got {value!r}")
+        raise SpecError(f"{where}: layer_range must be [start, end] with 0 <= start < end, got {shown(value)}")
+    if value[1] > MAX_LAYER_NUMBER:
+        raise SpecError(f"{where}: layer_range ends at {shown(value[1])}, more than the {MAX_LAYER_NUMBER} blocks "
+                        "any model has")
     return value[0], value[1]
 
 
@@ -279,7 +285,7 @@ def _parameters(value: Any, method: str, *, where: str) -> dict:
         raise SpecError(f"{where}: parameters must be a mapping")
     unknown = [k for k in value if k not in METHOD_PARAMETERS[method]]
     if unknown:
-        raise SpecError(f"{where}: parameter(s) {', '.join(map(str, unknown))} are not used by {method} "
+        raise SpecError(f"{where}: parameter(s) {shown_names(unknown)} are not used by {method} "
                         f"(it takes {', '.join(METHOD_PARAMETERS[method])})")
     for key, setting in value.items():
         _check_setting(setting, where=f"{where}.{key}")
@@ -287,26 +293,40 @@ def _parameters(value: Any, method: str, *, where: str) -> dict:
 
 
 def _check_setting(setting: Any, *, where: str) -> None:
-    if isinstance(setting, (bool, int, float)):
+    if isinstance(setting, bool):
+        return
+    if isinstance(setting, (int, float)):
+        _check_finite(setting, where=where)
         return
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list) and setting:
         if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            for e in setting:
+                _check_finite(e, where=where)
             return
         for cond in setting:
             if not isinstance(cond, dict) or "value" not in cond or not isinstance(cond.get("filter", ""), (str, type(None))):
-                raise SpecError(f"{where}: a filtered value is {{filter: SUBSTRING, value: ...}}, got {cond!r}")
+                raise SpecError(f"{where}: a filtered value is {{filter: SUBSTRING, value: ...}}, got {shown(cond)}")
             _only(cond, ("filter", "value"), where=where)
             _check_setting(cond["value"], where=where)
         return
-    raise SpecError(f"{where}: {setting!r} is not a number, a gradient list, or a list of {{filter, value}}")
+    raise SpecError(f"{where}: {shown(setting)} is not a number, a gradient list, or a list of {{filter, value}}")
+
+
+def _check_finite(value: int | float, *, where: str) -> None:
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise SpecError(f"{where}: {shown(value)} is not a finite number (a weight or t is a plain number like 0.5)")
 
 
 def _only(entry: dict, allowed: tuple[str, ...], *, where: str) -> None:
     unknown = [k for k in entry if k not in allowed]
     if unknown:
-        raise SpecError(f"{where}: key(s) {', '.join(map(str, unknown))} are not supported here "
+        raise SpecError(f"{where}: key(s) {shown_names(unknown)} are not supported here "
                         f"(known: {', '.join(allowed)})")
 
 
@@ -315,5 +335,5 @@ def _dtype(value: Any, key: str, source: str) -> str | None:
         return None
     code = DTYPES.get(str(value).lower())
     if code is None:
-        raise SpecError(f"{source}: {key} {value!r} is not one of float16, bfloat16, float32")
+        raise SpecError(f"{source}: {key} {shown(value)} is not one of float16, bfloat16, float32")
     return code

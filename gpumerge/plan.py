@@ -22,6 +22,8 @@ _RANGE_RANK = {"F16": 0, "BF16": 1, "F32": 2, "F64": 3}
 _CONFIG_KEYS_TO_COMPARE = ("model_type", "architectures", "vocab_size", "hidden_act", "rope_theta", "rope_scaling",
                            "rope_parameters", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
 _MAX_LISTED = 12
+# torch.finfo(torch.float32).max: the blend computes in float32 (or narrower), so every t and coefficient must fit.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class CheckpointIndex(Protocol):
@@ -171,6 +173,21 @@ def selection(a: CheckpointIndex, spec: MergeSpec, num_layers: int | None, *, or
     return {n: Rule(t, method=spec.method) for n, t in weights.items()}, layer_t, window
 
 
+def check_blend_weights(rules: Mapping[str, Rule]) -> None:
+    """Every t and coefficient is a finite float32: the blend hands them to torch as float32 (or narrower), where
+    1e39 is inf and the merge would fail after its first byte (or write inf/NaN)."""
+    problems = []
+    for name, rule in rules.items():
+        values = [("t", rule.t)] + [(f"coefficient of model {i + 1}", c) for i, c in enumerate(rule.coef or ())]
+        problems += [f"{name} {what}={value!r}" for what, value in values if not abs(value) <= FLOAT32_MAX]
+    if problems:
+        raise SpecError(
+            f"the recipe gives {len(problems)} blend weight(s) that are not finite float32 numbers: "
+            + "; ".join(problems[:4]) + (f"; ... and {len(problems) - 4} more" if len(problems) > 4 else "")
+            + f"; every t and coefficient must be finite with |value| <= {FLOAT32_MAX!r} (float32's largest), as "
+            "the blend computes in float32: use smaller gradient values or weights")
+
+
 def make_plan(a: CheckpointIndex, b: CheckpointIndex, spec: MergeSpec, *, order: list[str] | None = None,
               tied: Mapping[str, str] | None = None) -> MergePlan:
     """``order``: model 1's canonical tensor order (its architecture's state_dict) for position-based recipes;
@@ -179,6 +196,7 @@ def make_plan(a: CheckpointIndex, b: CheckpointIndex, spec: MergeSpec, *, order:
     out_dtype, notices = _output_dtype(a, spec, b)
     rules, layer_t, window = selection(a, spec, num_layers, order=order, tied=tied, dtype_b=_main_dtype(b),
                                        out_dtype=out_dtype)
+    check_blend_weights(rules)
     notices += _config_differences(a, b)
 
     problems: list[str] = []

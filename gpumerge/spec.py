@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from gpumerge.errors import SpecError
@@ -15,34 +16,72 @@ DTYPE_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "auto")
 
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+(,cuda:\d+)*)$")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,9}(,cuda:\d{1,9})*)$", re.ASCII)
+
+# Bounds on what a setting can sensibly be: past them a value is a typo or an attack, and refusing it here keeps
+# every later step (int -> float, planning batches, messages) from overflowing, crawling or growing without end.
+MAX_SIZE_BYTES = 2**60  # 1 EiB: no shard, memory budget or disk is larger
+MIN_DEVICE_BUDGET_BYTES = 16 * 2**20  # one CPU batch; below it planning crawls through millions of tiny batches
+MAX_LAYER_NUMBER = 1_000_000  # no model has a million decoder blocks
+MAX_RECIPE_BYTES = 2**20  # a recipe is a few kilobytes; PyYAML takes ~60 bytes of memory per byte it parses
+MAX_RECIPE_ITEMS = 4 * 2**20  # values and string characters, with every alias expanded
+MAX_RECIPE_DEPTH = 64  # a mergekit config nests ~10 levels; deeper structures overflow recursive code
 
 # Size units as huggingface_hub/transformers spell them: decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB.
-# Written here (not accelerate's convert_file_size_to_int) so that spec parsing stays free of heavy imports
-# and so that every bad string gets the same one-line message.
+# Written here (not accelerate's convert_file_size_to_int) so that spec parsing stays free of heavy imports,
+# so that sizes are exact (no float rounding: 2.01GB is 2010000000 bytes) and every bad string gets one message.
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)
 
 
-def parse_size(text: str | int, *, what: str = "size") -> int:
-    """``"2000MiB"``, ``"2GB"``, ``"500MB"``, ``"300KB"``, ``"1048576"`` -> bytes (a positive int)."""
+def shown(value, *, limit: int = 40) -> str:
+    """A value as an error message shows it: strings quoted, anything long cut, huge integers by their length."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a {len(str(abs(value))) if value.bit_length() < 14000 else 'many'}-digit integer"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def shown_names(keys, *, limit: int = 12) -> str:
+    """Keys for a message: short strings as they are, anything else as shown(), at most ``limit`` of them."""
+    keys = list(keys)
+    names = [k if isinstance(k, str) and len(k) <= 40 else shown(k) for k in keys[:limit]]
+    return ", ".join(names) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _size_bytes(text: str | int, *, what: str) -> int:
+    """A size as a whole number of bytes, exactly (fractions of a byte dropped); 0 is allowed here."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        match = _SIZE_RE.match(str(text))
+        match = _SIZE_RE.match(text) if isinstance(text, str) else None
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _SIZE_UNITS:
             raise SpecError(
-                f"{what} {text!r} is not a size: use a number of bytes or a number with one of "
+                f"{what} {shown(text)} is not a size: use a number of bytes or a number with one of "
                 "KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 2000MiB or 5GB"
             )
-        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        if len(match.group(1)) > 40:  # 10**40 bytes is past any bound: no need to multiply it out
+            value = MAX_SIZE_BYTES + 1
+        else:
+            value = int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
+    if value > MAX_SIZE_BYTES:
+        raise SpecError(f"{what} {shown(text)} is more than {MAX_SIZE_BYTES} bytes (2**60, 1 EiB), far beyond "
+                        "any real size; give a size like 2000MiB or 5GB")
+    if value < 0:
+        raise SpecError(f"{what} {shown(text)} is negative; give a size like 2000MiB or 5GB")
+    return value
+
+
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """``"2000MiB"``, ``"2GB"``, ``"500MB"``, ``"300KB"``, ``"1048576"`` -> bytes (a positive int, at most 2**60)."""
+    value = _size_bytes(text, what=what)
     if value <= 0:
-        raise SpecError(f"{what} {text!r} must be more than 0 bytes")
+        raise SpecError(f"{what} {shown(text)} must be more than 0 bytes")
     return value
 
 
@@ -63,26 +102,65 @@ def parse_device(text: str) -> str:
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:
-    """``"0=20GiB,1=20GiB,cpu=8GiB"`` -> accelerate's max_memory dict ``{0: bytes, 1: bytes, "cpu": bytes}``."""
-    from accelerate.utils import convert_file_size_to_int  # accelerate's size parsing, as its max_memory uses
+    """``"0=20GiB,1=20GiB,cpu=8GiB"`` -> accelerate's max_memory dict ``{0: bytes, 1: bytes, "cpu": bytes}``.
 
+    Sizes as --max_shard_size takes them (plain bytes too); each device gets at least MIN_DEVICE_BUDGET_BYTES."""
     budget: dict[int | str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, size = part.partition("=")
         key = key.strip().lower().removeprefix("cuda:")
-        if not sep or not (key.isdigit() or key == "cpu"):
-            raise SpecError(f"--max_memory {text!r}: each entry is DEVICE=SIZE with DEVICE a GPU index or cpu, "
-                            f"e.g. 0=20GiB,1=20GiB,cpu=8GiB (got {part!r})")
-        try:
-            value = convert_file_size_to_int(size.strip())
-        except (ValueError, TypeError) as exc:
-            raise SpecError(f"--max_memory {text!r}: {size.strip()!r} is not a size (e.g. 20GiB, 500MB)") from exc
-        if value <= 0:
-            raise SpecError(f"--max_memory {text!r}: {part!r} must be more than 0 bytes")
-        budget[int(key) if key.isdigit() else "cpu"] = value
+        if not sep or not (re.fullmatch(r"[0-9]{1,9}", key) or key == "cpu"):
+            raise SpecError(f"--max_memory {shown(text)}: each entry is DEVICE=SIZE with DEVICE a GPU index or "
+                            f"cpu, e.g. 0=20GiB,1=20GiB,cpu=8GiB (got {shown(part)})")
+        device: int | str = int(key) if key != "cpu" else "cpu"
+        label = device_label(device)
+        if device in budget:
+            raise SpecError(f"--max_memory {shown(text)} names {label} twice; give each device once")
+        budget[device] = _size_bytes(size.strip(), what=f"--max_memory {shown(text)}: {label}")
+        check_device_budget(device, budget[device], what=f"--max_memory {shown(text)}")
     if not budget:
-        raise SpecError(f"--max_memory {text!r} names no device")
+        raise SpecError(f"--max_memory {shown(text)} names no device")
     return budget
+
+
+def device_label(key: int | str) -> str:
+    """A --max_memory key as a device name: ``0`` -> ``cuda:0``, ``"cpu"`` -> ``cpu``."""
+    return "cpu" if key == "cpu" else f"cuda:{key}"
+
+
+def check_device_budget(key: int | str, nbytes: int, *, what: str = "--max_memory") -> None:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < MIN_DEVICE_BUDGET_BYTES:
+        raise SpecError(f"{what}: {device_label(key)} gets {shown(nbytes)} bytes, less than the minimum of "
+                        f"{MIN_DEVICE_BUDGET_BYTES} bytes (16 MiB) a device needs for its in-flight buffers; "
+                        f"give {'cpu' if key == 'cpu' else key}=16MiB or more")
+
+
+def unused_budget_error(keys, devices: list[str]) -> SpecError:
+    """--max_memory for a device the merge does not use (a typo, or a budget that would be silently ignored)."""
+    return SpecError(f"--max_memory names device(s) {', '.join(device_label(k) for k in keys)} that the merge does "
+                     f"not use ({', '.join(devices)}); budget only those, or choose them with --device")
+
+
+def check_budget_devices(device: str, max_memory) -> None:
+    """The --max_memory entries --device rules out without probing: any GPU with --device cpu, other GPUs than
+    those of a cuda:N list."""
+    if device in ("auto", "cuda") or not max_memory:
+        return
+    devices = device.split(",")
+    unknown = [key for key, _ in max_memory if key != "cpu" and f"cuda:{key}" not in devices]
+    if unknown:
+        raise unused_budget_error(unknown, devices)
+
+
+def check_layer_number(value, *, key: str) -> int:
+    """A block number (layer_start, layer_end): an integer (or integral float) of magnitude <= MAX_LAYER_NUMBER."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())):
+        raise SpecError(f"{key} must be an integer, got {shown(value)}")
+    if abs(value) > MAX_LAYER_NUMBER:
+        raise SpecError(f"{key} must be a block number, an integer of at most {MAX_LAYER_NUMBER} in size (no model "
+                        f"has more blocks), got {shown(value)}")
+    return int(value)
 
 
 def check_finite(value, *, flag: str) -> float:
@@ -91,7 +169,7 @@ def check_finite(value, *, flag: str) -> float:
     except (OverflowError, TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):
-        raise SpecError(f"{flag} must be a finite number, got {str(value)[:40]}")
+        raise SpecError(f"{flag} must be a finite number, got {shown(value)}")
     return number
 
 
@@ -102,12 +180,12 @@ def parse_gradient_values(text: str | list, *, what: str = "--gradient_values") 
         try:
             values = json.loads(text.strip())
         except (ValueError, RecursionError):
-            raise SpecError(f"{what} {text[:60]!r} is not a list of numbers like [1.0, 0.5, 0.0]") from None
+            raise SpecError(f"{what} {shown(text, limit=60)} is not a list of numbers like [1.0, 0.5, 0.0]") from None
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values]
     if (not isinstance(values, list) or not values
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-        raise SpecError(f"{what} {str(text)[:60]!r} is not a non-empty list of numbers like [1.0, 0.5, 0.0]")
+        raise SpecError(f"{what} {shown(text, limit=60)} is not a non-empty list of numbers like [1.0, 0.5, 0.0]")
     return tuple(check_finite(v, flag=what) for v in values)
 
 
@@ -182,6 +260,11 @@ class MergeSpec:
     def __post_init__(self) -> None:
         check_finite(self.gradient_start, flag="--gradient_start")
         check_finite(self.gradient_end, flag="--gradient_end")
+        check_layer_number(self.layer_start, key="--layer_start")
+        check_layer_number(self.layer_end, key="--layer_end")
+        for key, nbytes in self.max_memory or ():
+            check_device_budget(key, nbytes)
+        check_budget_devices(self.device, self.max_memory)
         if self.dtype not in DTYPE_CHOICES:
             raise SpecError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.method not in METHODS:
@@ -218,21 +301,112 @@ OPERATION_KEYS = ("operation", "filter", "gradient_values", "layer_only", "no_la
 MERGEKIT_MARKERS = ("merge_method", "slices", "models")
 
 
+# YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot (1e-3, 1E5) or without a
+# sign (2.5e3); YAML 1.1 itself reads only the likes of 2.5e+3.
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$", re.ASCII)
+_LOADERS: dict[type, type] = {}
+
+
+def recipe_loader(base: type | None = None) -> type:
+    """A safe loader (libyaml's CSafeLoader when present: long lists parse fast) that reads 1e-3 as a float, as
+    YAML 1.2, JSON and mergekit's users expect, and refuses a key given twice in one mapping."""
+    import yaml
+
+    base = base or getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    if base not in _LOADERS:
+        class RecipeLoader(base):
+            def flatten_mapping(self, node) -> None:  # every mapping passes here before its << keys are merged in
+                _refuse_duplicate_keys(self, node)
+                super().flatten_mapping(node)
+
+        RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+        _LOADERS[base] = RecipeLoader
+    return _LOADERS[base]
+
+
+def _refuse_duplicate_keys(loader, node) -> None:
+    """A mapping's own keys (merge keys ``<<`` aside) must differ: PyYAML would keep the last one silently."""
+    import yaml
+
+    if getattr(loader, "_unique_checked", None) is None:
+        loader._unique_checked = set()
+    if id(node) in loader._unique_checked:  # a merged-in mapping is flattened again when it is itself built
+        return
+    loader._unique_checked.add(id(node))
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"the key {shown(key)} appears twice in one "
+                                                    "mapping; keep one", key_node.start_mark)
+        seen.add(key)
+
+
 def load_yaml(text: str, *, source: str) -> dict:
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: long lists parse fast
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+        data = yaml.load(text, Loader=recipe_loader())  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
-        raise SpecError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    except (ValueError, RecursionError) as exc:
-        raise SpecError(f"{source}: cannot read this YAML ({type(exc).__name__})") from None
+        raise SpecError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # a bad date, an integer of over 4300 digits, ...
+        raise SpecError(f"{source}: not valid YAML: {shown(str(exc), limit=120)}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: not valid YAML: nested too deeply") from None
+    check_tree(data, source=source)
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a recipe is a YAML mapping of settings (got {type(data).__name__})")
     return data
+
+
+def check_tree(data, *, source: str) -> None:
+    """YAML aliases make a document a graph: refuse a cycle (``t: &a [*a]``), nesting deeper than
+    MAX_RECIPE_DEPTH and a size past MAX_RECIPE_ITEMS with every alias expanded (the "billion laughs"). One pass
+    over the distinct containers, each one's expanded size and height memoized by id, so it takes linear time."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (expanded items, height)
+    open_ids: set[int] = set()  # containers on the current path: meeting one again is a cycle
+    stack: list[tuple[object, bool]] = [(data, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if finished:
+            open_ids.discard(key)
+            sizes = [done[id(c)] if _children(c) is not None else (_leaf_items(c), 0) for c in children]
+            done[key] = (1 + sum(s for s, _ in sizes), 1 + max((h for _, h in sizes), default=0))
+            continue
+        if children is None or key in done:
+            continue
+        if key in open_ids:
+            raise SpecError(f"{source}: a recursive alias (an anchor used inside its own value, like "
+                            "`t: &a [*a]`) makes an endless value; write the value out")
+        open_ids.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if _children(c) is not None and id(c) not in done)
+    items, height = done.get(id(data), (_leaf_items(data), 0))
+    if height > MAX_RECIPE_DEPTH:
+        raise SpecError(f"{source}: is nested {height} levels deep, more than the {MAX_RECIPE_DEPTH} a recipe can "
+                        "sensibly need; flatten it")
+    if items > MAX_RECIPE_ITEMS:
+        raise SpecError(f"{source}: expands to more than {MAX_RECIPE_ITEMS} values and characters once its aliases "
+                        "(*name) are expanded; a recipe is a few settings: write them out without nested aliases")
+
+
+def _children(node) -> list | None:
+    """A container's members (a mapping's keys and values), or None for a scalar."""
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    return None
+
+
+def _leaf_items(value) -> int:
+    return 1 + (len(value) if isinstance(value, (str, bytes)) else 0)
 
 
 def is_mergekit_config(data: dict) -> bool:
@@ -242,12 +416,12 @@ def is_mergekit_config(data: dict) -> bool:
 def _unknown(keys, allowed, *, where: str) -> None:
     unknown = [k for k in keys if k not in allowed]
     if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(allowed)})")
+        raise SpecError(f"{where}: unknown key(s) {shown_names(unknown)} (known: {', '.join(allowed)})")
 
 
 def _bool(value, *, key: str, where: str) -> bool:
     if not isinstance(value, bool):
-        raise SpecError(f"{where}: {key} must be true or false, got {value!r}")
+        raise SpecError(f"{where}: {key} must be true or false, got {shown(value)}")
     return value
 
 
@@ -258,7 +432,10 @@ def parse_recipe(data: dict, *, source: str) -> dict:
                 "max_memory"):
         allowed = (str, int) if key == "max_shard_size" else (str,)
         if key in data and (not isinstance(data[key], allowed) or isinstance(data[key], bool)):
-            raise SpecError(f"{source}: {key} must be a string, got {data[key]!r}")
+            raise SpecError(f"{source}: {key} must be a string, got {shown(data[key])}")
+        if key in data and "\0" in str(data[key]):
+            raise SpecError(f"{source}: {key} {shown(data[key])} contains a NUL character, which no path or setting "
+                            "can hold")
     if "mergekit" in data:  # a merge record of a mergekit config: its settings around the config itself
         from gpumerge.mergekit import parse_mergekit
 
@@ -297,9 +474,16 @@ def parse_recipe(data: dict, *, source: str) -> dict:
         if not isinstance(modules, dict) or not modules:
             raise SpecError(f"{source}: layer_gradients must map module names (or default) to lists of values")
         out["recipe"] = LayerGradientsRecipe(tuple(
-            (str(key), parse_gradient_values(value, what=f"{source}: layer_gradients.{key}"))
+            (_module_key(key, source=source), parse_gradient_values(value, what=f"{source}: layer_gradients.{key}"))
             for key, value in modules.items()))
     return out
+
+
+def _module_key(key, *, source: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise SpecError(f"{source}: layer_gradients keys are module names (substrings of tensor names) or default, "
+                        f"got {shown(key)}")
+    return key
 
 
 def _operation(entry, *, source: str, label: str | None) -> TensorOperation:
@@ -314,8 +498,10 @@ def _operation(entry, *, source: str, label: str | None) -> TensorOperation:
         raise SpecError(f"{where}: give filter or custom_filter, not both")
     substring = entry.get("filter", entry.get("custom_filter"))
     if substring is not None and not isinstance(substring, str):
-        raise SpecError(f"{where}: filter must be a string, got {substring!r}")
+        raise SpecError(f"{where}: filter must be a string, got {shown(substring)}")
     name = entry.get("operation")
+    if name is not None and not isinstance(name, (str, int, float)):
+        raise SpecError(f"{where}: operation is a name (a string), got {shown(name)}")
     return TensorOperation(
         gradient_values=parse_gradient_values(entry["gradient_values"], what=f"{where}: gradient_values"),
         layer_only=_bool(entry.get("layer_only", False), key="layer_only", where=where),
