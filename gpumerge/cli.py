@@ -100,16 +100,11 @@ _DEFAULTS = {"gradient_start": 0.0, "gradient_end": 1.0, "layer_start": 0, "laye
 
 def _recipe_settings(path: Path) -> dict:
     from gpumerge import fsutil
-    from gpumerge.spec import MAX_RECIPE_BYTES, is_mergekit_config, load_yaml, parse_recipe
+    from gpumerge.spec import MAX_RECIPE_BYTES, check_home, is_mergekit_config, load_yaml, parse_recipe
 
     what = f"--config {path}"
-    try:
-        resolved = path.expanduser()
-    except RuntimeError:  # ~name of a user who does not exist (or no home directory at all)
-        user = str(path).split("/", 1)[0].removeprefix("~")
-        raise SpecError(f"{what}: there is no user named {user} (or no home directory) to expand "
-                        f"~{user}; give the path without ~ or with an existing user") from None
-    raw = fsutil.read_regular(resolved, max_bytes=MAX_RECIPE_BYTES, what=what, error=SpecError)
+    check_home(path, what=what)
+    raw = fsutil.read_regular(path.expanduser(), max_bytes=MAX_RECIPE_BYTES, what=what, error=SpecError)
     data = load_yaml(fsutil.decode_text(raw, what=what, error=SpecError), source=str(path))
     if is_mergekit_config(data):
         from gpumerge.mergekit import parse_mergekit
@@ -160,6 +155,12 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
 
     def origin(key: str) -> str:  # where a bad value came from: the command line or the recipe file
         return f"--{key}" if key in given or args.config is None else f"{args.config}: {key}"
+
+    from gpumerge.spec import check_home
+
+    for key in ("model_path1", "model_path2", "output_model_path"):
+        if merged.get(key):
+            check_home(merged[key], what=f"{origin(key)} {merged[key]}")
 
     spec = MergeSpec(
         model_path1=str(merged["model_path1"]),

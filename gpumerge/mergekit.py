@@ -179,7 +179,7 @@ def parse_mergekit(data: dict, *, source: str) -> dict:
     if ("slices" in data) == ("models" in data):
         raise SpecError(f"{source}: give exactly one of slices or models")
     parameters = _parameters(data.get("parameters"), method, where=f"{source}: parameters")
-    base = _model_ref(data["base_model"], where=f"{source}: base_model") if data.get("base_model") else None
+    base = _model_ref(data["base_model"], where=f"{source}: base_model") if data.get("base_model") is not None else None
     if method == "slerp" and base is None:
         raise SpecError(f"{source}: slerp needs base_model (t is the share of the other model)")
 
@@ -253,7 +253,7 @@ def _two_models(refs: list[str], base: str | None, *, source: str) -> tuple[tupl
     unique = list(dict.fromkeys(refs + ([base] if base else [])))
     if len(unique) != 2 or len(refs) != 2:
         raise SpecError(f"{source}: gpumerge merges exactly two models, this names {len(unique)} "
-                        f"({', '.join(unique)})")
+                        f"({', '.join(shown(ref, limit=200) for ref in unique[:12])})")
     first = refs.index(base) if base is not None else 0
     return (refs[first], refs[1 - first]), (first, 1 - first)
 

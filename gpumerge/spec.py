@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -88,16 +89,16 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
 def parse_dtype(text: str) -> str:
     name = DTYPE_ALIASES.get(text.lower(), text.lower())
     if name not in DTYPE_CHOICES:
-        raise SpecError(f"--dtype {text!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        raise SpecError(f"--dtype {shown(text)} is not one of {', '.join(DTYPE_CHOICES)}")
     return name
 
 
 def parse_device(text: str) -> str:
     value = text.strip().lower().replace(" ", "")
     if not DEVICE_RE.match(value):
-        raise SpecError(f"--device {text!r} is not one of auto, cpu, cuda, cuda:N or a list cuda:0,cuda:2")
+        raise SpecError(f"--device {shown(text)} is not one of auto, cpu, cuda, cuda:N or a list cuda:0,cuda:2")
     if len(set(value.split(","))) != len(value.split(",")):
-        raise SpecError(f"--device {text!r} names a device twice")
+        raise SpecError(f"--device {shown(text)} names a device twice")
     return value
 
 
@@ -150,6 +151,19 @@ def check_budget_devices(device: str, max_memory) -> None:
     unknown = [key for key, _ in max_memory if key != "cpu" and f"cuda:{key}" not in devices]
     if unknown:
         raise unused_budget_error(unknown, devices)
+
+
+def check_home(path: str | Path, *, what: str) -> None:
+    """A leading ``~user`` must name an existing user: pathlib's expanduser raises RuntimeError otherwise."""
+    text = str(path)
+    if not text.startswith("~"):
+        return
+    try:
+        Path(text).expanduser()
+    except RuntimeError:
+        user = text.split("/", 1)[0].removeprefix("~")
+        raise SpecError(f"{what}: there is no user named {user} (or no home directory) to expand ~{user}; give "
+                        "the path without ~ or with an existing user") from None
 
 
 def check_layer_number(value, *, key: str) -> int:
@@ -266,9 +280,9 @@ class MergeSpec:
             check_device_budget(key, nbytes)
         check_budget_devices(self.device, self.max_memory)
         if self.dtype not in DTYPE_CHOICES:
-            raise SpecError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+            raise SpecError(f"--dtype {shown(self.dtype)} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.method not in METHODS:
-            raise SpecError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+            raise SpecError(f"--method {shown(self.method)} is not one of {', '.join(METHODS)}")
 
     @property
     def blend_method(self) -> str:
@@ -304,24 +318,34 @@ MERGEKIT_MARKERS = ("merge_method", "slices", "models")
 # YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot (1e-3, 1E5) or without a
 # sign (2.5e3); YAML 1.1 itself reads only the likes of 2.5e+3.
 _YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$", re.ASCII)
-_LOADERS: dict[type, type] = {}
 
 
+@functools.cache
 def recipe_loader(base: type | None = None) -> type:
     """A safe loader (libyaml's CSafeLoader when present: long lists parse fast) that reads 1e-3 as a float, as
     YAML 1.2, JSON and mergekit's users expect, and refuses a key given twice in one mapping."""
     import yaml
 
-    base = base or getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    if base not in _LOADERS:
-        class RecipeLoader(base):
-            def flatten_mapping(self, node) -> None:  # every mapping passes here before its << keys are merged in
-                _refuse_duplicate_keys(self, node)
-                super().flatten_mapping(node)
+    class RecipeLoader(base or getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        def flatten_mapping(self, node) -> None:  # every mapping passes here before its << keys are merged in
+            _refuse_duplicate_keys(self, node)
+            super().flatten_mapping(node)
 
-        RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
-        _LOADERS[base] = RecipeLoader
-    return _LOADERS[base]
+    return _with_yaml12_floats(RecipeLoader)
+
+
+@functools.cache
+def recipe_dumper() -> type:
+    """A safe dumper that knows the YAML 1.2 floats recipe_loader reads: it quotes the string "1e10" (a model
+    directory, a filter) that PyYAML's own dumper would write bare, and that would then come back as a float."""
+    import yaml
+
+    return _with_yaml12_floats(type("RecipeDumper", (yaml.SafeDumper,), {}))
+
+
+def _with_yaml12_floats(cls: type) -> type:
+    cls.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+    return cls
 
 
 def _refuse_duplicate_keys(loader, node) -> None:

@@ -97,6 +97,19 @@ def test_config_of_an_unknown_user(models, tmp_path, capsys):
                 needles=("--config ~gpumerge_no_such_user/r.yaml", "no user named gpumerge_no_such_user"))
 
 
+@pytest.mark.parametrize("flag", ["--model_path1", "--model_path2", "--output_model_path"])
+def test_path_of_an_unknown_user(models, tmp_path, capsys, flag):
+    flags = dict(zip(("--model_path1", "--model_path2", "--output_model_path"),
+                     (models["fp16_a"], models["fp16_b"], tmp_path / "out")))
+    flags[flag] = "~gpumerge_no_such_user/m"
+    code, _, err = run_cli(*[x for pair in flags.items() for x in pair], "--quiet", capsys=capsys)
+    assert_one_line_error(code, err, f"{flag} ~gpumerge_no_such_user/m", "no user named gpumerge_no_such_user")
+    path = write(tmp_path / "r.yaml", f"{flag[2:]}: ~gpumerge_no_such_user/m\n")
+    code, _, err = run_cli("plan", "--config", path, *[x for pair in flags.items() if pair[0] != flag for x in pair],
+                           capsys=capsys)
+    assert_one_line_error(code, err, f"{path}: {flag[2:]} ~gpumerge_no_such_user/m", "no user named")
+
+
 # ---- 2. YAML aliases: cycles, expansion, depth --------------------------------------------------------------------
 
 def mergekit_slerp(models, t: str) -> str:
@@ -302,6 +315,15 @@ def test_yaml_reads_exponent_floats(base):
     assert type(data["d"]) is int
 
 
+def test_recipe_dumper_quotes_strings_the_loader_would_read_as_floats():
+    from gpumerge.spec import recipe_dumper
+
+    data = {"model_path1": "1e10", "filter": "2E5", "t": 1e-5, "n": 3, "s": "mlp"}
+    text = yaml.dump(data, Dumper=recipe_dumper(), sort_keys=False)
+    assert "'1e10'" in text and "'2E5'" in text
+    assert load_yaml(text, source="r.yaml") == data
+
+
 def test_recipes_use_libyaml_when_present():
     if not hasattr(yaml, "CSafeLoader"):
         pytest.skip("PyYAML without libyaml")
@@ -356,6 +378,13 @@ def test_mergekit_parameters_of_the_wrong_kind(models, tmp_path, capsys, paramet
     text = mergekit_slerp(models, "0.5").replace("parameters:\n  t: 0.5\n", f"parameters: {parameters}\n")
     path = write(tmp_path / "r.yaml", text)
     both_refuse(models, tmp_path, capsys, "--config", path, needles=(needle,))
+
+
+def test_mergekit_empty_base_model_is_refused(models, tmp_path, capsys):
+    text = mergekit_slerp(models, "0.5").replace(f"base_model: {models['fp16_a']}", 'base_model: ""')
+    path = write(tmp_path / "r.yaml", text.replace("merge_method: slerp", "merge_method: linear")
+                 .replace("parameters:\n  t: 0.5\n", "parameters: {weight: 0.5}\n"))
+    both_refuse(models, tmp_path, capsys, "--config", path, needles=("base_model", "a model is a path or hub id"))
 
 
 @pytest.mark.parametrize("layer_range, needle", [(f"[0, {BIG}]", "a 401-digit integer"),
