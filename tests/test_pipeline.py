@@ -212,12 +212,12 @@ def test_report_json(models, tmp_path, capsys):
     report = tmp_path / "report.json"
     code, _, err = run_cli("--model_path1", models["fp16_a"], "--model_path2", models["fp16_b"],
                            "--output_model_path", tmp_path / "out", "--device", "cpu", "--quiet",
-                           "--max_memory", "cpu=300KB", "--report", report, capsys=capsys)
+                           "--max_memory", "cpu=48MB", "--report", report, capsys=capsys)
     assert code == 0, err
     data = json.loads(report.read_text())
     assert data["wall_s"] > 0 and data["devices"][0]["device"] == "cpu"
-    assert data["devices"][0]["budget_bytes"] == 300_000
-    assert data["batch_capacity_bytes"] == 100_000
+    assert data["devices"][0]["budget_bytes"] == 48_000_000
+    assert data["batch_capacity_bytes"] == 16_000_000
     for stage in ("read", "h2d", "blend", "d2h", "write"):
         assert set(data["stages"][stage]) == {"busy_s", "bytes", "gbps"}
     state_a = load_state(models["fp16_a"])
