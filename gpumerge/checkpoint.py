@@ -13,14 +13,13 @@ import math
 import os
 import re
 import reprlib
-import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpumerge.errors import CheckpointError
-from gpumerge.fsutil import load_json, read_regular
+from gpumerge.fsutil import load_json, open_regular, read_regular
 from gpumerge.schedule import layer_index
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -122,12 +121,6 @@ def _has_negative_zero(text: str) -> bool:
 def _is_plain_file_name(name: str) -> bool:
     """A file directly inside the model directory: no separator, not '.' or '..', no NUL byte."""
     return name not in ("", ".", "..") and "/" not in name and "\0" not in name
-
-
-def _file_kind(mode: int) -> str:
-    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
 
 
 def _blocks_text(blocks: list[int]) -> str:
@@ -300,17 +293,8 @@ class Checkpoint:
         return weight_map
 
     def _open_regular(self, path: Path) -> int:
-        """A read-only descriptor of ``path``, which must be a regular file: a FIFO or a device is refused, never
-        waited on or read without end (O_NONBLOCK; the type is checked on the open descriptor)."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise CheckpointError(f"{self.label} {path}: cannot read it ({exc.strerror})") from None
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise CheckpointError(f"{self.label} {path}: is {_file_kind(mode)}, not a weight file")
-        return fd
+        """A read-only descriptor of a weight file; a FIFO or a device is refused, never waited on or read."""
+        return open_regular(path, what=f"{self.label} {path}", error=CheckpointError, expected="a weight file must be a regular file")
 
     def _pread_exact(self, fd: int, path: Path, nbytes: int, offset: int, *, what: str) -> bytes:
         data = bytearray()

@@ -18,26 +18,37 @@ from gpumerge.errors import GpumergeError
 MAX_TEXT_BYTES = 64 * 2**20  # config.json, index files, recipes: real ones are kilobytes to a few megabytes
 
 
-def read_regular(path: Path | str, *, max_bytes: int = MAX_TEXT_BYTES, what: str,
-                 error: type[GpumergeError]) -> bytes:
-    """The whole content of a regular file of at most ``max_bytes``; anything else is ``error`` naming ``what``.
+def file_kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
 
-    Opened with O_NONBLOCK so that a FIFO swapped in after a stat cannot block the open; the type is checked on the
-    open descriptor (no race between the check and the read), and at most ``max_bytes + 1`` bytes are read."""
+
+def open_regular(path: Path | str, *, what: str, error: type[GpumergeError],
+                 expected: str = "give a regular file") -> int:
+    """A read-only descriptor of ``path``, which must be a regular file. Opened with O_NONBLOCK, so that a FIFO
+    (even one swapped in after a stat) cannot block the open; the type is checked on the open descriptor, so there
+    is no race between the check and the reads."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise error(f"{what}: cannot read it ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{what}: is {file_kind(mode)}; {expected}")
+    return fd
+
+
+def read_regular(path: Path | str, *, max_bytes: int = MAX_TEXT_BYTES, what: str,
+                 error: type[GpumergeError]) -> bytes:
+    """The whole content of a regular file of at most ``max_bytes`` (open_regular), reading at most
+    ``max_bytes + 1`` bytes; anything else is ``error`` naming ``what``."""
+    fd = open_regular(path, what=what, error=error)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
-                    else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
-                    else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
-            raise error(f"{what}: is {kind}; give a regular file")
-        if info.st_size > max_bytes:
-            raise error(f"{what}: is {info.st_size} bytes, more than the {max_bytes} bytes such a file can "
-                        "sensibly be")
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise error(f"{what}: is {size} bytes, more than the {max_bytes} bytes such a file can sensibly be")
         chunks: list[bytes] = []
         total = 0
         while total <= max_bytes:

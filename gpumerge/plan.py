@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 from gpumerge import schedule
-from gpumerge.checkpoint import DTYPE_NAMES, FLOAT_CODES, ITEMSIZE, TensorInfo
+from gpumerge.checkpoint import DTYPE_NAMES, ITEMSIZE, TensorInfo
 from gpumerge.errors import IncompatibleCheckpointsError, SpecError
 from gpumerge.spec import DTYPE_CODES, MergeSpec
 

@@ -139,7 +139,7 @@ def test_greedy_shards_follow_model1_order(models, tmp_path, capsys):
                    "--max_shard_size", "70000", "--quiet", capsys=capsys)[0] == 0
     with Checkpoint(str(models["fp16_a"]), label="a") as a:
         order = [(n, info.nbytes) for n, info in a.tensors.items()]
-    expected, current, size = [[]], 0, 0
+    expected, _current, size = [[]], 0, 0
     for name, nbytes in order:
         if expected[-1] and size + nbytes > 70000:
             expected.append([])
