@@ -29,6 +29,7 @@ from typing import Callable
 
 from gpumerge.errors import OutputError, SpecError
 from gpumerge.signals import GUARD, test_pause
+from gpumerge.spec import check_home
 
 # What --overwrite may replace: a directory holding config.json and weights, and nothing but files of these names
 # (the files of a Hugging Face model repository and of a gpumerge output). No subdirectories.
@@ -88,10 +89,8 @@ def canonical(path: Path | str, *, flag: str) -> Path:
     except UnicodeEncodeError:
         raise SpecError(f"{flag} {text.encode('utf-8', 'surrogateescape')!r} is not a valid UTF-8 name; "
                         "rename it") from None
-    try:
-        path = Path(text).expanduser()
-    except RuntimeError as exc:  # ~nouser
-        raise SpecError(f"{flag} {text}: {exc}") from None
+    check_home(text, what=f"{flag} {text}")
+    path = Path(text).expanduser()
     if path.name in ("", ".", ".."):
         return _resolve(path)
     return _resolve(path.parent) / path.name
