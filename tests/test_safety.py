@@ -41,7 +41,7 @@ def only(tmp_path: Path, *names: str) -> None:
 # ---- 1. --report is checked against the inputs and the output -------------------------------------------------
 
 @pytest.mark.parametrize("where", ["input_shard", "input_config", "link_to_input", "out_dir", "inside_out",
-                                   "inside_input_dir", "dev_full", "directory"])
+                                   "inside_input_dir", "dev_full", "directory", "unknown_user"])
 def test_report_never_lands_on_an_input_or_the_output(where, pair, tmp_path, capsys):
     a, b = pair
     out = tmp_path / "out"
@@ -54,6 +54,7 @@ def test_report_never_lands_on_an_input_or_the_output(where, pair, tmp_path, cap
         "inside_input_dir": a / "report.json",
         "dev_full": Path("/dev/full"),
         "directory": tmp_path,
+        "unknown_user": Path("~no-such-user-gpumerge/report.json"),
     }[where]
     if where == "link_to_input":
         report.symlink_to(sorted(b.glob("*.safetensors"))[1])
