@@ -136,7 +136,7 @@ def cli_once(a: Path, b: Path, out: Path) -> tuple[float, int]:
 
 
 def engine_once(a: Path, b: Path, out: Path, engine: str = "pipelined") -> tuple[float, float, int]:
-    """(result.elapsed_s, the report's wall_s: planning to finalized output, bytes read + written) of one
+    """(result.elapsed_s, the report's wall_s: opening the inputs to the output complete, bytes read + written) of one
     in-process merge."""
     from gpumerge.merge import run_merge
     from gpumerge.spec import MergeSpec
@@ -207,7 +207,7 @@ def table(t: Timings) -> list[str]:
         ("python -c 'import torch' (s)", f"{t.torch_import_s:.2f}", "", ""),
         ("CLI wall (s)", f"{t.cli_s:.2f}", "", ""),
         ("engine stages only, result.elapsed_s (s)", f"{t.engine_s:.2f}", "", ""),
-        ("engine, report wall_s: planning to finalized output (s)", f"{t.run_merge_s:.2f}", "", ""),
+        ("engine, report wall_s: opening the inputs to the output complete (s)", f"{t.run_merge_s:.2f}", "", ""),
         ("sequential reference engine, wall_s (s)", f"{t.sequential_s:.2f}", "", ""),
         ("CLI / (import torch + I/O floor)", f"{cli_ratio:.2f}", f"≤ {TARGET_CLI_RATIO}",
          verdict(cli_ratio, TARGET_CLI_RATIO)),
