@@ -469,3 +469,15 @@ def test_names_that_are_not_utf8_are_refused_before_the_merge(pair, tmp_path, ca
     code, _, err = run_cli(*merge_args(link, pair[1], tmp_path / "out"), capsys=capsys)
     assert_one_line_error(code, err, "--model_path1", "not a valid UTF-8 name")
     only(tmp_path, link.name)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_config_json_must_be_utf8(encoding, pair, tmp_path, capsys):
+    a = tmp_path / "a"
+    shutil.copytree(pair[0], a)
+    config = json.loads((a / "config.json").read_text())
+    config["_name_or_path"] = "modèle"
+    (a / "config.json").write_bytes(json.dumps(config, ensure_ascii=False).encode(encoding))
+    code, _, err = run_cli(*merge_args(a, pair[1], tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "config.json", "UTF-16" if encoding == "utf-16" else "not UTF-8")
+    assert not (tmp_path / "out").exists()
