@@ -257,12 +257,16 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
     one line; the cleanup they start is not cut short by more signals (gpumerge.signals)."""
     from gpumerge.signals import GUARD, Interrupted
 
+    GUARD.install()  # first: building the parser imports the package (--version)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "merge"
-    parser = build_parser(command)
     debug = "--debug" in argv
-    GUARD.install()
     try:
+        try:
+            os.getcwd()
+        except FileNotFoundError:  # torch's import dies with a foreign fatal error there
+            return _fail("the current directory no longer exists (it was removed); cd to an existing directory")
+        parser = build_parser(command)
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help, or a bad command line already reported in one line

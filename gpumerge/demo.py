@@ -3,12 +3,14 @@ settings, loaded back with transformers and checked value by value against a flo
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from gpumerge.errors import GpumergeError
+from gpumerge.signals import GUARD
 
 DEMO_WORDS = ("the a merge of two models blends their blocks along a gradient from one to the other and keeps "
               "everything else of model one so tokenizer embeddings norm and head stay the same").split()
@@ -95,8 +97,22 @@ def _demo_root(workdir: Path | None) -> Path:
             raise GpumergeError(f"--workdir {root} is not empty and is not an earlier demo's directory; give a new "
                                 "or empty directory (the demo writes model1/, model2/ and merged/ there)")
         root.mkdir(parents=True, exist_ok=True)
+        for name in ("model1", "model2"):  # an earlier demo's models: rebuilt from scratch, never written through
+            _remove_demo_model(root / name)
     (root / _DEMO_MARKER).write_text("gpumerge demo\n")
     return root
+
+
+def _remove_demo_model(path: Path) -> None:
+    """Remove a model an earlier demo built (it carries the demo's marker); anything else there is refused."""
+    import shutil
+
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir() or not (path / _DEMO_MARKER).is_file():
+        raise GpumergeError(f"--workdir {path.parent}: {path.name} is not a model an earlier demo built (it is a "
+                            "link, a file, or has no demo marker); remove it yourself or give a new directory")
+    shutil.rmtree(path)
 
 
 def run_demo(*, workdir: Path | None, quiet: bool) -> int:
@@ -113,6 +129,8 @@ def run_demo(*, workdir: Path | None, quiet: bool) -> int:
     for name, seed in (("model1", 1), ("model2", 2)):
         tokenizer = build_tokenizer(root / name)
         build_llama(root / name, seed=seed, vocab_size=len(tokenizer))
+        (root / name / _DEMO_MARKER).write_text("gpumerge demo\n")
+        GUARD.poll()
     spec = MergeSpec(model_path1=str(root / "model1"), model_path2=str(root / "model2"),
                      output_model_path=root / "merged", gradient_start=0.9, gradient_end=0.0,
                      layer_start=0, layer_end=12, max_shard_size="300KB", max_shard_bytes=300_000,

@@ -16,6 +16,7 @@ from typing import Callable
 from gpumerge.checkpoint import Checkpoint
 from gpumerge.errors import IncompatibleCheckpointsError
 from gpumerge.plan import MergePlan, make_plan, t_groups
+from gpumerge.signals import GUARD
 from gpumerge.spec import MergeSpec
 
 
@@ -113,6 +114,13 @@ def _import_torch_in_background() -> threading.Thread:
     return thread
 
 
+def _await(thread: threading.Thread) -> None:
+    """Join a thread, a signal stopping the wait at once (never inside the thread's own work, e.g. an import)."""
+    while thread.is_alive():
+        with GUARD.interruptible():
+            thread.join(0.1)
+
+
 class _LockedProgress:
     def __init__(self, update: Callable[[int], None] | None) -> None:
         self._update = update
@@ -124,15 +132,19 @@ class _LockedProgress:
                 self._update(nbytes)
 
 
-def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: MergePlan, *,
-                       report_path: Path | None = None) -> tuple[Path | None, Path | None]:
-    """What `gpumerge plan` and a merge both check before the first output byte, beyond the plan itself: the output
-    and report paths against every input file, the disk space, and the non-float tensors that must be equal.
-    Returns (OUT, report path), canonical."""
-    from gpumerge import writer
-    from gpumerge.outdir import Inputs, OutputDir, check_output_path, check_write_file
+@dataclass(frozen=True, slots=True)
+class Checked:
+    out: Path | None  # canonical
+    report: Path | None  # canonical
+    inputs: object  # outdir.Inputs
 
-    from gpumerge.outdir import canonical
+
+def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: MergePlan, *,
+                       report_path: Path | None = None) -> Checked:
+    """What `gpumerge plan` and a merge both check before the first output byte, beyond the plan itself: the output
+    and report paths against every input file, the disk space, and the non-float tensors that must be equal."""
+    from gpumerge import writer
+    from gpumerge.outdir import Inputs, OutputDir, canonical, check_output_path, check_write_file
 
     for flag, value in (("--model_path1", spec.model_path1), ("--model_path2", spec.model_path2)):
         canonical(value, flag=flag)  # a name that is not UTF-8 could not be written into the merge record
@@ -144,7 +156,7 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
             plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
     report = check_write_file(report_path, flag="--report", inputs=inputs, out=out) if report_path else None
     preflight(plan, a, b)
-    return out, report
+    return Checked(out, report, inputs)
 
 
 def plan_devices(spec: MergeSpec, plan: MergePlan, *, budget: dict[str, int] | None = None,
@@ -180,9 +192,14 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     began = time.perf_counter()
     a, b = open_pair(spec)
     with a, b:
+        GUARD.poll()
         plan = plan_merge(spec, a, b, notice=notice)
-        out, report_path = check_before_merge(spec, a, b, plan, report_path=report_path)
-        with OutputDir(out, overwrite=spec.overwrite, notice=notice) as output:  # the lock on OUT from here on
+        GUARD.poll()
+        checked = check_before_merge(spec, a, b, plan, report_path=report_path)
+        out, report_path = checked.out, checked.report
+        GUARD.poll()
+        with OutputDir(out, overwrite=spec.overwrite, inputs=checked.inputs, notice=notice) as output:  # locked
+            GUARD.poll()
             if any(job.method == "slerp" for job in plan.jobs):
                 from gpumerge.pipeline import slerp_prepass
 
@@ -194,7 +211,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
             # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
             importing = _import_torch_in_background() if "torch" not in sys.modules else None
             if importing is not None and spec.device != "cpu" and cuda_possible():
-                importing.join()
+                _await(importing)
             devices, device_notice, budget, capacity, batches = plan_devices(
                 spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
             if device_notice:
@@ -212,7 +229,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                     if copier is not None:
                         copier.start()
                     if importing is not None:
-                        importing.join()
+                        _await(importing)
                     stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
                                         engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
                                         advance=advance, simulate_staging=simulate_staging)
@@ -231,7 +248,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                 if report_path is not None:  # written before the output is put in place, shown only with it
                     report_file = AtomicFile(report_path)
                     report_file.write_bytes((json.dumps(report, indent=2) + "\n").encode())
-                output.finalize()
+                output.finalize(companion=report_file)
             except BaseException:
                 if report_file is not None:
                     report_file.discard()
@@ -240,13 +257,6 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                 telemetry.stop()
                 if progress:
                     progress.close()
-            if report_file is not None:
-                try:
-                    report_file.commit()
-                except OSError as exc:
-                    report_file.discard()
-                    notice(f"warning: the merge is complete at {out}, but --report {report_path} could not be "
-                           f"written ({exc.strerror})")
     return MergeResult(out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read, stats.bytes_written,
                        report)
 

@@ -48,17 +48,21 @@ _STEM_NAME_BYTES = 40  # hidden sibling names stay far below NAME_MAX whatever t
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
-    """Every input directory and every file in them, resolved: what no output path may be, be inside, or hold."""
+    """Every input directory and every file in them, resolved, with their identities (device, inode): what no
+    output path may be, be inside, or hold, even after a rename."""
 
     roots: tuple[tuple[str, Path], ...]  # (label, resolved directory)
     files: tuple[tuple[str, Path, Path], ...]  # (label, path as found, resolved)
+    identities: dict  # (st_dev, st_ino) -> (label, path) of every input directory and file
 
     @classmethod
     def of(cls, *checkpoints) -> "Inputs":
-        roots, files = [], []
+        roots, files, identities = [], [], {}
         for ckpt in checkpoints:
             label = ckpt.label.split(" (")[0]
-            roots.append((label, Path(ckpt.root).resolve()))
+            root = Path(ckpt.root).resolve()
+            roots.append((label, root))
+            _remember(identities, root, label)
             listed = set(getattr(ckpt, "input_files", lambda: [])())
             try:
                 listed.update(p for p in Path(ckpt.root).iterdir())
@@ -66,7 +70,46 @@ class Inputs:
                 pass
             for path in sorted(listed):
                 files.append((label, path, _resolve(path)))
-        return cls(tuple(roots), tuple(files))
+                _remember(identities, path, label)
+        return cls(tuple(roots), tuple(files), identities)
+
+    def owner(self, path: Path) -> tuple[str, Path] | None:
+        """(label, input path) when ``path`` is, by identity, an input directory or file (links followed)."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return self.identities.get((info.st_dev, info.st_ino))
+
+    def held_by(self, directory: Path) -> tuple[str, Path] | None:
+        """An input that ``directory`` is, holds (as an entry, by identity), or contains (by resolved path)."""
+        found = self.owner(directory)
+        if found:
+            return found
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    found = self.owner(Path(entry.path))
+                    if found:
+                        return found
+        except OSError:
+            pass
+        real = _resolve(directory)
+        for label, root in self.roots:
+            if root.is_relative_to(real):
+                return label, root
+        for label, found_path, resolved in self.files:
+            if resolved.is_relative_to(real):
+                return label, found_path
+        return None
+
+
+def _remember(identities: dict, path: Path, label: str) -> None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return
+    identities.setdefault((info.st_dev, info.st_ino), (label, path))
 
 
 def _resolve(path: Path) -> Path:
@@ -121,9 +164,12 @@ def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool) -> Pa
     if len(os.fsencode(out.name)) > name_max:
         raise OutputError(f"{flag}: the name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes, more than "
                           f"the {name_max} this filesystem allows")
+    if not where.is_dir():
+        raise OutputError(f"{flag} {out}: {where} is not a directory")
     if out.is_symlink():
         raise OutputError(f"{flag} {out} is a symbolic link (to {os.readlink(out)}); give the directory itself")
     overlap_problem(out, inputs, flag=flag, directory=True)
+    _check_siblings(out, inputs, overwrite=overwrite)
     protected = _protected(out)
     if protected:
         raise OutputError(f"{flag} {out} is {protected}; write the merge into a new directory "
@@ -143,6 +189,34 @@ def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool) -> Pa
     return out
 
 
+def _reserved(path: Path, out: Path) -> bool:
+    """``path``, or a directory above it, is one of the hidden siblings gpumerge makes, removes or moves for OUT."""
+    stem = sibling_stem(out)
+    return any(p.parent == out.parent and p.name.startswith(stem) for p in (path, *path.parents))
+
+
+def _check_siblings(out: Path, inputs: Inputs, *, overwrite: bool) -> None:
+    """No input may go by the names of OUT's hidden siblings (a leftover partial directory is removed, an '.old' one
+    moved back to OUT); the lock file's name must be free for a lock file; an OUT that an interrupted run moved aside
+    comes back only with --overwrite (what the merge would say, `plan` says too)."""
+    for label, root in inputs.roots:
+        for path in (root, *(found for lab, found, _ in inputs.files if lab == label)):
+            if _reserved(Path(os.path.abspath(path)), out) or _reserved(_resolve(path), out):
+                raise OutputError(f"{label}'s {path} is named like gpumerge's hidden working files for {out} "
+                                  f"({sibling_stem(out)}*); rename it or choose another output directory")
+    lock = out.parent / (sibling_stem(out) + ".lock")
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+        raise OutputError(f"--output_model_path {out}: {lock} is in the way of gpumerge's lock file; remove it")
+    if not overwrite and not out.exists() and _stale(out, ".old"):
+        raise OutputError(f"an earlier run was interrupted while replacing {out}; its previous contents are at "
+                          f"{_stale(out, '.old')[0]}: move them back yourself, or pass --overwrite to replace them")
+
+
+def _stale(out: Path, suffix: str) -> list[Path]:
+    pattern = os.path.join(glob.escape(str(out.parent)), glob.escape(sibling_stem(out)) + "-*" + suffix)
+    return sorted(Path(p) for p in glob.glob(pattern))
+
+
 def overlap_problem(path: Path, inputs: Inputs, *, flag: str, directory: bool) -> None:
     """``path`` (canonical) must not be an input, be inside one, or (a directory) hold one; links are followed."""
     real = _resolve(path)
@@ -158,6 +232,10 @@ def overlap_problem(path: Path, inputs: Inputs, *, flag: str, directory: bool) -
                 raise OutputError(f"{flag} {path} {'is' if resolved == candidate else 'holds'} {label}'s file "
                                   f"{found}" + (f" (a link to {resolved})" if resolved != found else "")
                                   + ": write somewhere else (this is refused even with --overwrite)")
+    held = (inputs.held_by(path) if directory and path.is_dir() else inputs.owner(path)) if path.exists() else None
+    if held:  # by identity: a hard link, or an input renamed since it was opened
+        raise OutputError(f"{flag} {path} is or holds {held[0]}'s {held[1]} (the same file): write somewhere else "
+                          "(this is refused even with --overwrite)")
 
 
 def check_write_file(path: Path | str, *, flag: str, inputs: Inputs, out: Path | None) -> Path:
@@ -167,6 +245,9 @@ def check_write_file(path: Path | str, *, flag: str, inputs: Inputs, out: Path |
     overlap_problem(path, inputs, flag=flag, directory=False)
     if out is not None:
         for candidate in {path, _resolve(path)}:
+            if _reserved(candidate, out):
+                raise SpecError(f"{flag} {path} is named like gpumerge's hidden working files for {out}; give "
+                                "another name")
             if _inside(candidate, out):
                 raise SpecError(f"{flag} {path} is {'the' if candidate == out else 'inside the'} output directory "
                                 f"{out}; give a file elsewhere")
@@ -314,9 +395,11 @@ class OutputDir:
     removed: no live run holds the lock, so they are all stale. On any error or interrupt the sibling is removed,
     along with any parent directories this run created, and OUT is as it was."""
 
-    def __init__(self, out: Path, *, overwrite: bool, notice: Callable[[str], None] = lambda line: None) -> None:
+    def __init__(self, out: Path, *, overwrite: bool, inputs: Inputs | None = None,
+                 notice: Callable[[str], None] = lambda line: None) -> None:
         self.out = out
         self.overwrite = overwrite
+        self.inputs = inputs or Inputs((), (), {})
         self.notice = notice
         self.tmp: Path | None = None
         self.finalized = False
@@ -335,8 +418,8 @@ class OutputDir:
                               f"{_gib(free)} are free")
 
     def __enter__(self) -> "OutputDir":
-        self._make_parents()
         try:
+            self._make_parents()
             self._lock.acquire()
             if self._recover_stale() and not self.overwrite:
                 raise OutputError(f"an earlier run was interrupted while replacing {self.out}; its previous contents "
@@ -361,16 +444,20 @@ class OutputDir:
             directory.mkdir()
             self._created.append(directory)
 
-    def _stale(self, suffix: str) -> list[Path]:
-        return sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(str(self.out.parent)),
-                                                              glob.escape(self.stem) + "-*" + suffix)))
-
     def _recover_stale(self) -> bool:
-        """Remove partial outputs; put back an OUT that the two-rename fallback had moved aside. True if it did."""
-        for path in self._stale(".partial"):
+        """Remove partial outputs; put back an OUT that the two-rename fallback had moved aside. True if it did.
+        Nothing that is or holds an input is touched (check_output_path refused such names; this is the re-check
+        under the lock)."""
+        leftovers = _stale(self.out, ".partial") + _stale(self.out, ".old")
+        for path in leftovers:
+            held = self.inputs.held_by(path)
+            if held:
+                raise OutputError(f"{held[0]}'s {held[1]} is, or is inside, {path}, which is named like gpumerge's "
+                                  "hidden working files; rename it or choose another output directory")
+        for path in _stale(self.out, ".partial"):
             shutil.rmtree(path, ignore_errors=True)
         restored = False
-        for path in self._stale(".old"):  # only the two-rename fallback leaves these: an earlier OUT, moved aside
+        for path in _stale(self.out, ".old"):  # only the two-rename fallback leaves these: an earlier OUT, aside
             if self.out.exists() or self.out.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -380,9 +467,10 @@ class OutputDir:
                             "were put back")
         return restored
 
-    def finalize(self) -> None:
-        """Put the finished directory at OUT, replacing only what --overwrite allows as OUT is *now*. Signals wait
-        until this is done; a crash at any point leaves either the old OUT or the new one in place."""
+    def finalize(self, *, companion: "AtomicFile | None" = None) -> None:
+        """Put the finished directory at OUT, replacing only what --overwrite allows as OUT is *now*, then the
+        ``companion`` file (the report) at its path. Signals wait until both are done; a crash at any point leaves
+        either the old OUT or the new one in place."""
         assert self.tmp is not None
         with GUARD.critical():
             test_pause("finalize")
@@ -394,6 +482,13 @@ class OutputDir:
                 raise OutputError(f"--output_model_path {self.out} kept changing while the merge was put in place")
             self.finalized = True
             GUARD.completed_output = self.out
+            if companion is not None:
+                try:
+                    companion.commit()
+                except OSError as exc:
+                    companion.discard()
+                    self.notice(f"warning: the merge is complete at {self.out}, but {companion.path} could not be "
+                                f"written ({exc.strerror})")
 
     def _place(self) -> bool:
         out, tmp = self.out, self.tmp
@@ -411,6 +506,10 @@ class OutputDir:
         if not self.overwrite:
             raise OutputError(f"--output_model_path {out} appeared during the merge and is not empty; it was left as "
                               "it is and the merge was discarded (pass --overwrite to replace it)")
+        held = self.inputs.held_by(out)
+        if held:
+            raise OutputError(f"--output_model_path {out} is or holds {held[0]}'s {held[1]} now (it changed during "
+                              "the merge); it was left as it is and the merge was discarded")
         problem = replace_problem(out)
         if problem:
             raise OutputError(f"--overwrite would delete {out}, which {problem} (it changed during the merge); it "
@@ -453,6 +552,16 @@ class OutputDir:
                         break
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
@@ -463,9 +572,21 @@ class AtomicFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fd, name = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".gpumerge-tmp", dir=path.parent)
+        prefix = f".{os.fsencode(path.name)[:40].decode('utf-8', 'ignore')}.gpumerge-"
+        self._remove_stale(prefix)
+        fd, name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.close(fd)
         self.tmp = Path(name)
+
+    def _remove_stale(self, prefix: str) -> None:
+        """Temporaries of this path left by killed runs (SIGKILL): the pid in their name is not alive."""
+        for name in glob.glob(os.path.join(glob.escape(str(self.path.parent)), glob.escape(prefix) + "*-*.tmp")):
+            pid = Path(name).name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
 
     def write_bytes(self, data: bytes) -> None:
         self.tmp.write_bytes(data)

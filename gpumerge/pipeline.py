@@ -29,7 +29,7 @@ from gpumerge.copier import Copier, copy_unchanged
 from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
 from gpumerge.kernels.lerp import blend_into, new_infs
-from gpumerge.signals import test_pause
+from gpumerge.signals import GUARD, test_pause
 from gpumerge.plan import Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device, pieces_of
 from gpumerge.writer import ShardWriter
 
@@ -193,6 +193,7 @@ def slerp_prepass(plan: MergePlan, a: Checkpoint, b: Checkpoint, *,
         bytes_a = torch.empty(chunk_elements * ITEMSIZE[job.dtype_a], dtype=torch.uint8)
         bytes_b = torch.empty(chunk_elements * ITEMSIZE[job.dtype_b], dtype=torch.uint8)
         for first in range(0, job.blend_numel, chunk_elements):
+            GUARD.poll()
             n = min(chunk_elements, job.blend_numel - first)
             chunk_a = bytes_a[:n * ITEMSIZE[job.dtype_a]]
             chunk_b = bytes_b[:n * ITEMSIZE[job.dtype_b]]
@@ -222,12 +223,14 @@ class SequentialEngine:
         started = time.perf_counter()
         scratch = torch.empty(16 * 2**20, dtype=torch.uint8)
         for job in plan.jobs:
+            GUARD.poll()
             writer = writers[job.shard]
             if not needs_device(job):
                 copy_unchanged(job, self.a, writer)
             else:
                 chunk_bytes = self.chunk_elements * footprint_per_element(job) + 4 * 64
                 for piece in pieces_of(job, chunk_bytes):
+                    GUARD.poll()
                     piece = lay_out(0, "cpu", [piece]).pieces[0]
                     if piece.footprint() > scratch.numel():
                         scratch = torch.empty(piece.footprint(), dtype=torch.uint8)
@@ -404,8 +407,10 @@ class PipelinedEngine:
                 thread.start()
             self._join(threads)
             if self._error is None:
-                while not self._cancel.is_set() and not copier.wait(_POLL_S):
-                    pass
+                while not self._cancel.is_set():
+                    with GUARD.interruptible():  # a signal stops the copy at once
+                        if copier.wait(_POLL_S):
+                            break
         except BaseException as exc:  # Ctrl-C in the caller's thread, or the copier's error
             self._fail(exc)
             self._join(threads)
@@ -429,7 +434,8 @@ class PipelinedEngine:
         for thread in threads:
             while thread.is_alive():
                 try:
-                    thread.join(timeout=_POLL_S)
+                    with GUARD.interruptible():  # a signal lands here, in the main thread, and cancels every stage
+                        thread.join(timeout=_POLL_S)
                 except KeyboardInterrupt as exc:
                     self._fail(exc)
 

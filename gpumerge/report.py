@@ -42,14 +42,14 @@ def recipe_line(plan: MergePlan) -> str:
 def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) -> MergePlan:
     """Everything a merge checks before its first output byte, then the table (and the plot); writes nothing else."""
     from gpumerge.merge import check_before_merge, open_pair, plan_devices, plan_merge
-    from gpumerge.outdir import Inputs, check_write_file
+    from gpumerge.outdir import check_write_file
 
     a, b = open_pair(spec)
     with a, b:
         plan = plan_merge(spec, a, b, notice=notice)
-        output, _ = check_before_merge(spec, a, b, plan)
+        checked = check_before_merge(spec, a, b, plan)
         if plot is not None:
-            plot = check_write_file(plot, flag="--plot", inputs=Inputs.of(a, b), out=output)
+            plot = check_write_file(plot, flag="--plot", inputs=checked.inputs, out=checked.out)
         device_notice = plan_devices(spec, plan)[1]
         if device_notice:
             notice(device_notice)

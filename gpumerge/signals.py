@@ -1,8 +1,15 @@
 """SIGINT, SIGTERM and SIGHUP: the first one stops the run (as KeyboardInterrupt does); cleanup then runs to the end
 whatever else arrives, and critical sections (the final rename, the removal of a partial output) are never cut.
 
-One process-wide guard, because signal handlers are process-wide. Exit codes follow the shell: 128 + signal number
-(SIGINT 130, SIGTERM 143, SIGHUP 129).
+A Python signal handler that raises can land anywhere in the main thread: inside importlib's locking (an exception
+there is swallowed and can leave an import lock held: a deadlock), between a mkdtemp and the assignment that records
+it (a leftover). So the handler raises only inside ``interruptible()`` regions (the waits on the pipeline's threads,
+where most of a merge's time is spent and where an exception is safe); elsewhere it records the signal, and the next
+``poll()``, placed between the steps of a run, raises it.
+
+One process-wide guard, because signal handlers are process-wide. A signal ignored when the run starts (``nohup``,
+a background job's SIGINT) stays ignored. Exit codes follow the shell: 128 + signal number (SIGINT 130, SIGTERM
+143, SIGHUP 129).
 """
 
 from __future__ import annotations
@@ -23,31 +30,28 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signum)
         self.signum = signum
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
 
 class SignalGuard:
-    """The first handled signal raises Interrupted in the main thread, unless a critical section is running: then it
-    is raised when the section ends (if nothing else is failing). Later signals are recorded, never raised, so the
-    cleanup that the first one started is not cut short."""
+    """Records the first handled signal and raises it once, as Interrupted, in the main thread: at once inside an
+    ``interruptible()`` region, else at the next ``poll()`` or at the end of a ``critical()`` section (unless an
+    error is already on its way). Later signals are recorded, never raised, so the cleanup that the first one
+    started is not cut short."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.raised = False
         self._deferring = 0
+        self._interruptible = 0
         self._previous: dict[int, object] = {}
         self.completed_output: Path | None = None  # set once an output is in place: what an interrupt message says
 
     def install(self) -> None:
-        self.received, self.raised, self._deferring, self.completed_output = None, False, 0, None
+        self.received, self.raised, self._deferring, self._interruptible = None, False, 0, 0
+        self.completed_output = None
         for signum in HANDLED:
             try:
+                if signal.getsignal(signum) is signal.SIG_IGN:  # nohup, or a background job: stays ignored
+                    continue
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (gpumerge used as a library): leave signals to the caller
                 return
@@ -64,24 +68,40 @@ class SignalGuard:
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
             self.received = signum
-        if self.raised or self._deferring:
-            return
-        self.raised = True
-        raise Interrupted(signum)
+        if self._interruptible and not self._deferring:
+            self.poll()
+
+    def poll(self) -> None:
+        """Raise the recorded signal, once, unless a critical section is running."""
+        if self.received is not None and not self.raised and not self._deferring:
+            self.raised = True
+            raise Interrupted(self.received)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A region where a signal is raised the moment it arrives (a wait on threads, nothing else)."""
+        self.poll()
+        self._interruptible += 1
+        try:
+            yield
+        finally:
+            self._interruptible -= 1
 
     @contextlib.contextmanager
     def critical(self):
         """Signals wait until the block ends; then the first one is raised, unless an error is already on its way."""
         self._deferring += 1
+        saved, self._interruptible = self._interruptible, 0
         try:
             yield
         except BaseException:
             self._deferring -= 1
+            self._interruptible = saved
             raise
         self._deferring -= 1
-        if not self._deferring and self.received is not None and not self.raised and self._previous:
-            self.raised = True
-            raise Interrupted(self.received)
+        self._interruptible = saved
+        if self._previous:
+            self.poll()
 
 
 GUARD = SignalGuard()

@@ -261,10 +261,15 @@ def test_swap_without_renameat2_keeps_the_old_copy_recoverable(pair, tmp_path, c
     # a death between the two renames leaves OUT at the hidden '.old' name and nothing at OUT
     aside = tmp_path / (gpumerge.outdir.sibling_stem(out) + "-4242-x.old")
     os.rename(out, aside)
-    code, _, err = run_cli(*merge_args(*pair, out), capsys=capsys)
-    assert_one_line_error(code, err, "put back", "--overwrite")
+    for argv in (merge_args(*pair, out), ("plan", "--model_path1", pair[0], "--model_path2", pair[1],
+                                          "--output_model_path", out)):
+        code, _, err = run_cli(*argv, capsys=capsys)
+        assert_one_line_error(code, err, "interrupted while replacing", str(aside), "--overwrite")
+        assert not out.exists() and aside.is_dir()
+    os.rename(aside, out)  # what the message says to do
     assert snapshot([out]) == old
-    merged(pair, out, capsys, "--overwrite")
+    os.rename(out, aside)
+    merged(pair, out, capsys, "--overwrite")  # the old one is put back, then replaced
     only(tmp_path, "out")
 
 
@@ -481,3 +486,154 @@ def test_config_json_must_be_utf8(encoding, pair, tmp_path, capsys):
     code, _, err = run_cli(*merge_args(a, pair[1], tmp_path / "out"), capsys=capsys)
     assert_one_line_error(code, err, "config.json", "UTF-16" if encoding == "utf-16" else "not UTF-8")
     assert not (tmp_path / "out").exists()
+
+
+# ---- the second hostile trial's findings ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".partial", ".old"])
+def test_input_named_like_a_hidden_working_directory_is_never_removed(suffix, pair, tmp_path, capsys):
+    """A leftover partial directory beside OUT is removed and an '.old' one moved back to OUT: an input that goes by
+    such a name is refused instead (by path, and again under the lock)."""
+    out = tmp_path / "out"
+    model = tmp_path / (gpumerge.outdir.sibling_stem(out) + "-1-x" + suffix)
+    shutil.copytree(pair[0], model)
+    for extra in ((), ("--overwrite",)):
+        code, _, err = run_cli(*merge_args(model, pair[1], out, *extra), capsys=capsys)
+        assert_one_line_error(code, err, "named like gpumerge's hidden working files")
+    same = {p.name: p.read_bytes() for p in pair[0].iterdir() if p.is_file()}
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == same  # still model 1, whole
+
+
+def test_report_named_like_the_lock_is_refused(pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    report = tmp_path / (gpumerge.outdir.sibling_stem(out) + ".lock")
+    code, _, err = run_cli(*merge_args(*pair, out, "--report", report), capsys=capsys)
+    assert_one_line_error(code, err, "--report", "hidden working files")
+    only(tmp_path)
+
+
+def test_input_moved_to_out_during_the_merge_is_not_replaced(pair, tmp_path, capsys, monkeypatch):
+    model = tmp_path / "m1"
+    shutil.copytree(pair[0], model)
+    out = merged((model, pair[1]), tmp_path / "out", capsys)
+    monkeypatch.setenv("GPUMERGE_TEST_PAUSE", str(tmp_path / "pause"))
+    monkeypatch.setenv("GPUMERGE_TEST_PAUSE_AT", "finalize")
+    before = snapshot([model])
+
+    def user_moves_the_input_to_out():
+        os.rename(out, tmp_path / "out.old")
+        os.rename(model, out)
+
+    thread = _at_pause(tmp_path / "pause.finalize", user_moves_the_input_to_out)
+    from gpumerge.cli import main  # not run_cli: the test itself moves the input away
+
+    code = main([str(x) for x in merge_args(model, pair[1], out, "--overwrite")])
+    err = capsys.readouterr().err
+    thread.join()
+    assert_one_line_error(code, err, "is or holds model 1's", "left as it is")
+    assert {k.replace(str(out), str(model)): v for k, v in snapshot([out]).items()} == before
+
+
+def test_hard_links_to_input_files_in_out_are_refused(pair, tmp_path, capsys):
+    out = merged(pair, tmp_path / "out", capsys)
+    shard = sorted(pair[0].glob("*.safetensors"))[0]
+    os.link(shard, out / shard.name)
+    code, _, err = run_cli(*merge_args(*pair, out, "--overwrite"), capsys=capsys)
+    assert_one_line_error(code, err, "(the same file)")
+
+
+def test_demo_never_writes_through_a_link_in_an_earlier_demo_directory(tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text("mine")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / ".gpumerge-demo").write_text("gpumerge demo\n")
+    (work / "model1").symlink_to(victim)
+    code, _, err = run_cli("demo", "--workdir", work, "--quiet", capsys=capsys)
+    assert_one_line_error(code, err, "--workdir", "model1")
+    assert (victim / "config.json").read_text() == "mine"
+
+
+def test_a_signal_outside_a_wait_is_raised_at_the_next_step():
+    """The handler raises only where an exception is safe (a wait on threads); elsewhere (an import, a mkdtemp) it
+    records the signal and the next poll raises it: a signal can neither deadlock an import nor split a step."""
+    from gpumerge.signals import Interrupted, SignalGuard
+
+    guard = SignalGuard()
+    guard.install()
+    try:
+        guard._handle(signal.SIGTERM, None)  # outside any region: recorded only
+        guard._handle(signal.SIGINT, None)
+        with pytest.raises(Interrupted) as raised:
+            guard.poll()
+        assert raised.value.signum == signal.SIGTERM
+        guard.poll()  # once only: the cleanup it starts is not cut short
+        other = SignalGuard()
+        other.install()
+        with pytest.raises(Interrupted):
+            with other.interruptible():
+                other._handle(signal.SIGHUP, None)  # inside a wait: at once
+        with other.critical():
+            other._handle(signal.SIGTERM, None)  # recorded, the first one was raised already
+    finally:
+        guard.restore()
+
+
+def test_an_ignored_sighup_stays_ignored(pair, tmp_path):
+    """nohup: a signal ignored when gpumerge starts stays ignored, and the merge completes."""
+    out = tmp_path / "out"
+    pause = tmp_path / "pause"
+    proc = subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, merge_args(*pair, out))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GPUMERGE_TEST_PAUSE": str(pause), "GPUMERGE_TEST_PAUSE_AT": "write"},
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    _wait_for(Path(f"{pause}.write"), proc)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.05)
+    Path(f"{pause}.write").unlink()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    only(tmp_path, "out")
+
+
+def test_a_removed_current_directory_is_one_line(pair, tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, merge_args(*pair, tmp_path / "out"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=gone,
+                            preexec_fn=lambda: os.rmdir(gone))
+    _, stderr = proc.communicate(timeout=60)
+    assert_one_line_error(proc.returncode, stderr, "current directory no longer exists")
+    only(tmp_path)
+
+
+def test_signal_while_swapping_keeps_the_report(pair, tmp_path):
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    stale = tmp_path / ".r.json.gpumerge-999999999-abc.tmp"  # a SIGKILLed run's temporary report
+    stale.write_text("{}")
+    pause = tmp_path / "pause"
+    proc = _spawn(merge_args(*pair, out, "--report", report),
+                  env_extra={"GPUMERGE_TEST_PAUSE": str(pause), "GPUMERGE_TEST_PAUSE_AT": "finalize"})
+    _wait_for(Path(f"{pause}.finalize"), proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    Path(f"{pause}.finalize").unlink()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "already complete" in stderr
+    assert json.loads(report.read_text())["bytes_written"] > 0
+    only(tmp_path, "out", "r.json")
+
+
+@pytest.mark.parametrize("case", ["out_under_a_file", "lock_path_is_a_directory"])
+def test_plan_fails_where_the_merge_cannot_start(case, pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    if case == "out_under_a_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "a" / "out"
+    else:
+        (tmp_path / (gpumerge.outdir.sibling_stem(out) + ".lock")).mkdir()
+    for argv in (merge_args(*pair, out), ("plan", "--model_path1", pair[0], "--model_path2", pair[1],
+                                          "--output_model_path", out)):
+        code, _, err = run_cli(*argv, capsys=capsys)
+        assert_one_line_error(code, err, "not a directory" if case == "out_under_a_file" else "in the way")
