@@ -43,11 +43,23 @@ class SignalGuard:
         self._deferring = 0
         self._interruptible = 0
         self._previous: dict[int, object] = {}
+        self._order: tuple[int, int] | None = None  # the wakeup pipe (read end, write end)
+        self._previous_wakeup = -1
         self.completed_output: Path | None = None  # set once an output is in place: what an interrupt message says
 
     def install(self) -> None:
         self.received, self.raised, self._deferring, self._interruptible = None, False, 0, 0
         self.completed_output = None
+        self._order = None
+        try:  # the C-level handler writes each signal's number here in arrival order (Python runs pending handlers
+            # in signal-number order: SIGTERM then SIGINT 5 ms later would otherwise be reported as SIGINT)
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+            self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._order = (read_fd, write_fd)
+        except (ValueError, OSError):  # not the main thread, or no pipes
+            pass
         for signum in HANDLED:
             try:
                 if signal.getsignal(signum) is signal.SIG_IGN:  # nohup, or a background job: stays ignored
@@ -60,6 +72,21 @@ class SignalGuard:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if self._order is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            for fd in self._order:
+                os.close(fd)
+            self._order = None
+
+    def _first_arrived(self, signum: int) -> int:
+        """The handled signal that arrived first, from the wakeup pipe (else the one being handled)."""
+        if self._order is None:
+            return signum
+        try:
+            arrived = os.read(self._order[0], 512)
+        except (BlockingIOError, OSError):
+            return signum
+        return next((n for n in arrived if n in HANDLED and n in self._previous), signum)
 
     def swallow(self) -> None:
         """From now on every handled signal is recorded and ignored (the run is over; exit with its own code)."""
@@ -67,7 +94,7 @@ class SignalGuard:
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
-            self.received = signum
+            self.received = self._first_arrived(signum)
         if self._interruptible and not self._deferring:
             self.poll()
 

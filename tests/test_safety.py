@@ -569,13 +569,34 @@ def test_a_signal_outside_a_wait_is_raised_at_the_next_step():
             guard.poll()
         assert raised.value.signum == signal.SIGTERM
         guard.poll()  # once only: the cleanup it starts is not cut short
-        other = SignalGuard()
-        other.install()
+    finally:
+        guard.restore()
+    guard.install()
+    try:
         with pytest.raises(Interrupted):
-            with other.interruptible():
-                other._handle(signal.SIGHUP, None)  # inside a wait: at once
-        with other.critical():
-            other._handle(signal.SIGTERM, None)  # recorded, the first one was raised already
+            with guard.interruptible():
+                guard._handle(signal.SIGHUP, None)  # inside a wait: at once
+        with guard.critical():
+            guard._handle(signal.SIGTERM, None)  # recorded, the first one was raised already
+    finally:
+        guard.restore()
+
+
+def test_the_signal_that_arrived_first_decides_the_exit_code():
+    """Python runs pending handlers in signal-number order; the wakeup pipe keeps the order of arrival."""
+    from gpumerge.signals import Interrupted, SignalGuard
+
+    guard = SignalGuard()
+    guard.install()
+    try:
+        # what the C-level handler writes when SIGTERM arrives, then SIGINT 5 ms later, both before Python runs
+        # its handlers; Python then runs SIGINT's first (signal-number order)
+        os.write(guard._order[1], bytes([signal.SIGTERM, signal.SIGINT]))
+        guard._handle(signal.SIGINT, None)
+        guard._handle(signal.SIGTERM, None)
+        with pytest.raises(Interrupted) as raised:
+            guard.poll()
+        assert raised.value.signum == signal.SIGTERM
     finally:
         guard.restore()
 
