@@ -48,6 +48,9 @@ class SignalGuard:
         self.completed_output: Path | None = None  # set once an output is in place: what an interrupt message says
 
     def install(self) -> None:
+        """Handle the signals from now on (a second call while installed keeps what was recorded)."""
+        if self._previous:
+            return
         self.received, self.raised, self._deferring, self._interruptible = None, False, 0, 0
         self.completed_output = None
         self._order = None
