@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the source tree imports as it is (no install)
 from make_pair import PairShape, ensure_pair  # noqa: E402
 
 from gpumerge.merge import run_merge  # noqa: E402

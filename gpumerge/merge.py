@@ -21,9 +21,17 @@ from gpumerge.spec import MergeSpec
 
 
 def version() -> str:
+    """The installed version; from a plain source tree, pyproject's version marked ``+source``."""
     try:
         return importlib_metadata.version("gpumerge")
     except importlib_metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"] + "+source"
+    except Exception:  # Python 3.10 (no tomllib), or no pyproject beside the package
         return "0+unknown"
 
 

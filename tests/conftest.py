@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,16 @@ def load_state(directory: Path) -> dict[str, torch.Tensor]:
         else:
             state.update(torch.load(path, weights_only=True))
     return state
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def source_env(**extra: str) -> dict[str, str]:
+    """The environment for a `python -m gpumerge` subprocess: the source tree first on the path, so the tests run
+    the same from an install and from a plain checkout (and from any current directory)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 _INPUT_FLAGS = ("--model_path1", "--model-path1", "--model_path2", "--model-path2", "--config")

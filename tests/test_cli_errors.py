@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_checkpoint
+from conftest import run_cli, source_env, write_checkpoint
 
 import gpumerge.pipeline
 import gpumerge.writer
@@ -304,7 +304,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
             continue
         proc = subprocess.run([exe, *cmd[1:], "--model_path1", str(tmp_path / "x"), "--model_path2",
                                str(tmp_path / "y"), "--output_model_path", str(tmp_path / "o")],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=source_env())
         assert_one_line_error(proc.returncode, proc.stderr, "does not exist")
         assert not (tmp_path / "o").exists()
 
@@ -312,5 +312,5 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gpumerge", "--model_path1", str(tmp_path / "x"), "--model_path2",
                            str(tmp_path / "y"), "--output_model_path", str(tmp_path / "o"), "--debug"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=source_env())
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr

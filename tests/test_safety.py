@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_state, run_cli, snapshot, write_checkpoint
+from conftest import load_state, run_cli, snapshot, source_env, write_checkpoint
 from test_cli_errors import assert_one_line_error, leftovers, merge_args
 
 import gpumerge.outdir
@@ -118,7 +118,7 @@ def test_directory_appearing_at_out_during_the_merge_is_kept(overwrite, pair, tm
 
 
 def _spawn(argv, *, env_extra=None) -> subprocess.Popen:
-    env = {**os.environ, **(env_extra or {})}
+    env = source_env(**(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
@@ -276,7 +276,7 @@ def test_swap_without_renameat2_keeps_the_old_copy_recoverable(pair, tmp_path, c
 def test_signal_while_out_is_swapped_gives_a_true_message(pair, tmp_path):
     out = tmp_path / "out"
     first = subprocess.run([sys.executable, "-m", "gpumerge", *map(str, merge_args(*pair, out))],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env=source_env())
     assert first.returncode == 0, first.stderr
     pause = tmp_path / "pause"
     proc = _spawn(merge_args(*pair, out, "--overwrite", "--gradient_start", "0.5"),
@@ -607,7 +607,7 @@ def test_an_ignored_sighup_stays_ignored(pair, tmp_path):
     pause = tmp_path / "pause"
     proc = subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, merge_args(*pair, out))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "GPUMERGE_TEST_PAUSE": str(pause), "GPUMERGE_TEST_PAUSE_AT": "write"},
+                            env=source_env(GPUMERGE_TEST_PAUSE=str(pause), GPUMERGE_TEST_PAUSE_AT="write"),
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     _wait_for(Path(f"{pause}.write"), proc)
     proc.send_signal(signal.SIGHUP)
@@ -622,7 +622,7 @@ def test_a_removed_current_directory_is_one_line(pair, tmp_path):
     gone = tmp_path / "gone"
     gone.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, merge_args(*pair, tmp_path / "out"))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=gone,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=gone, env=source_env(),
                             preexec_fn=lambda: os.rmdir(gone))
     _, stderr = proc.communicate(timeout=60)
     assert_one_line_error(proc.returncode, stderr, "current directory no longer exists")

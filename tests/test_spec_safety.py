@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import run_cli, source_env
 from test_cli_errors import assert_one_line_error, merge_args
 
 from gpumerge import devices
@@ -43,7 +43,7 @@ def run_guarded(*argv, timeout_s: float = 60) -> tuple[int, str]:
         resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31))
 
     proc = subprocess.run([sys.executable, "-m", "gpumerge", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout_s, preexec_fn=limit)
+                          timeout=timeout_s, preexec_fn=limit, env=source_env())
     return proc.returncode, proc.stderr
 
 
