@@ -1,26 +1,34 @@
-"""One script for a GPU machine: prints one markdown table for benchmarks/RESULTS.md.
+"""One script for a GPU machine: a markdown table for benchmarks/RESULTS.md, row by row as each is measured.
 
-    (1) GPU output == CPU output, byte for byte, on a generated pair (fp16 -> fp16, and mixed -> bf16 via fp32)
-    (2) blend kernel GB/s (torch.lerp, fp16, into a preallocated buffer) vs a device-to-device copy's GB/s
-        (goal >= 80 %); also many small tensors (norm-sized) per-tensor lerp vs torch._foreach_lerp_
-    (3) end-to-end merge of a generated 2 x ~4 GB pair vs this machine's I/O floor (goal <= 1.15x)
-    (4) the same with --max_memory forcing many small batches
-GB/s counts bytes read plus bytes written. Data generation included, it should finish within 5 minutes.
+Sections (each with its time budget on one H200, data generation included; each runs in its own try/except, so a
+failing section says why in its row and the others still run):
 
-    python benchmarks/gpu_check.py                 # on a GPU machine
-    python benchmarks/gpu_check.py --cpu-dry-run   # the same steps on the CPU with a tiny pair (tests the script)
-On a machine without CUDA (and without --cpu-dry-run) it says so and exits 0.
+    bytes   (60 s)  GPU bytes == CPU bytes, for every blend path: fp16/bf16/fp32/mixed inputs, slerp, mergekit
+                    linear (coefficients), a vocabulary mismatch; each also with small batches
+    kernel  (30 s)  torch.lerp fp16 into a buffer vs a device-to-device copy (goal >= 80 %); many small tensors
+    e2e     (200 s) a generated 2 x ~4 GB pair: the I/O floor, the GPU merge (goal <= 1.15x the floor), the same
+                    merge with --device cpu on this machine (is the GPU faster at all?), and small batches
+    pinned  (20 s)  the pinned host bytes torch really holds (torch.cuda.host_memory_stats) vs the report's figure
+
+    python benchmarks/gpu_check.py [--out DIR] [SECTION ...]        # on a GPU machine (default: all sections)
+    python benchmarks/gpu_check.py --cpu-dry-run [--out DIR]         # the same steps on the CPU, tiny data
+benchmarks/gpu_check.sh runs it together with the CUDA tests. GB/s counts bytes read plus bytes written. Without
+CUDA (and without --cpu-dry-run) it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shutil
 import subprocess
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,47 +40,124 @@ from gpumerge.merge import run_merge  # noqa: E402
 from gpumerge.spec import MergeSpec  # noqa: E402
 
 BIG = PairShape(layers=16, hidden=3072, intermediate=8192, vocab=32000, heads=24)  # ~4.0 GB per model
-SMALL = PairShape(layers=4, hidden=512, intermediate=1376, vocab=1000, heads=8)
 TINY = PairShape(layers=2, hidden=256, intermediate=512, vocab=500, heads=4)
 MERGE = dict(gradient_start=0.9, gradient_end=0.0, layer_start=0, layer_end=12)
+Row = tuple[str, str, str]  # check, result, goal
 
 
-def merge(a: Path, b: Path, out: Path, *, device: str, dtype: str = "float16", budget=None):
+@dataclass(frozen=True)
+class Context:
+    device: str  # "cuda:0", or "cpu" in a dry run
+    work: Path
+    dry_run: bool
+
+    def small_batches(self) -> dict[str, int]:
+        """A budget that cuts the work into ~256 KiB batches (one key per device: a dry run's device is the CPU)."""
+        budget = {self.device: 3 * 256 * 1024}
+        if self.device != "cpu":
+            budget["cpu"] = 2**30
+        return budget
+
+
+def merge(a: Path, b: Path, out: Path, *, device: str, budget=None, **settings):
     shutil.rmtree(out, ignore_errors=True)
-    spec = MergeSpec(model_path1=str(a), model_path2=str(b), output_model_path=out, device=device, dtype=dtype,
-                     quiet=True, **MERGE)
+    fields = {**MERGE, **settings}
+    spec = MergeSpec(model_path1=str(a), model_path2=str(b), output_model_path=out, device=device, quiet=True,
+                     **fields)
     return run_merge(spec, notice=lambda line: None, budget=budget)
 
 
-def same_output(dir1: Path, dir2: Path) -> bool:
-    from safetensors.torch import load_file
+def output_bytes(directory: Path) -> dict[str, bytes]:
+    from safetensors import safe_open
 
-    def state(d):
-        merged = {}
-        for path in sorted(d.glob("*.safetensors")):
-            merged.update(load_file(path))
-        return merged
-
-    s1, s2 = state(dir1), state(dir2)
-    return s1.keys() == s2.keys() and all(
-        s1[k].dtype == s2[k].dtype and torch.equal(s1[k].view(torch.uint8), s2[k].view(torch.uint8)) for k in s1)
+    state = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                state[name] = (str(tensor.dtype), tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return state
 
 
-def check_equal(work: Path, device: str) -> list[tuple[str, str, str]]:
-    a, b = ensure_pair(work / "small", SMALL)
-    rows = []
-    for dtype in ("float16", "bfloat16"):
-        cpu = merge(a, b, work / "eq_cpu", device="cpu", dtype=dtype).output
-        dev = merge(a, b, work / "eq_dev", device=device, dtype=dtype).output
-        ok = same_output(cpu, dev)
-        small = merge(a, b, work / "eq_small", device=device, dtype=dtype,
-                      budget={device: 3 * 256 * 1024, "cpu": 2**30}).output
-        ok_small = same_output(cpu, small)
-        rows.append((f"(1) {device} output == CPU output, fp16 pair -> {dtype}",
-                     f"{'equal' if ok else 'DIFFERENT'}; with 256 KiB batches: {'equal' if ok_small else 'DIFFERENT'}",
-                     "equal"))
-    return rows
+# ---- bytes: every path, GPU vs CPU ---------------------------------------------------------------------------------
 
+def write_model(directory: Path, *, seed: int, dtype: torch.dtype, norm_dtype: torch.dtype | None = None,
+                vocab: int = 500, hidden: int = 256, intermediate: int = 512, layers: int = 4) -> Path:
+    """A small Llama-shaped checkpoint written with safetensors (norms in ``norm_dtype`` for mixed inputs)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, mean=0.0, kind=dtype):
+        return (torch.randn(*shape, generator=g) * 0.02 + mean).to(kind)
+
+    tensors = {"model.embed_tokens.weight": rand(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({p + f"self_attn.{x}_proj.weight": rand(hidden, hidden) for x in "qkvo"})
+        tensors.update({p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+                        p + "mlp.up_proj.weight": rand(intermediate, hidden),
+                        p + "mlp.down_proj.weight": rand(hidden, intermediate),
+                        p + "input_layernorm.weight": rand(hidden, mean=1.0, kind=norm_dtype or dtype),
+                        p + "post_attention_layernorm.weight": rand(hidden, mean=1.0, kind=norm_dtype or dtype)})
+    tensors["model.norm.weight"] = rand(hidden, mean=1.0, kind=norm_dtype or dtype)
+    tensors["lm_head.weight"] = rand(vocab, hidden)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
+              "hidden_size": hidden, "intermediate_size": intermediate, "vocab_size": vocab,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def mergekit_linear() -> dict:
+    from gpumerge.mergekit import parse_mergekit
+
+    config = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.7}},
+                                                   {"model": "b", "parameters": {"weight": 0.5}}],
+              "parameters": {"normalize": True}, "dtype": "float32", "out_dtype": "bfloat16"}
+    settings = parse_mergekit(config, source="gpu_check")
+    return {"recipe": settings["recipe"], "dtype_was_default": True}
+
+
+BYTE_CASES: list[tuple[str, dict, dict, Callable[[], dict]]] = [
+    # label, model 1 kwargs, model 2 kwargs, merge settings
+    ("fp16 pair -> float16", {"dtype": torch.float16}, {"dtype": torch.float16}, lambda: {"dtype": "float16"}),
+    ("fp16 pair -> bfloat16", {"dtype": torch.float16}, {"dtype": torch.float16}, lambda: {"dtype": "bfloat16"}),
+    ("bf16 pair -> bfloat16", {"dtype": torch.bfloat16}, {"dtype": torch.bfloat16}, lambda: {"dtype": "bfloat16"}),
+    ("fp32 pair -> float16", {"dtype": torch.float32}, {"dtype": torch.float32}, lambda: {"dtype": "float16"}),
+    ("fp32 pair -> float32", {"dtype": torch.float32}, {"dtype": torch.float32}, lambda: {"dtype": "float32"}),
+    ("mixed (fp16 weights, fp32 norms) vs bf16 -> bfloat16", {"dtype": torch.float16, "norm_dtype": torch.float32},
+     {"dtype": torch.bfloat16}, lambda: {"dtype": "bfloat16"}),
+    ("slerp, fp16 pair", {"dtype": torch.float16}, {"dtype": torch.float16}, lambda: {"method": "slerp"}),
+    ("mergekit linear (weights 0.7/0.5, normalize; float32 then bfloat16)", {"dtype": torch.float16},
+     {"dtype": torch.float16}, mergekit_linear),
+    ("vocabulary mismatch (model 2 has 16 more rows)", {"dtype": torch.float16},
+     {"dtype": torch.float16, "vocab": 516}, lambda: {"dtype": "float16"}),
+]
+
+
+def bytes_rows(ctx: Context) -> Iterator[Row]:
+    for k, (label, kwargs_a, kwargs_b, settings) in enumerate(BYTE_CASES):
+        pair = ctx.work / f"bytes{k}"
+        a = write_model(pair / "a", seed=1, **kwargs_a)
+        b = write_model(pair / "b", seed=2, **kwargs_b)
+        extra = settings()
+        cpu = output_bytes(merge(a, b, pair / "cpu", device="cpu", **extra).output)
+        dev = output_bytes(merge(a, b, pair / "dev", device=ctx.device, **extra).output)
+        small = output_bytes(merge(a, b, pair / "small", device=ctx.device, budget=ctx.small_batches(),
+                                   **extra).output)
+        differ = sorted(n for n in cpu if dev.get(n) != cpu[n])
+        differ_small = sorted(n for n in cpu if small.get(n) != cpu[n])
+        result = ("equal" if not differ else f"DIFFERENT in {len(differ)} tensors, e.g. {differ[0]}") + \
+                 ("; with 256 KiB batches: equal" if not differ_small else
+                  f"; with 256 KiB batches: DIFFERENT in {len(differ_small)}")
+        shutil.rmtree(pair, ignore_errors=True)
+        yield f"(1) {ctx.device} bytes == CPU bytes: {label}", result, "equal"
+
+
+# ---- kernel -------------------------------------------------------------------------------------------------------
 
 def timed_device(fn, device: str, repeats: int = 10) -> float:
     fn()
@@ -91,7 +176,9 @@ def timed_device(fn, device: str, repeats: int = 10) -> float:
     return (time.perf_counter() - began) / repeats
 
 
-def kernel_rows(device: str, elements: int) -> list[tuple[str, str, str]]:
+def kernel_rows(ctx: Context) -> Iterator[Row]:
+    device = ctx.device
+    elements = 2**20 if ctx.dry_run else 2**27
     a = torch.randn(elements, device=device).half()
     b = torch.randn(elements, device=device).half()
     out = torch.empty_like(a)
@@ -99,9 +186,9 @@ def kernel_rows(device: str, elements: int) -> list[tuple[str, str, str]]:
     lerp_s = timed_device(lambda: torch.lerp(a, b, 0.3, out=out), device)
     copy_gbps = 2 * a.nbytes / copy_s / 1e9
     lerp_gbps = 3 * a.nbytes / lerp_s / 1e9
-    rows = [(f"(2) blend kernel: torch.lerp fp16 into a buffer, {a.nbytes / 2**20:.0f} MiB per operand",
-             f"{lerp_gbps:.0f} GB/s = {100 * lerp_gbps / copy_gbps:.0f} % of a d2d copy ({copy_gbps:.0f} GB/s)",
-             ">= 80 %")]
+    yield (f"(2) blend kernel: torch.lerp fp16 into a buffer, {a.nbytes / 2**20:.0f} MiB per operand",
+           f"{lerp_gbps:.0f} GB/s = {100 * lerp_gbps / copy_gbps:.0f} % of a d2d copy ({copy_gbps:.0f} GB/s)",
+           ">= 80 %")
     norms_a = [torch.randn(4096, device=device).half() for _ in range(512)]
     norms_b = [torch.randn(4096, device=device).half() for _ in range(512)]
     norms_out = [torch.empty_like(x) for x in norms_a]
@@ -117,10 +204,11 @@ def kernel_rows(device: str, elements: int) -> list[tuple[str, str, str]]:
 
     loop_s = timed_device(per_tensor, device, 5)
     foreach_s = timed_device(foreach, device, 5)
-    rows.append(("(2b) 512 norm-sized tensors (4096 fp16): per-tensor lerp vs _foreach_copy_+_foreach_lerp_",
-                 f"{nbytes / loop_s / 1e9:.1f} GB/s vs {nbytes / foreach_s / 1e9:.1f} GB/s", "information"))
-    return rows
+    yield ("(2b) 512 norm-sized tensors (4096 fp16): per-tensor lerp vs _foreach_copy_+_foreach_lerp_",
+           f"{nbytes / loop_s / 1e9:.1f} GB/s vs {nbytes / foreach_s / 1e9:.1f} GB/s", "information")
 
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
 
 def io_floor_s(a: Path, b: Path, scratch: Path) -> float:
     """cat of both inputs to /dev/null + dd bs=16M of model 1's shards into a new directory (min of 2)."""
@@ -138,53 +226,124 @@ def io_floor_s(a: Path, b: Path, scratch: Path) -> float:
     return best
 
 
-def end_to_end_rows(work: Path, device: str, shape: PairShape) -> list[tuple[str, str, str]]:
+def _merge_row(label: str, result, floor: float, goal: str) -> Row:
+    report = result.report
+    moved = report["bytes_read"] + report["bytes_written"]
+    stages = ", ".join(f"{name} {s['gbps']}" for name, s in report["stages"].items() if s["bytes"])
+    return (f"{label} ({moved / 1e9:.1f} GB read+written, {report['batches']} batches)",
+            f"{report['wall_s']:.2f} s / floor {floor:.2f} s = {report['wall_s'] / floor:.2f}x; "
+            f"{moved / report['wall_s'] / 1e9:.1f} GB/s; stages GB/s: {stages}; peak pinned "
+            f"{report['peak_pinned_bytes'] / 2**20:.0f} MiB, device {report['peak_device_bytes'] / 2**20:.0f} MiB",
+            goal)
+
+
+def end_to_end_rows(ctx: Context) -> Iterator[Row]:
     began = time.perf_counter()
-    a, b = ensure_pair(work / "big", shape)
-    generated_s = time.perf_counter() - began
-    floor = io_floor_s(a, b, work / "floor")
-    rows = []
-    for label, budget in (("(3) end-to-end merge", None),
-                          ("(4) same, --max_memory forcing small batches",
-                           {device: 3 * 8 * 2**20, "cpu": 3 * 8 * 2**20})):
-        result = min((merge(a, b, work / "e2e", device=device, budget=budget) for _ in range(2)),
-                     key=lambda r: r.report["wall_s"])
-        report = result.report
-        moved = report["bytes_read"] + report["bytes_written"]
-        stages = ", ".join(f"{name} {s['gbps']}" for name, s in report["stages"].items() if s["bytes"])
-        rows.append((f"{label}: wall_s / I/O floor ({moved / 1e9:.1f} GB read+written, {report['batches']} batches)",
-                     f"{report['wall_s']:.2f} s / {floor:.2f} s = {report['wall_s'] / floor:.2f}x; "
-                     f"{moved / report['wall_s'] / 1e9:.1f} GB/s; stages GB/s: {stages}; peak pinned "
-                     f"{report['peak_pinned_bytes'] / 2**20:.0f} MiB, device {report['peak_device_bytes'] / 2**20:.0f} MiB",
-                     "<= 1.15x"))
-        shutil.rmtree(result.output, ignore_errors=True)
-    rows.append(("pair generation (not part of any ratio)", f"{generated_s:.0f} s, "
-                 f"{sum(p.stat().st_size for p in a.glob('*.safetensors')) / 1e9:.2f} GB per model", ""))
-    return rows
+    a, b = ensure_pair(ctx.work / "big", TINY if ctx.dry_run else BIG)
+    yield ("pair generation (not part of any ratio)", f"{time.perf_counter() - began:.0f} s, "
+           f"{sum(p.stat().st_size for p in a.glob('*.safetensors')) / 1e9:.2f} GB per model", "")
+    floor = io_floor_s(a, b, ctx.work / "floor")
+    best = min((merge(a, b, ctx.work / "e2e", device=ctx.device) for _ in range(2)),
+               key=lambda r: r.report["wall_s"])
+    yield _merge_row(f"(3) end-to-end merge on {ctx.device}: wall_s / I/O floor", best, floor, "<= 1.15x")
+    cpu = merge(a, b, ctx.work / "e2e_cpu", device="cpu")
+    yield _merge_row("(3b) the same merge with --device cpu on this machine", cpu, floor, "information")
+    yield (f"(3c) {ctx.device} speed-up over --device cpu here",
+           f"{cpu.report['wall_s'] / best.report['wall_s']:.2f}x", "> 1")
+    small = merge(a, b, ctx.work / "e2e_small", device=ctx.device,
+                  budget={ctx.device: 3 * 8 * 2**20} | ({} if ctx.device == "cpu" else {"cpu": 3 * 8 * 2**20}))
+    yield _merge_row("(4) the same, budgets forcing 8 MiB batches", small, floor, "<= 1.5x")
+    for name in ("e2e", "e2e_cpu", "e2e_small"):
+        shutil.rmtree(ctx.work / name, ignore_errors=True)
+
+
+# ---- pinned memory -------------------------------------------------------------------------------------------------
+
+def pinned_rows(ctx: Context) -> Iterator[Row]:
+    if ctx.device == "cpu":
+        yield "(5) pinned host bytes (torch.cuda.host_memory_stats)", "n/a in a CPU dry run", ""
+        return
+    a = write_model(ctx.work / "pin" / "a", seed=1, dtype=torch.float16, hidden=1024, intermediate=2816)
+    b = write_model(ctx.work / "pin" / "b", seed=2, dtype=torch.float16, hidden=1024, intermediate=2816)
+    result = merge(a, b, ctx.work / "pin" / "out", device=ctx.device)
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    held = {k: v for k, v in stats.items() if "bytes" in k}
+    yield ("(5) pinned host bytes: the report's peak_pinned_bytes vs torch.cuda.host_memory_stats",
+           f"report {result.report['peak_pinned_bytes'] / 2**20:.0f} MiB; torch: "
+           + (", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(held.items())) or "no host_memory_stats"),
+           "equal")
+    shutil.rmtree(ctx.work / "pin", ignore_errors=True)
+
+
+SECTIONS: dict[str, tuple[int, Callable[[Context], Iterator[Row]]]] = {
+    "bytes": (60, bytes_rows),
+    "kernel": (30, kernel_rows),
+    "e2e": (200, end_to_end_rows),
+    "pinned": (20, pinned_rows),
+}
+
+
+class Table:
+    """Prints each row as it is measured (flushed), and keeps the table in OUT/table.md when --out is given."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.path = out / "table.md" if out else None
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+
+    def row(self, check: str, result: str, goal: str) -> None:
+        self.line(f"| {check} | {result} | {goal} |")
+
+
+def run_section(name: str, ctx: Context, table: Table) -> None:
+    budget_s, fn = SECTIONS[name]
+    began = time.perf_counter()
+    try:
+        for row in fn(ctx):
+            table.row(*row)
+    except Exception as exc:  # noqa: BLE001 - one failing section must not cost the others their rows
+        traceback.print_exc(file=sys.stderr)
+        table.row(f"section {name}", f"FAILED after {time.perf_counter() - began:.0f} s: {type(exc).__name__}: "
+                  f"{' '.join(str(exc).split())[:300]}", "")
+    took = time.perf_counter() - began
+    table.row(f"section {name} time", f"{took:.0f} s (budget {budget_s} s)" + (" OVER BUDGET" if took > budget_s
+                                                                                else ""), f"<= {budget_s} s")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "gpu_work")
-    parser.add_argument("--cpu-dry-run", action="store_true", help="run every step on the CPU with a tiny pair")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/table.md")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run every step on the CPU with tiny data")
     args = parser.parse_args()
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("gpu_check: no GPU present (torch.cuda.is_available() is False); nothing to measure here. "
               "Run it on a machine with CUDA, or with --cpu-dry-run to test the script.")
         return 0
     device = "cpu" if args.cpu_dry_run else "cuda:0"
     name = torch.cuda.get_device_name(0) if device != "cpu" else "CPU dry run (not a GPU measurement)"
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").unlink(missing_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(device=device, work=args.work, dry_run=args.cpu_dry_run)
+    table = Table(args.out)
+    table.line(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: {name}; "
+               f"torch {torch.__version__}; python {sys.version.split()[0]}\n")
+    table.line("| check | result | goal |")
+    table.line("|---|---|---|")
     began = time.perf_counter()
-    rows = check_equal(args.work, device)
-    rows += kernel_rows(device, 2**27 if device != "cpu" else 2**20)
-    rows += end_to_end_rows(args.work, device, BIG if device != "cpu" else TINY)
-    print(f"- date: {datetime.date.today().isoformat()}; device: {name}; torch {torch.__version__}; "
-          f"total {time.perf_counter() - began:.0f} s\n")
-    print("| check | result | goal |")
-    print("|---|---|---|")
-    for check, result, goal in rows:
-        print(f"| {check} | {result} | {goal} |")
+    for section in args.sections or list(SECTIONS):
+        run_section(section, ctx, table)
+    table.row("total", f"{time.perf_counter() - began:.0f} s", f"<= {sum(b for b, _ in SECTIONS.values())} s")
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
 

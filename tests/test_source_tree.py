@@ -35,3 +35,18 @@ def test_benchmark_script_runs_from_the_tree(tmp_path):
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "--cpu-dry-run" in proc.stdout
+
+
+def test_gpu_check_dry_run_end_to_end(tmp_path):
+    """The prepared GPU command, proved on the CPU: every section runs, every row is there, every blend path gives
+    the same bytes through the (simulated) device path and the CPU path."""
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--cpu-dry-run"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=source_env(PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "FAILED" not in table and "DIFFERENT" not in table, table
+    for section in ("bytes", "kernel", "e2e", "pinned"):
+        assert f"| section {section} time |" in table
+    assert table.count("| equal |") == 9  # one row per blend path
+    assert "skipped" in (tmp_path / "out" / "pytest_cuda.log").read_text()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one prepared command for a GPU machine (bare: no gpumerge installed, no network; results come back only as
+# files under OUTDIR):
+#
+#   benchmarks/gpu_check.sh OUTDIR [--cpu-dry-run] [SECTION ...]
+#
+# 1. the CUDA tests, `pytest -m cuda` (budget 90 s)            -> OUTDIR/pytest_cuda.log
+# 2. benchmarks/gpu_check.py [SECTION ...] (budgets in its doc: bytes 60 s, kernel 30 s, e2e 200 s, pinned 20 s)
+#                                                               -> OUTDIR/table.md, OUTDIR/gpu_check.log
+# The default set stays under 6 minutes on one H200, data generation included, so it can be rerun once in the same
+# 15 minutes. Each step has a hard timeout; a failing step does not stop the next. --cpu-dry-run runs it all on the
+# CPU with tiny data (the CUDA tests then skip): how the command is proved without a GPU.
+set -uo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR [--cpu-dry-run] [SECTION ...]" >&2
+  exit 2
+fi
+out=$(mkdir -p "$1" && cd "$1" && pwd)
+shift
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the source tree imports as it is
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+{
+  echo "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname); $($python -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}, devices {torch.cuda.device_count()}")' 2>&1)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+} > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+began=$(date +%s)
+timeout 90 "$python" -m pytest -q -m cuda -p no:cacheprovider tests > "$out/pytest_cuda.log" 2>&1
+echo "pytest -m cuda: exit $? in $(( $(date +%s) - began )) s (budget 90 s); tail of $out/pytest_cuda.log:"
+tail -n 5 "$out/pytest_cuda.log"
+
+timeout 330 "$python" benchmarks/gpu_check.py --out "$out" "$@" 2> "$out/gpu_check.log"
+echo "gpu_check.py: exit $? (table in $out/table.md, errors in $out/gpu_check.log)"
+echo "total $(( $(date +%s) - began )) s"
