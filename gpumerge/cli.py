@@ -63,6 +63,8 @@ def _merge_flags(parser: argparse.ArgumentParser) -> None:
                "the free memory)")
     _flag(parser, "overwrite", action="store_true",
           help="replace a non-empty OUT that looks like a model directory (config.json, weights, model files only)")
+    _flag(parser, "readers", type=int, metavar="N", default=None,
+          help="reader threads per device (default 1; a many-core host with fast disks may want more)")
     _flag(parser, "allow_nonfinite", action="store_true",
           help="blend tensors holding NaN or inf (IEEE arithmetic) instead of stopping with an error")
     _flag(parser, "quiet", action="store_true", help="no progress bar or notices")
@@ -179,6 +181,7 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
         max_memory=tuple(sorted(parse_max_memory(str(max_memory)).items(), key=str)) if max_memory else None,
         overwrite=bool(args.overwrite),
         allow_nonfinite=bool(getattr(args, "allow_nonfinite", False)),
+        readers=args.readers if getattr(args, "readers", None) is not None else 1,
         quiet=bool(args.quiet),
     )
     from gpumerge.devices import check_without_torch

@@ -14,19 +14,25 @@ from gpumerge.spec import MIN_DEVICE_BUDGET_BYTES, unused_budget_error
 # other processes, and allocator slack).
 FREE_MEMORY_SHARE = 0.8
 CPU_DEFAULT_BUDGET_BYTES = 512 * 2**20  # RSS is the user's: a bounded ring, whatever the RAM size
+GPU_PINNED_BYTES = 2**30  # per GPU, on a host with >= 16 GiB of RAM: a ring of 4 batches of 256 MiB
 
 
 def cuda_possible() -> bool:
-    """False when no NVIDIA driver is loaded: then there is no CUDA device, known without importing torch."""
+    """False when there is surely no CUDA device, known without importing torch: CUDA_VISIBLE_DEVICES empty or -1,
+    or no NVIDIA driver (Linux: /proc/driver/nvidia/version or /dev/nvidiaN; WSL2: /dev/dxg, the GPU paravirtual
+    device, without the others). A true answer means "ask torch"."""
     from pathlib import Path
 
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+    return (Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+            or Path("/dev/dxg").exists())
 
 
-def cuda_count() -> int:
-    if not cuda_possible():
+def cuda_count(*, ask_torch: bool = False) -> int:
+    """Visible CUDA devices. Without ``ask_torch`` the cheap probe may answer 0 without importing torch; a user who
+    asks for CUDA gets torch's own answer (a driver layout the probe does not know must not turn into "no CUDA")."""
+    if not ask_torch and not cuda_possible():
         return 0
     import torch
 
@@ -41,7 +47,7 @@ def resolve_devices(flag: str) -> tuple[list[str], str | None]:
     ``cuda:N`` or ``cuda:0,cuda:2`` -> those. CUDA asked for but absent is an error."""
     if flag == "cpu":
         return ["cpu"], None
-    count = cuda_count()
+    count = cuda_count(ask_torch=flag != "auto")
     if flag == "auto":
         if count:
             return [f"cuda:{i}" for i in range(count)], None
@@ -68,7 +74,9 @@ def check_without_torch(flag: str, max_memory) -> None:
     if flag == "cpu" or cuda_possible():
         return
     if flag != "auto":
-        raise _no_cuda(flag)
+        if cuda_count(ask_torch=True) == 0:  # the user asked for CUDA: torch decides, not the cheap probe
+            raise _no_cuda(flag)
+        return
     unknown = [key for key, _ in max_memory or () if key != "cpu"]
     if unknown:
         raise unused_budget_error(unknown, ["cpu"])
@@ -80,24 +88,22 @@ def _budget_key(device: str) -> int | str:
 
 def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None = None) -> dict[str, int]:
     """Bytes each device may hold for the merge's in-flight buffers: --max_memory where given, else a share of the
-    free memory accelerate reports (torch.cuda.mem_get_info per GPU; available RAM for the CPU, capped)."""
+    free memory (torch.cuda.mem_get_info of each chosen GPU; available RAM for the CPU, capped)."""
     given = dict(max_memory or {})
     unknown = [k for k in given if k != "cpu" and f"cuda:{k}" not in devices]
     if unknown:
         raise unused_budget_error(unknown, devices)
     probed: dict[int | str, int] = {"cpu": _available_ram()}
-    if any(d != "cpu" and _budget_key(d) not in given for d in devices):
-        from accelerate.utils import get_max_memory  # GPU runs only: it initialises every visible device
-
-        probed = get_max_memory()
+    for device in devices:  # only the chosen GPUs: probing all (accelerate's get_max_memory) would make a
+        if device != "cpu" and _budget_key(device) not in given:  # context on each, and fail on a broken one
+            probed[_budget_key(device)] = _free_gpu_bytes(device)
     budget: dict[str, int] = {}
     for device in devices + (["cpu"] if "cpu" not in devices else []):
         key = _budget_key(device)
         if key in given:
             budget[device] = int(given[key])
-        elif device == "cpu":  # a ring of 16 MiB is always there to take, however little RAM is free
-            budget[device] = max(min(int(probed.get("cpu", CPU_DEFAULT_BUDGET_BYTES) * 0.25),
-                                     CPU_DEFAULT_BUDGET_BYTES), MIN_DEVICE_BUDGET_BYTES)
+        elif device == "cpu":
+            budget[device] = _default_host_budget(sum(d != "cpu" for d in devices), int(probed["cpu"]))
         else:
             budget[device] = int(probed.get(key, 0) * FREE_MEMORY_SHARE)
             if budget[device] < MIN_DEVICE_BUDGET_BYTES:
@@ -105,6 +111,34 @@ def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None 
                                 f"{MIN_DEVICE_BUDGET_BYTES // FREE_MEMORY_SHARE:.0f} bytes the merge needs on it; "
                                 "free memory on it or leave it out with --device")
     return budget
+
+
+def _default_host_budget(gpus: int, available: int) -> int:
+    """The host buffers' budget when --max_memory cpu= is not given. A CPU merge: a quarter of the available RAM,
+    at most 512 MiB (RSS is the user's). A GPU merge on a host with >= 16 GiB of RAM: 1 GiB of pinned buffers per
+    GPU (a ring of 4 x 256 MiB), at most half the available RAM. Never under 16 MiB."""
+    if gpus and _total_ram() >= 16 * 2**30:
+        chosen = min(gpus * GPU_PINNED_BYTES, available // 2)
+    else:
+        chosen = min(available // 4, CPU_DEFAULT_BUDGET_BYTES)
+    return max(chosen, MIN_DEVICE_BUDGET_BYTES)
+
+
+def _total_ram() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def _free_gpu_bytes(device: str) -> int:
+    import torch
+
+    try:
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except RuntimeError as exc:  # a GPU in a bad state: say which, not "budget too small"
+        raise SpecError(f"{device} cannot be used: CUDA reports {type(exc).__name__} asking for its free memory; "
+                        "leave it out with --device") from exc
 
 
 def _available_ram() -> int:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from gpumerge.checkpoint import Checkpoint
 from gpumerge.errors import IncompatibleCheckpointsError
-from gpumerge.plan import MergePlan, make_plan, t_groups
+from gpumerge.plan import MergePlan, make_plan, ring_depth_of, t_groups
 from gpumerge.signals import GUARD
 from gpumerge.spec import MergeSpec
 
@@ -168,7 +168,7 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
 
 
 def plan_devices(spec: MergeSpec, plan: MergePlan, *, budget: dict[str, int] | None = None,
-                 batch_bytes: int | None = None, ring_depth: int = 3):
+                 batch_bytes: int | None = None, ring_depth: int | None = None):
     """Devices, memory budget, batch capacity and batches: (devices, notice, budget, capacity, batches)."""
     from gpumerge.devices import probe_budget, resolve_devices
     from gpumerge.plan import batch_capacity, make_batches
@@ -182,7 +182,7 @@ def plan_devices(spec: MergeSpec, plan: MergePlan, *, budget: dict[str, int] | N
 
 
 def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
-              engine: str = "pipelined", batch_bytes: int | None = None, ring_depth: int = 3,
+              engine: str = "pipelined", batch_bytes: int | None = None, ring_depth: int | None = None,
               chunk_elements: int | None = None, budget: dict[str, int] | None = None,
               simulate_staging: bool = False, report_path: Path | None = None) -> MergeResult:
     """Everything is checked before the first output byte; the output appears at OUT only when complete, and the
@@ -218,7 +218,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
             # On a machine without an NVIDIA driver the device checks below need no torch, so the import overlaps
             # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
             importing = _import_torch_in_background() if "torch" not in sys.modules else None
-            if importing is not None and spec.device != "cpu" and cuda_possible():
+            if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
                 _await(importing)
             devices, device_notice, budget, capacity, batches = plan_devices(
                 spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
@@ -276,13 +276,14 @@ def _run_engine(a, b, plan, batches, writers, copier, *, devices, capacity, engi
     if engine == "sequential":
         runner = SequentialEngine(a, b, chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS, progress=advance)
         return runner.run(plan, writers)
-    runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth, progress=advance,
+    runner = PipelinedEngine(a, b, devices=devices, capacity=capacity, ring_depth=ring_depth,
+                             readers=plan.spec.readers, progress=advance,
                              simulate_staging=simulate_staging)
     return runner.run(plan, batches, writers, copier)
 
 
 def engine_report(stats, *, wall_s: float, devices: list[str], budget: dict[str, int], capacity: int,
-                  ring_depth: int, telemetry: list[dict], engine: str) -> dict:
+                  ring_depth: int | None, telemetry: list[dict], engine: str) -> dict:
     """The --report JSON: wall_s (from opening the inputs to the output complete, just before it is renamed into
     place), devices, per-stage busy time and bytes, peaks."""
     moved = stats.bytes_read + stats.bytes_written
@@ -292,13 +293,14 @@ def engine_report(stats, *, wall_s: float, devices: list[str], budget: dict[str,
         "engine": engine,
         "devices": [{"device": d, "budget_bytes": budget.get(d)} for d in devices],
         "batch_capacity_bytes": capacity,
-        "ring_depth": ring_depth,
+        "ring_depth": {d: ring_depth_of(d, ring_depth) for d in devices},
         "batches": stats.batches,
         "bytes_read": stats.bytes_read,
         "bytes_written": stats.bytes_written,
         "gbps": round(moved / wall_s / 1e9, 3) if wall_s > 0 else None,
         "stages": {name: stage.as_dict() for name, stage in stats.stages.items()},
         "peak_pinned_bytes": stats.peak_pinned_bytes,
+        "pinned_allocator_bytes": stats.pinned_allocator_bytes,
         "peak_host_buffer_bytes": stats.peak_host_buffer_bytes,
         "peak_device_bytes": stats.peak_device_bytes,
         "gpu_telemetry": telemetry,

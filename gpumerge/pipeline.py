@@ -30,12 +30,14 @@ from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
 from gpumerge.kernels.lerp import blend_into, new_infs
 from gpumerge.signals import GUARD, test_pause
-from gpumerge.plan import Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device, pieces_of
+from gpumerge.plan import (Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device,
+                           pieces_of, ring_depth_of)
 from gpumerge.writer import ShardWriter
 
 DEFAULT_CHUNK_ELEMENTS = 4 * 2**20
 STAGES = ("read", "h2d", "blend", "d2h", "write", "copy")
 _POLL_S = 0.1
+_READY_POLL_S = 0.0005  # the writer's look at the devices' events while batches are in flight
 
 
 @dataclass(slots=True)
@@ -61,6 +63,7 @@ class EngineStats:
     elapsed_s: float = 0.0
     stages: dict[str, StageStats] = field(default_factory=lambda: {s: StageStats() for s in STAGES})
     peak_pinned_bytes: int = 0
+    pinned_allocator_bytes: int | None = None  # torch's own figure for the whole process, where it reports one
     peak_host_buffer_bytes: int = 0
     peak_device_bytes: int = 0
     batches: int = 0
@@ -283,8 +286,35 @@ class _HostEvent:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True
+
     def elapsed_time(self, other: "_HostEvent") -> float:
         return (other.at - self.at) * 1e3
+
+
+def _pinned_bytes(lanes) -> tuple[int, int | None]:
+    """(pinned host bytes the lanes' blocks take, each rounded up to a power of two as torch's pinned allocator
+    does; all the pinned bytes that allocator holds in this process, cached blocks included, where torch reports it
+    (torch.cuda.host_memory_stats), else None)."""
+    cuda = [lane for lane in lanes if lane.is_cuda]
+    if not cuda:
+        return 0, None
+    ours = sum(1 << (lane.host_block.numel() - 1).bit_length() for lane in cuda)
+    try:
+        return ours, int(torch.cuda.host_memory_stats()["allocated_bytes.current"])
+    except (AttributeError, KeyError, RuntimeError):  # an older torch without the statistics
+        return ours, None
+
+
+def _host_block(nbytes: int, *, pinned: bool, device: str) -> torch.Tensor:
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    except RuntimeError as exc:  # a failed pinned allocation is a RuntimeError, not an OutOfMemoryError
+        if not pinned:
+            raise
+        raise OutputError(f"could not pin {nbytes} bytes of host memory for {device}'s buffers; give a smaller "
+                          "--max_memory cpu=... (the pinned host memory for all GPUs)") from exc
 
 
 class _DeviceLane:
@@ -301,8 +331,11 @@ class _DeviceLane:
         self.ring: queue.Queue[_Slot] = queue.Queue()
         self.ready: queue.Queue = queue.Queue()
         self.slots = []
-        for _ in range(ring_depth):
-            host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.is_cuda)
+        # one host block for the whole ring (pinned for CUDA: one power-of-two block when the ring is, see
+        # plan.batch_capacity), cut into slots
+        self.host_block = _host_block(ring_depth * capacity, pinned=self.is_cuda, device=device)
+        for k in range(ring_depth):
+            host = self.host_block[k * capacity:(k + 1) * capacity]
             staging = torch.empty(capacity, dtype=torch.uint8, device=device) if self.staged else None
             slot = _Slot(host, staging)
             self.slots.append(slot)
@@ -311,7 +344,8 @@ class _DeviceLane:
         self.h2d_stream, self.compute_stream, self.d2h_stream = streams
 
     def event(self):
-        return torch.cuda.Event(enable_timing=True) if self.is_cuda else _HostEvent()
+        # blocking: a host thread that waits on it sleeps instead of spinning a core
+        return torch.cuda.Event(enable_timing=True, blocking=True) if self.is_cuda else _HostEvent()
 
     def on(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -322,9 +356,11 @@ class _DeviceLane:
 
 
 class PipelinedEngine:
-    def __init__(self, a: Checkpoint, b: Checkpoint, *, devices: list[str], capacity: int, ring_depth: int = 3,
-                 progress: Callable[[int], None] | None = None, simulate_staging: bool = False) -> None:
+    def __init__(self, a: Checkpoint, b: Checkpoint, *, devices: list[str], capacity: int,
+                 ring_depth: int | None = None, readers: int = 1, progress: Callable[[int], None] | None = None,
+                 simulate_staging: bool = False) -> None:
         self.a, self.b = a, b
+        self.readers = max(1, readers)  # reader threads per device
         self.simulate_staging = simulate_staging
         self.devices = devices
         self.capacity = capacity
@@ -378,15 +414,17 @@ class PipelinedEngine:
         here. On any error every stage, the copier included, is stopped before the error is re-raised."""
         started = time.perf_counter()
         self.stats.batches = len(batches)
+        for device in self.devices:  # the peak of this merge, not of whatever ran before in the process
+            if device != "cpu":
+                torch.cuda.reset_peak_memory_stats(device)
         try:
-            lanes = {device: _DeviceLane(device, self.capacity, self.ring_depth,
+            lanes = {device: _DeviceLane(device, self.capacity, ring_depth_of(device, self.ring_depth),
                                          simulate_staging=self.simulate_staging) for device in self.devices}
         except torch.cuda.OutOfMemoryError as exc:
-            raise OutputError(f"out of GPU memory allocating {self.ring_depth} buffers of {self.capacity} bytes per "
-                              "device; give a smaller --max_memory for it") from exc
-        pinned = sum(s.host.numel() for lane in lanes.values() if lane.is_cuda for s in lane.slots)
-        self.stats.peak_pinned_bytes = pinned
-        self.stats.peak_host_buffer_bytes = sum(s.host.numel() for lane in lanes.values() for s in lane.slots)
+            raise OutputError(f"out of GPU memory allocating a ring of buffers of {self.capacity} bytes per device; "
+                              "give a smaller --max_memory for it") from exc
+        self.stats.peak_pinned_bytes, self.stats.pinned_allocator_bytes = _pinned_bytes(lanes.values())
+        self.stats.peak_host_buffer_bytes = sum(lane.host_block.numel() for lane in lanes.values())
         if copier is None:
             copier = Copier(plan, self.a, writers, progress=self._advance).start()
         # The CPU blend shares the cores with the reader, writer and copier threads: leave them one core
@@ -394,9 +432,10 @@ class PipelinedEngine:
         intra_op_threads = torch.get_num_threads()
         if "cpu" in lanes:
             torch.set_num_threads(max(1, intra_op_threads - 1))
-        threads = [threading.Thread(target=self._guard, args=(self._reader, lanes[d], [b for b in batches
-                                                                                       if b.device == d]),
-                                    name=f"gpumerge-read-{d}", daemon=True) for d in self.devices]
+        threads = [threading.Thread(target=self._guard, args=(self._reader, lanes[d],
+                                                              [b for b in batches if b.device == d][k::self.readers]),
+                                    name=f"gpumerge-read-{d}-{k}", daemon=True)
+                   for d in self.devices for k in range(self.readers)]
         threads += [threading.Thread(target=self._guard, args=(self._blender, lane), name=f"gpumerge-blend-{d}",
                                      daemon=True) for d, lane in lanes.items()]
         threads.append(threading.Thread(target=self._guard, args=(self._writer, writers, len(lanes),
@@ -419,8 +458,11 @@ class PipelinedEngine:
             copier.cancel()
             for lane in lanes.values():
                 if lane.is_cuda:
-                    torch.cuda.synchronize(lane.device)
-                    self.stats.peak_device_bytes += torch.cuda.max_memory_allocated(lane.device)
+                    try:
+                        torch.cuda.synchronize(lane.device)
+                        self.stats.peak_device_bytes += torch.cuda.max_memory_allocated(lane.device)
+                    except Exception as exc:  # noqa: BLE001 - after a sticky CUDA error: keep the first error
+                        self._fail(exc)
         if self._error is not None:
             raise self._error
         self.stats.stages["copy"].add(copier.busy_s, copier.bytes)
@@ -452,11 +494,15 @@ class PipelinedEngine:
     def _blender(self, lane: _DeviceLane) -> None:
         if lane.is_cuda:
             torch.cuda.set_device(lane.device)
+        done = 0  # readers of this lane that have finished
         while True:
             item = self._get(lane.ready)
             if item is None:
-                self._written.put(None)
-                return
+                done += 1
+                if done == self.readers:
+                    self._written.put(None)
+                    return
+                continue
             batch, slot = item
             if lane.staged:
                 events = self._blend_staged(lane, batch, slot)
@@ -471,36 +517,59 @@ class PipelinedEngine:
     def _blend_staged(self, lane: _DeviceLane, batch: Batch, slot: _Slot):
         """H2D on the copy stream, blend on the compute stream, D2H on its own stream; the writer waits on the
         last event before it reads the pinned output (reading it earlier would be wrong data, silently)."""
-        events = [lane.event() for _ in range(4)]
+        events = [lane.event() for _ in range(6)]  # start and end of H2D, blend, D2H
         with lane.on(lane.h2d_stream):
             events[0].record()
             slot.device[:batch.in_bytes].copy_(slot.host[:batch.in_bytes], non_blocking=lane.is_cuda)
             events[1].record()
         lane.wait(lane.compute_stream, events[1])
         with lane.on(lane.compute_stream):
+            events[2].record()  # after the wait: the stage's own time, not its time queued behind the last batch
             for piece in batch.pieces:
                 blend_piece(piece, slot.device)
-            events[2].record()
-        lane.wait(lane.d2h_stream, events[2])
+            events[3].record()
+        lane.wait(lane.d2h_stream, events[3])
         with lane.on(lane.d2h_stream):
+            events[4].record()
             span = slice(batch.out_start, batch.out_end)
             slot.host[span].copy_(slot.device[span], non_blocking=lane.is_cuda)
-            events[3].record()
+            events[5].record()
         return events
+
+    def _next_ready(self, pending: list, producers: int, finished: int) -> tuple[object | None, int]:
+        """The first pending batch whose device work is done (any device: a slow GPU does not hold the others
+        back), taking newly blended batches meanwhile; (None, finished) once every producer is done and drained."""
+        while True:
+            for k, item in enumerate(pending):
+                events = item[3]
+                if events is None or events[-1].query():
+                    return pending.pop(k), finished
+            if finished == producers and not pending:
+                return None, finished
+            if self._cancel.is_set():
+                raise _Cancelled
+            try:  # nothing ready: wait for a new batch, or a moment for a device to finish one
+                item = self._written.get(timeout=_READY_POLL_S if pending else _POLL_S)
+            except queue.Empty:
+                continue
+            if item is None:
+                finished += 1
+            else:
+                pending.append(item)
 
     def _writer(self, writers: list[ShardWriter], producers: int, allow_nonfinite: bool) -> None:
         finished = 0
-        while finished < producers:
-            item = self._get(self._written)
+        pending: list = []
+        while True:
+            item, finished = self._next_ready(pending, producers, finished)
             if item is None:
-                finished += 1
-                continue
+                return
             lane, batch, slot, events = item
             if events is not None:
-                events[3].synchronize()
+                events[-1].synchronize()
                 self._stage("h2d", events[0].elapsed_time(events[1]) / 1e3, batch.in_bytes)
-                self._stage("blend", events[1].elapsed_time(events[2]) / 1e3, batch.payload_bytes)
-                self._stage("d2h", events[2].elapsed_time(events[3]) / 1e3, batch.out_end - batch.out_start)
+                self._stage("blend", events[2].elapsed_time(events[3]) / 1e3, batch.payload_bytes)
+                self._stage("d2h", events[4].elapsed_time(events[5]) / 1e3, batch.out_end - batch.out_start)
             began = time.perf_counter()
             nbytes = sum(write_piece(piece, slot.host, writers[piece.job.shard], allow_nonfinite=allow_nonfinite)
                          for piece in batch.pieces)

@@ -390,7 +390,10 @@ def t_groups(plan: MergePlan) -> list[GroupRow]:
 # ---- batches per device -----------------------------------------------------------------------------------------
 
 DEFAULT_BATCH_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}  # CPU: batches stay in L3
-RING_DEPTH = 3  # buffers in flight per device: one being read, one blended, one written
+# Buffers in flight per device. CPU: one being read, one blended, one written. CUDA: read, H2D + blend, D2H, written;
+# four power-of-two buffers make one power-of-two pinned block (torch's pinned allocator rounds each block up to a
+# power of two: three buffers of 171 MiB would pin 768 MiB, three of 256 MiB 1 GiB).
+RING_DEPTH = {"cpu": 3, "cuda": 4}
 ALIGN = 64  # every region starts on a 64-byte boundary (aligned dtype views, vector loads)
 _FP32_SCRATCH = 12  # a, b and out widened to fp32 for a mixed-dtype blend
 
@@ -468,27 +471,43 @@ class Batch:
         return sum(p.in_bytes() + p.count * ITEMSIZE[p.job.out_dtype] for p in self.pieces)
 
 
+def device_kind(device: str) -> str:
+    return "cpu" if device == "cpu" else "cuda"
+
+
+def ring_depth_of(device: str, override: int | None = None) -> int:
+    return override or RING_DEPTH[device_kind(device)]
+
+
+def _floor_pow2(nbytes: int) -> int:
+    return 1 << (nbytes.bit_length() - 1) if nbytes > 0 else 0
+
+
 def batch_capacity(devices: list[str], budget: Mapping[str, int], *, batch_bytes: int | None = None,
-                   ring_depth: int = RING_DEPTH) -> int:
-    """The largest batch footprint: within batch_bytes and, for every device, its budget over the ring of buffers
-    (for GPUs also the host budget for their pinned staging buffers)."""
-    cuda = [d for d in devices if d != "cpu"]
+                   ring_depth: int | None = None) -> int:
+    """The largest batch footprint: within batch_bytes and, for every device, its budget over its ring of buffers.
+    A GPU's buffers are also within its share of the host budget (they are pinned), and a power of two, so that its
+    ring is one power-of-two pinned block: 256 MiB batches, 1 GiB pinned per GPU, when the budgets allow."""
+    cuda = [d for d in devices if device_kind(d) == "cuda"]
     caps = []
     for device in devices:
-        kind = "cpu" if device == "cpu" else "cuda"
-        cap = min(batch_bytes or DEFAULT_BATCH_BYTES[kind], budget[device] // ring_depth)
-        if kind == "cuda" and "cpu" in budget:
-            cap = min(cap, budget["cpu"] // (ring_depth * len(cuda)))
+        kind, depth = device_kind(device), ring_depth_of(device, ring_depth)
+        cap = min(batch_bytes or DEFAULT_BATCH_BYTES[kind], budget[device] // depth)
+        if kind == "cuda":
+            if "cpu" in budget:
+                cap = min(cap, budget["cpu"] // (depth * len(cuda)))
+            cap = _floor_pow2(cap)
         caps.append((cap, device))
     cap, device = min(caps)
     if cap < 4 * ALIGN + 64:
-        raise SpecError(f"the memory budget for {device} ({budget[device]} bytes) is too small for {ring_depth} "
-                        f"in-flight buffers; give it at least {ring_depth * (4 * ALIGN + 64)} bytes")
+        depth = ring_depth_of(device, ring_depth)
+        raise SpecError(f"the memory budget for {device} ({budget[device]} bytes) is too small for {depth} "
+                        f"in-flight buffers; give it at least {depth * (4 * ALIGN + 64)} bytes")
     return cap
 
 
 def make_batches(plan: MergePlan, budget: Mapping[str, int], *, devices: list[str], batch_bytes: int | None = None,
-                 ring_depth: int = RING_DEPTH) -> tuple[Batch, ...]:
+                 ring_depth: int | None = None) -> tuple[Batch, ...]:
     """Cut the device work into batches no larger than batch_capacity (a tensor too large for one is split into
     row chunks, or element ranges when one row is too large) and assign them to devices balancing bytes."""
     cap = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)

@@ -269,6 +269,7 @@ class MergeSpec:
     max_memory: tuple[tuple[int | str, int], ...] | None = None  # accelerate-style budget, as sorted items
     overwrite: bool = False
     allow_nonfinite: bool = False  # blend NaN/inf inputs in IEEE arithmetic instead of refusing them
+    readers: int = 1  # reader threads per device (a many-core host with fast disks may want more)
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -281,6 +282,8 @@ class MergeSpec:
         check_budget_devices(self.device, self.max_memory)
         if self.dtype not in DTYPE_CHOICES:
             raise SpecError(f"--dtype {shown(self.dtype)} is not one of {', '.join(DTYPE_CHOICES)}")
+        if isinstance(self.readers, bool) or not isinstance(self.readers, int) or not 1 <= self.readers <= 64:
+            raise SpecError(f"--readers must be an integer from 1 to 64, got {shown(self.readers)}")
         if self.method not in METHODS:
             raise SpecError(f"--method {shown(self.method)} is not one of {', '.join(METHODS)}")
 

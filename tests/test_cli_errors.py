@@ -49,7 +49,7 @@ def corrupt_copy(src: Path, dst: Path) -> Path:
     "missing_path", "no_weights", "truncated_shard", "corrupt_header", "index_missing_shard", "shape_mismatch",
     "empty_window", "negative_window", "window_past_end", "non_numeric_gradient", "nan_gradient", "bad_size",
     "out_inside_input", "out_contains_input", "out_is_input", "cuda_without_cuda", "bad_dtype", "bad_device",
-    "no_config", "quantized", "unknown_flag", "auto_dtype_mixed",
+    "no_config", "quantized", "unknown_flag", "auto_dtype_mixed", "readers_zero", "readers_many",
 ])
 def test_bad_input(case, models, pair, tmp_path, capsys):
     a, b = pair
@@ -118,6 +118,8 @@ def test_bad_input(case, models, pair, tmp_path, capsys):
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
         (a / "config.json").write_text(json.dumps(config))
         needles = ("quantized", "gptq")
+    elif case in ("readers_zero", "readers_many"):
+        extra, needles = ("--readers", "0" if case == "readers_zero" else "65"), ("--readers", "1 to 64")
     elif case == "unknown_flag":
         extra, needles = ("--gradient_vals", "[1,0]"), ("unrecognized",)
     elif case == "auto_dtype_mixed":

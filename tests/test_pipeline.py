@@ -15,12 +15,13 @@ from test_plan import FakeIndex, llama_index, spec
 import gpumerge.copier
 import gpumerge.pipeline
 import gpumerge.writer
-from gpumerge.errors import SpecError
+from gpumerge.errors import OutputError, SpecError
 from gpumerge.merge import run_merge
 from gpumerge.plan import ALIGN, batch_capacity, make_batches, make_plan, needs_device
 from gpumerge.spec import MergeSpec
 
 MiB = 2**20
+GiB = 2**30
 
 
 def quiet(line: str) -> None:
@@ -30,7 +31,8 @@ def quiet(line: str) -> None:
 def merge(models, out, *, pair=("fp16_a", "fp16_b"), **kwargs):
     merge_spec = MergeSpec(model_path1=str(models[pair[0]]), model_path2=str(models[pair[1]]),
                            output_model_path=out, gradient_start=0.9, gradient_end=0.0, layer_end=12,
-                           device=kwargs.pop("device", "cpu"), dtype=kwargs.pop("dtype", "float16"), quiet=True)
+                           device=kwargs.pop("device", "cpu"), dtype=kwargs.pop("dtype", "float16"), quiet=True,
+                           readers=kwargs.pop("readers", 1))
     return run_merge(merge_spec, notice=quiet, **kwargs)
 
 
@@ -81,9 +83,9 @@ def test_batches_balance_bytes_over_devices(count):
 def test_tensor_larger_than_the_budget_is_cut_in_rows():
     a, b = llama_index("a", vocab=4000, hidden=64), llama_index("b", vocab=4000, hidden=64)
     plan = make_plan(a, b, spec(dtype="float32", dtype_was_default=False))  # embeddings are cast: device work
-    budget = {"cuda:0": 3 * 48 * 1024, "cpu": 2**30}
+    budget = {"cuda:0": 4 * 48 * 1024, "cpu": 2**30}
     cap = batch_capacity(["cuda:0"], budget)
-    assert cap == 48 * 1024
+    assert cap == 32 * 1024  # a ring of 4 on a GPU, each buffer a power of two
     batches = make_batches(plan, budget, devices=["cuda:0"])
     covered(batches, plan)
     embed = [p for batch in batches for p in batch.pieces if p.job.name == "model.embed_tokens.weight"]
@@ -126,7 +128,23 @@ def test_tiny_budget_is_a_clear_error():
 
 
 def test_pinned_staging_is_bounded_by_the_host_budget():
-    assert batch_capacity(["cuda:0", "cuda:1"], {"cuda:0": 2**34, "cuda:1": 2**34, "cpu": 600 * MiB}) == 100 * MiB
+    """Each GPU's ring (4 buffers) is one power-of-two pinned block within its share of the host budget."""
+    assert batch_capacity(["cuda:0", "cuda:1"], {"cuda:0": 2**34, "cuda:1": 2**34, "cpu": 600 * MiB}) == 64 * MiB
+    eight = {f"cuda:{i}": 2**34 for i in range(8)}
+    assert batch_capacity(list(eight), {**eight, "cpu": 8 * GiB}) == 256 * MiB  # the default on a >= 16 GiB host
+    assert batch_capacity(["cuda:0"], {"cuda:0": 2**34, "cpu": GiB}) == 256 * MiB
+    assert batch_capacity(["cuda:0"], {"cuda:0": 2**34, "cpu": GiB - 1}) == 128 * MiB
+
+
+def test_default_host_budget_for_gpus(monkeypatch):
+    import gpumerge.devices as devices
+
+    monkeypatch.setattr(devices, "_total_ram", lambda: 64 * GiB)
+    assert devices._default_host_budget(8, 40 * GiB) == 8 * GiB  # 1 GiB of pinned buffers per GPU
+    assert devices._default_host_budget(8, 10 * GiB) == 5 * GiB  # at most half the available RAM
+    assert devices._default_host_budget(0, 40 * GiB) == 512 * MiB  # a CPU merge: RSS stays small
+    monkeypatch.setattr(devices, "_total_ram", lambda: 8 * GiB)
+    assert devices._default_host_budget(1, 6 * GiB) == 512 * MiB  # a small host: the CPU rule
 
 
 # ---- engine -----------------------------------------------------------------------------------------------------
@@ -141,6 +159,49 @@ def test_pipeline_is_bitwise_equal_to_the_sequential_merge(models, tmp_path, pai
         same_bytes(reference, result.output)
         if batch_bytes == 1000:
             assert result.report["batches"] > 100
+
+
+@pytest.mark.parametrize("readers", [2, 5])
+def test_several_readers_per_device_give_the_same_bytes(models, tmp_path, readers):
+    reference = merge(models, tmp_path / "seq", engine="sequential").output
+    for staged in (False, True):
+        result = merge(models, tmp_path / f"r{readers}{staged}", batch_bytes=4096, simulate_staging=staged,
+                       readers=readers)
+        same_bytes(reference, result.output)
+
+
+def test_writer_takes_the_first_ready_batch():
+    """One slow device does not hold the others back: the writer takes whichever batch's device work is done."""
+    from gpumerge.pipeline import PipelinedEngine
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    engine = PipelinedEngine(None, None, devices=["cuda:0", "cuda:1"], capacity=1024)
+    slow = ("lane0", "batch0", "slot0", [Event(False)])
+    fast = ("lane1", "batch1", "slot1", [Event(True)])
+    pending = [slow]
+    engine._written.put(fast)
+    item, finished = engine._next_ready(pending, producers=2, finished=0)
+    assert item is fast and pending == [slow] and finished == 0
+    slow[3][0].done = True
+    engine._written.put(None)
+    engine._written.put(None)
+    assert engine._next_ready(pending, producers=2, finished=0) == (slow, 0)
+    assert engine._next_ready(pending, producers=2, finished=0) == (None, 2)
+
+
+def test_a_failed_pinned_allocation_is_one_clear_error():
+    from gpumerge.pipeline import _host_block
+
+    if torch.cuda.is_available():
+        pytest.skip("pinning works here")
+    with pytest.raises(OutputError, match="could not pin 4096 bytes .* --max_memory cpu="):
+        _host_block(4096, pinned=True, device="cuda:0")  # no CUDA: torch raises a RuntimeError
 
 
 @pytest.mark.parametrize("pair, dtype", [(("fp16_a", "fp16_b"), "float16"), (("bf16_a", "fp16_b"), "float16"),
@@ -288,3 +349,19 @@ def test_gpu_device_flags(models, tmp_path):
         both = merge(models, tmp_path / "two", device="cuda:0,cuda:1", batch_bytes=4096)
         assert [d["device"] for d in both.report["devices"]] == ["cuda:0", "cuda:1"]
         same_bytes(result.output, both.output)
+
+
+@pytest.mark.cuda
+@cuda
+def test_gpu_report_is_this_merges(models, tmp_path):
+    """The device peak is this merge's (reset before the lanes), the pinned bytes a power of two per GPU ring, and
+    the stage timings each stage's own."""
+    held = torch.empty(512 * MiB, dtype=torch.uint8, device="cuda:0")
+    del held
+    result = merge(models, tmp_path / "out", device="cuda:0")
+    report = result.report
+    assert 0 < report["peak_device_bytes"] < 512 * MiB
+    pinned = report["peak_pinned_bytes"]
+    assert pinned > 0 and pinned & (pinned - 1) == 0
+    assert report["pinned_allocator_bytes"] is None or report["pinned_allocator_bytes"] >= pinned
+    assert all(report["stages"][s]["busy_s"] > 0 for s in ("h2d", "blend", "d2h"))
