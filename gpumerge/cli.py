@@ -237,7 +237,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     result = run_merge(spec, notice=_notice_printer(spec.quiet), progress_factory=_progress_factory(spec.quiet),
                        report_path=args.report)
-    print(summary_line(result))
+    try:  # the merge is the product: a summary that cannot be printed (stdout full or closed) does not undo it
+        print(summary_line(result), flush=True)
+    except (OSError, ValueError):
+        pass
     return 0
 
 
@@ -321,6 +324,9 @@ def run() -> None:
     """The console script: main(), then exit at once with its code. Signals stay swallowed to the end and
     interpreter shutdown (atexit handlers, daemon threads) is skipped: a late signal can neither turn a finished
     run's exit code into a kill nor print tracebacks from exit handlers."""
+    for name in ("stdout", "stderr"):  # started with fd 1 or 2 closed (`>&-`): write nowhere, not crash
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     code = main(restore_signals=False)
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -116,31 +116,45 @@ def _remove_demo_model(path: Path) -> None:
 
 
 def run_demo(*, workdir: Path | None, quiet: bool) -> int:
-    from gpumerge.merge import run_merge
-    from gpumerge.spec import MergeSpec
-
     def say(line: str) -> None:
         if not quiet:
             print(f"gpumerge demo: {line}", file=sys.stderr)
 
     root = _demo_root(workdir)
+    try:
+        return _demo(root, say=say)
+    except BaseException:
+        if workdir is None:  # our own temporary directory: nothing of a failed or interrupted demo is left
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _demo(root: Path, *, say) -> int:
+    from gpumerge.merge import run_merge
+    from gpumerge.spec import MergeSpec
+
     say(f"building two small Llama checkpoints in {root} (no network)")
     tokenizer = None
     for name, seed in (("model1", 1), ("model2", 2)):
+        (root / name).mkdir()
+        (root / name / _DEMO_MARKER).write_text("gpumerge demo\n")  # first: a run killed mid-build is still ours
         tokenizer = build_tokenizer(root / name)
         build_llama(root / name, seed=seed, vocab_size=len(tokenizer))
-        (root / name / _DEMO_MARKER).write_text("gpumerge demo\n")
         GUARD.poll()
     spec = MergeSpec(model_path1=str(root / "model1"), model_path2=str(root / "model2"),
                      output_model_path=root / "merged", gradient_start=0.9, gradient_end=0.0,
                      layer_start=0, layer_end=12, max_shard_size="300KB", max_shard_bytes=300_000,
-                     device="cpu", overwrite=True, quiet=quiet)
+                     device="cpu", overwrite=True, quiet=True)
     say("merging with the original's example settings: --gradient_start 0.9 --gradient_end 0.0 "
         "--layer_start 0 --layer_end 12 --max_shard_size 300KB")
     began = time.perf_counter()
     result = run_merge(spec, notice=say)
     elapsed = time.perf_counter() - began
+    GUARD.poll()
     blended, exact = verify_merge(root / "model1", root / "model2", result.output, result.plan.layer_t)
+    GUARD.poll()
     say(f"transformers loads the merge: {blended} blended tensors match the float64 reference, "
         f"{exact} others are model 1's exactly")
     import torch
@@ -149,8 +163,10 @@ def run_demo(*, workdir: Path | None, quiet: bool) -> int:
     model = AutoModelForCausalLM.from_pretrained(result.output)
     tok = AutoTokenizer.from_pretrained(result.output)
     ids = tok("the merge of two models", return_tensors="pt").input_ids
+    GUARD.poll()
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    GUARD.poll()
     say(f"it generates (random weights, so words at random): {tok.decode(generated[0])!r}")
     t_list = ", ".join(f"{layer}:{t:.3g}" for layer, t in result.plan.layer_t.items())
     print(f"merged model: {result.output}  ({len(result.plan.shards)} shards, t per layer {t_list}; "

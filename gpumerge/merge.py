@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpumerge.checkpoint import Checkpoint
-from gpumerge.errors import IncompatibleCheckpointsError
+from gpumerge.errors import IncompatibleCheckpointsError, OutputError
 from gpumerge.plan import MergePlan, make_plan, ring_depth_of, t_groups
 from gpumerge.signals import GUARD
 from gpumerge.spec import MergeSpec
@@ -114,19 +114,50 @@ def preflight(plan: MergePlan, a: Checkpoint, b: Checkpoint) -> None:
         )
 
 
-def _import_torch_in_background() -> threading.Thread:
+class _Import(threading.Thread):
     """torch takes seconds to import on a small CPU machine: import it while the checkpoints are indexed, the plan
-    is made and the unchanged tensors are copied (those need no torch)."""
-    thread = threading.Thread(target=importlib.import_module, args=("torch",), name="gpumerge-import", daemon=True)
+    is made and the unchanged tensors are copied (those need no torch). A failure is raised where it is awaited."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gpumerge-import", daemon=True)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            importlib.import_module("torch")
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that awaits it
+            self.error = exc
+
+
+def _import_torch_in_background() -> _Import:
+    thread = _Import()
     thread.start()
     return thread
 
 
-def _await(thread: threading.Thread) -> None:
-    """Join a thread, a signal stopping the wait at once (never inside the thread's own work, e.g. an import)."""
+def _await(thread: _Import) -> None:
+    """Join the import, a signal stopping the wait at once (never inside the import itself); its error, if any."""
     while thread.is_alive():
         with GUARD.interruptible():
             thread.join(0.1)
+    if thread.error is not None:
+        raise thread.error
+
+
+def check_open_files(a: Checkpoint, b: Checkpoint) -> None:
+    """The merge holds every input file open at once, plus its shards, lock, pipes and torch's own: with too low a
+    limit it would fail half-way (and could not even remove its partial output). Raise the soft limit to the hard
+    one if that is enough, else refuse before any work."""
+    import resource
+
+    need = 64 + len(a.files) + len(b.files)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise OutputError(f"the merge needs about {need} open files and the limit is {hard} (ulimit -n); raise it")
 
 
 class _LockedProgress:
@@ -143,7 +174,7 @@ class _LockedProgress:
 @dataclass(frozen=True, slots=True)
 class Checked:
     out: Path | None  # canonical
-    report: Path | None  # canonical
+    report: object | None  # outdir.AtomicFile, made at the check: discard() it unless the merge commits it
     inputs: object  # outdir.Inputs
 
 
@@ -152,7 +183,7 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
     """What `gpumerge plan` and a merge both check before the first output byte, beyond the plan itself: the output
     and report paths against every input file, the disk space, and the non-float tensors that must be equal."""
     from gpumerge import writer
-    from gpumerge.outdir import Inputs, OutputDir, canonical, check_output_path, check_write_file
+    from gpumerge.outdir import AtomicFile, Inputs, OutputDir, canonical, check_output_path, check_write_file
 
     for flag, value in (("--model_path1", spec.model_path1), ("--model_path2", spec.model_path2)):
         canonical(value, flag=flag)  # a name that is not UTF-8 could not be written into the merge record
@@ -164,7 +195,8 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
             plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
     report = check_write_file(report_path, flag="--report", inputs=inputs, out=out) if report_path else None
     preflight(plan, a, b)
-    return Checked(out, report, inputs)
+    report_file = AtomicFile(report, flag="--report", inputs=inputs) if report is not None else None
+    return Checked(out, report_file, inputs)
 
 
 def plan_devices(spec: MergeSpec, plan: MergePlan, *, budget: dict[str, int] | None = None,
@@ -195,76 +227,76 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     from gpumerge import writer
     from gpumerge.copier import Copier
     from gpumerge.devices import Telemetry, cuda_possible
-    from gpumerge.outdir import AtomicFile, OutputDir
+    from gpumerge.outdir import OutputDir
 
     began = time.perf_counter()
     a, b = open_pair(spec)
     with a, b:
         GUARD.poll()
+        check_open_files(a, b)
         plan = plan_merge(spec, a, b, notice=notice)
         GUARD.poll()
         checked = check_before_merge(spec, a, b, plan, report_path=report_path)
-        out, report_path = checked.out, checked.report
+        out, report_file = checked.out, checked.report
         GUARD.poll()
-        with OutputDir(out, overwrite=spec.overwrite, inputs=checked.inputs, notice=notice) as output:  # locked
-            GUARD.poll()
-            if any(job.method == "slerp" for job in plan.jobs):
-                from gpumerge.pipeline import slerp_prepass
+        try:
+            with OutputDir(out, overwrite=spec.overwrite, inputs=checked.inputs, notice=notice) as output:  # locked
+                GUARD.poll()
+                if any(job.method == "slerp" for job in plan.jobs):
+                    from gpumerge.pipeline import slerp_prepass
 
-                plan = slerp_prepass(plan, a, b)
-            record = merge_record(spec, plan, a, b)
-            metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
-            # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl.
-            # On a machine without an NVIDIA driver the device checks below need no torch, so the import overlaps
-            # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
-            importing = _import_torch_in_background() if "torch" not in sys.modules else None
-            if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
-                _await(importing)
-            devices, device_notice, budget, capacity, batches = plan_devices(
-                spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
-            if device_notice:
-                notice(device_notice)
-            progress = progress_factory(plan.bytes_written) if progress_factory else None
-            advance = _LockedProgress(progress.update if progress else None)
-            telemetry = Telemetry(devices)
-            report_file = None
-            try:
-                if progress is not None:
-                    progress.telemetry = telemetry.start()
-                writers = writer.open_writers(plan, output.tmp, metadata)
-                copier = Copier(plan, a, writers, progress=advance) if engine != "sequential" else None
+                    plan = slerp_prepass(plan, a, b)
+                record = merge_record(spec, plan, a, b)
+                metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
+                # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl.
+                # On a machine without an NVIDIA driver the device checks below need no torch, so the import overlaps
+                # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
+                importing = _import_torch_in_background() if "torch" not in sys.modules else None
+                if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
+                    _await(importing)
+                devices, device_notice, budget, capacity, batches = plan_devices(
+                    spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+                if device_notice:
+                    notice(device_notice)
+                progress = progress_factory(plan.bytes_written) if progress_factory else None
+                advance = _LockedProgress(progress.update if progress else None)
+                telemetry = Telemetry(devices)
                 try:
-                    if copier is not None:
-                        copier.start()
-                    if importing is not None:
-                        _await(importing)
-                    stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
-                                        engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
-                                        advance=advance, simulate_staging=simulate_staging)
+                    if progress is not None:
+                        progress.telemetry = telemetry.start()
+                    writers = writer.open_writers(plan, output.tmp, metadata)
+                    copier = Copier(plan, a, writers, progress=advance) if engine != "sequential" else None
+                    try:
+                        if copier is not None:
+                            copier.start()
+                        if importing is not None:
+                            _await(importing)
+                        stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
+                                            engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
+                                            advance=advance, simulate_staging=simulate_staging)
+                    finally:
+                        if copier is not None:
+                            copier.cancel()
+                        writer.close_writers(writers)
+                    writer.write_index(output.tmp, plan)
+                    aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name, a.config)
+                    writer.write_model_card(output.tmp, record)
+                    writer.write_recipe(output.tmp, record)
+                    telemetry.stop()
+                    report = engine_report(stats, wall_s=time.perf_counter() - began, devices=devices, budget=budget,
+                                           capacity=capacity, ring_depth=ring_depth, telemetry=telemetry.summary(),
+                                           engine=engine)
+                    if report_file is not None:  # written before the output is put in place, shown only with it
+                        report_file.write_bytes((json.dumps(report, indent=2) + "\n").encode())
+                    output.finalize(companion=report_file)
                 finally:
-                    if copier is not None:
-                        copier.cancel()
-                    writer.close_writers(writers)
-                writer.write_index(output.tmp, plan)
-                aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name, a.config)
-                writer.write_model_card(output.tmp, record)
-                writer.write_recipe(output.tmp, record)
-                telemetry.stop()
-                report = engine_report(stats, wall_s=time.perf_counter() - began, devices=devices, budget=budget,
-                                       capacity=capacity, ring_depth=ring_depth, telemetry=telemetry.summary(),
-                                       engine=engine)
-                if report_path is not None:  # written before the output is put in place, shown only with it
-                    report_file = AtomicFile(report_path)
-                    report_file.write_bytes((json.dumps(report, indent=2) + "\n").encode())
-                output.finalize(companion=report_file)
-            except BaseException:
-                if report_file is not None:
-                    report_file.discard()
-                raise
-            finally:
-                telemetry.stop()
-                if progress:
-                    progress.close()
+                    telemetry.stop()
+                    if progress:
+                        progress.close()
+        except BaseException:
+            if report_file is not None:
+                report_file.discard()
+            raise
     return MergeResult(out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read, stats.bytes_written,
                        report)
 

@@ -20,6 +20,8 @@ import fnmatch
 import glob
 import hashlib
 import os
+import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -176,9 +178,14 @@ def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool) -> Pa
                           "(this is refused even with --overwrite)")
     if not os.access(where, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} {out}: {where} is not writable")
+    if is_working_name(out.name):
+        raise OutputError(f"{flag} {out} is named like gpumerge's hidden working files; give another name")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{flag} {out} exists and is not a directory")
+        if os.path.ismount(out):
+            raise OutputError(f"{flag} {out} is a mount point: the merge is put in place by a rename, which a mount "
+                              "point refuses; write into a new directory inside it")
         if _non_empty(out):
             if not overwrite:
                 raise OutputError(f"{flag} {out} exists and is not empty; pass --overwrite to replace it")
@@ -205,16 +212,30 @@ def _check_siblings(out: Path, inputs: Inputs, *, overwrite: bool) -> None:
                 raise OutputError(f"{label}'s {path} is named like gpumerge's hidden working files for {out} "
                                   f"({sibling_stem(out)}*); rename it or choose another output directory")
     lock = out.parent / (sibling_stem(out) + ".lock")
-    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
-        raise OutputError(f"--output_model_path {out}: {lock} is in the way of gpumerge's lock file; remove it")
+    if os.path.lexists(lock):
+        info = os.lstat(lock)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1 or info.st_size > _LOCK_MAX_BYTES:
+            raise OutputError(f"--output_model_path {out}: {lock} is in the way of gpumerge's lock file (it is not "
+                              "one); remove it")
     if not overwrite and not out.exists() and _stale(out, ".old"):
         raise OutputError(f"an earlier run was interrupted while replacing {out}; its previous contents are at "
                           f"{_stale(out, '.old')[0]}: move them back yourself, or pass --overwrite to replace them")
 
 
 def _stale(out: Path, suffix: str) -> list[Path]:
+    """OUT's own leftovers, by their exact shape 'STEM-PID-XXXXXXXX.partial' (or '.old'): a prefix match would also
+    take another OUT's, whose name may start like this stem."""
+    shape = re.compile(re.escape(sibling_stem(out)) + r"-[0-9]+-[a-z0-9_]{8}" + re.escape(suffix))
     pattern = os.path.join(glob.escape(str(out.parent)), glob.escape(sibling_stem(out)) + "-*" + suffix)
-    return sorted(Path(p) for p in glob.glob(pattern))
+    return sorted(Path(p) for p in glob.glob(pattern) if shape.fullmatch(Path(p).name))
+
+
+# The hidden names gpumerge makes beside the paths it writes, for any OUT or report: never a name for a user's file.
+_WORKING_NAME = re.compile(r"\..*\.gpumerge(\.lock|-[0-9]+-[a-z0-9_]{8}\.(partial|old)|-[0-9]+-.*\.tmp)")
+
+
+def is_working_name(name: str) -> bool:
+    return bool(_WORKING_NAME.fullmatch(name))
 
 
 def overlap_problem(path: Path, inputs: Inputs, *, flag: str, directory: bool) -> None:
@@ -243,6 +264,9 @@ def check_write_file(path: Path | str, *, flag: str, inputs: Inputs, out: Path |
     or the output directory, a regular file or nothing, in an existing writable directory. Returns it canonical."""
     path = canonical(path, flag=flag)
     overlap_problem(path, inputs, flag=flag, directory=False)
+    if is_working_name(path.name) or is_working_name(_resolve(path).name):
+        raise SpecError(f"{flag} {path} is named like gpumerge's hidden working files (locks, partial outputs, "
+                        "temporary files); give another name")
     if out is not None:
         for candidate in {path, _resolve(path)}:
             if _reserved(candidate, out):
@@ -338,6 +362,9 @@ def exchange(a: Path, b: Path) -> None:
 
 # ---- the lock -----------------------------------------------------------------------------------------------------
 
+_LOCK_MAX_BYTES = 32  # a lock file holds its holder's pid
+
+
 class OutputLock:
     """flock on '.NAME-HASH.gpumerge.lock' beside OUT: held while a run may write OUT; the kernel drops it when the
     process dies. The file is removed by its holder at the end; the inode is re-checked after locking, so a run that
@@ -364,8 +391,13 @@ class OutputLock:
             except BaseException:
                 os.close(fd)
                 raise
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1 or info.st_size > _LOCK_MAX_BYTES:
+                os.close(fd)  # a hard link to someone's file (an input?) must never be truncated
+                raise OutputError(f"--output_model_path {self.out}: {self.path} is not a gpumerge lock file (it has "
+                                  f"{info.st_nlink} links and {info.st_size} bytes); remove it")
             try:
-                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                same = os.stat(self.path, follow_symlinks=False).st_ino == info.st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -414,8 +446,8 @@ class OutputDir:
         parent = _existing_parent(self.out)
         free = shutil.disk_usage(parent).free
         if free < nbytes + margin_bytes:
-            raise OutputError(f"not enough disk space for the merge at {parent}: it needs {_gib(nbytes)} and "
-                              f"{_gib(free)} are free")
+            raise OutputError(f"not enough disk space for the merge at {parent}: it needs {_size(nbytes)} plus a "
+                              f"margin of {_size(margin_bytes)}, and {_size(free)} are free")
 
     def __enter__(self) -> "OutputDir":
         try:
@@ -562,41 +594,81 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 class AtomicFile:
-    """A file that appears at its path only on commit() (a temporary sibling renamed into place); discard() removes
-    the temporary. The rename replaces a link at the path, never the file it points to."""
+    """A file (the report, the plot) that appears at its path only on commit(): a temporary in the same directory,
+    renamed into place. Made when the path is checked, before any work: the directory is held open from then on (a
+    directory renamed, or replaced by a link, meanwhile does not redirect the write), and the temporary is created at
+    once (a directory where no file can be made fails before the merge, not after). The rename replaces a link at the
+    path, never the file it points to. discard() removes the temporary; either closes the directory."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, flag: str, inputs: Inputs) -> None:
         self.path = path
+        self.name = path.name
         prefix = f".{os.fsencode(path.name)[:40].decode('utf-8', 'ignore')}.gpumerge-"
-        self._remove_stale(prefix)
-        fd, name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
+        self.tmp_name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        self.fd = -1
+        try:
+            self.dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise SpecError(f"{flag} {path}: cannot open {path.parent} ({exc.strerror})") from None
+        try:
+            self._remove_stale(prefix, inputs)
+            self.fd = os.open(self.tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                              dir_fd=self.dir_fd)
+        except OSError as exc:
+            os.close(self.dir_fd)
+            raise SpecError(f"{flag} {path}: cannot create a file in {path.parent} ({exc.strerror})") from None
 
-    def _remove_stale(self, prefix: str) -> None:
-        """Temporaries of this path left by killed runs (SIGKILL): the pid in their name is not alive."""
-        for name in glob.glob(os.path.join(glob.escape(str(self.path.parent)), glob.escape(prefix) + "*-*.tmp")):
-            pid = Path(name).name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+    def _remove_stale(self, prefix: str, inputs: Inputs) -> None:
+        """Temporaries of this path left by killed runs (SIGKILL: the pid in their name is not alive); never one
+        that is an input, or a link, or has other names (hard links)."""
+        shape = re.compile(re.escape(prefix) + r"([0-9]+)-[0-9a-f]{8}\.tmp")
+        for name in os.listdir(self.dir_fd):
+            found = shape.fullmatch(name)
+            if not found or _alive(int(found.group(1))):
+                continue
+            try:
+                info = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and not inputs.owner(self.path.parent / name):
                 try:
-                    os.unlink(name)
+                    os.unlink(name, dir_fd=self.dir_fd)
                 except OSError:
                     pass
 
     def write_bytes(self, data: bytes) -> None:
-        self.tmp.write_bytes(data)
+        view = memoryview(data)
+        os.ftruncate(self.fd, 0)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], done)
+
+    def open(self):
+        """A binary file object on the temporary (for writers that want one, e.g. matplotlib)."""
+        return os.fdopen(os.dup(self.fd), "wb")
 
     def commit(self) -> None:
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
+        os.fchmod(self.fd, 0o644)
+        os.replace(self.tmp_name, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        self._close()
 
     def discard(self) -> None:
+        if self.fd < 0 and self.dir_fd < 0:
+            return
         try:
-            self.tmp.unlink()
-        except FileNotFoundError:
+            os.unlink(self.tmp_name, dir_fd=self.dir_fd)
+        except OSError:
             pass
+        self._close()
+
+    def _close(self) -> None:
+        for attr in ("fd", "dir_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)

@@ -39,23 +39,35 @@ def recipe_line(plan: MergePlan) -> str:
             "MergekitRecipe": "mergekit config"}.get(type(spec.recipe).__name__, type(spec.recipe).__name__)
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
 def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) -> MergePlan:
-    """Everything a merge checks before its first output byte, then the table (and the plot); writes nothing else."""
+    """Everything a merge checks before its first output byte, then the plot and the table; writes nothing else."""
     from gpumerge.merge import check_before_merge, open_pair, plan_devices, plan_merge
-    from gpumerge.outdir import check_write_file
+    from gpumerge.outdir import AtomicFile, check_write_file
 
     a, b = open_pair(spec)
+    picture = None
     with a, b:
         plan = plan_merge(spec, a, b, notice=notice)
         checked = check_before_merge(spec, a, b, plan)
-        if plot is not None:
-            plot = check_write_file(plot, flag="--plot", inputs=checked.inputs, out=checked.out)
         device_notice = plan_devices(spec, plan)[1]
         if device_notice:
             notice(device_notice)
+        if plot is not None:
+            if plot.suffix.lstrip(".").lower() not in PLOT_FORMATS:
+                raise SpecError(f"--plot {plot}: give a {', '.join('.' + f for f in PLOT_FORMATS)} file name")
+            plot = check_write_file(plot, flag="--plot", inputs=checked.inputs, out=checked.out)
+            picture = AtomicFile(plot, flag="--plot", inputs=checked.inputs)
+        try:
+            if picture is not None:  # before the table: a reader that stops reading early must not cost the plot
+                plot_shares(plan, picture)
+        except BaseException:
+            picture.discard()
+            raise
         write_plan_table(plan, a, b, out)
     if plot is not None:
-        plot_shares(plan, plot)
         print(f"plot: {plot}", file=out)
     return plan
 
@@ -93,9 +105,10 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def plot_shares(plan: MergePlan, path: Path) -> None:
-    """Each model's share per decoder block: stacked bars when every tensor of a block has the same t (blocks
-    outside the window are all model 1), else model 2's share per module group as lines."""
+def plot_shares(plan: MergePlan, target) -> None:
+    """Each model's share per decoder block, into ``target`` (an outdir.AtomicFile): stacked bars when every tensor
+    of a block has the same t (blocks outside the window are all model 1), else model 2's share per module group as
+    lines."""
     try:
         import matplotlib
 
@@ -123,16 +136,11 @@ def plot_shares(plan: MergePlan, path: Path) -> None:
     ax.set_title(f"gpumerge: {recipe_line(plan)}, {plan.spec.blend_method}", fontsize=9)
     ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
-    from gpumerge.outdir import AtomicFile
-
-    target = AtomicFile(path)
     try:
-        fig.savefig(target.tmp, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
+        with target.open() as fh:
+            fig.savefig(fh, dpi=100, format=target.path.suffix.lstrip(".").lower())
         target.commit()
     except OSError as exc:
-        raise SpecError(f"--plot {path}: cannot write the picture ({exc.strerror})") from exc
-    except ValueError as exc:  # an extension matplotlib cannot write
-        raise SpecError(f"--plot {path}: {exc}; use a .png, .svg or .pdf name") from exc
+        raise SpecError(f"--plot {target.path}: cannot write the picture ({exc.strerror})") from exc
     finally:
-        target.discard()
         plt.close(fig)

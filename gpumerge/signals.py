@@ -20,7 +20,10 @@ import signal
 import time
 from pathlib import Path
 
-HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Ctrl-C, kill, a closed terminal; and the other signals whose default is to end the process (Ctrl-\\, kill -USR1,
+# an alarm), which would otherwise leave a partial output behind.
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+           signal.SIGALRM)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -185,7 +185,7 @@ def test_overwrite_refuses_the_current_directory(pair, tmp_path, capsys, monkeyp
 def test_stale_partial_output_of_a_killed_run_is_removed(pair, tmp_path, capsys):
     from gpumerge.outdir import sibling_stem
 
-    stale = tmp_path / (sibling_stem(tmp_path / "out") + "-999999999-abcd.partial")
+    stale = tmp_path / (sibling_stem(tmp_path / "out") + "-999999999-abcdefgh.partial")
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"x" * 100)
     assert run_cli(*merge_args(*pair, tmp_path / "out"), capsys=capsys)[0] == 0

@@ -259,7 +259,7 @@ def test_swap_without_renameat2_keeps_the_old_copy_recoverable(pair, tmp_path, c
     only(tmp_path, "out")
     old = snapshot([out])
     # a death between the two renames leaves OUT at the hidden '.old' name and nothing at OUT
-    aside = tmp_path / (gpumerge.outdir.sibling_stem(out) + "-4242-x.old")
+    aside = tmp_path / (gpumerge.outdir.sibling_stem(out) + "-4242-abcdefgh.old")
     os.rename(out, aside)
     for argv in (merge_args(*pair, out), ("plan", "--model_path1", pair[0], "--model_path2", pair[1],
                                           "--output_model_path", out)):
@@ -495,7 +495,7 @@ def test_input_named_like_a_hidden_working_directory_is_never_removed(suffix, pa
     """A leftover partial directory beside OUT is removed and an '.old' one moved back to OUT: an input that goes by
     such a name is refused instead (by path, and again under the lock)."""
     out = tmp_path / "out"
-    model = tmp_path / (gpumerge.outdir.sibling_stem(out) + "-1-x" + suffix)
+    model = tmp_path / (gpumerge.outdir.sibling_stem(out) + "-1-abcdefgh" + suffix)
     shutil.copytree(pair[0], model)
     for extra in ((), ("--overwrite",)):
         code, _, err = run_cli(*merge_args(model, pair[1], out, *extra), capsys=capsys)
@@ -631,7 +631,7 @@ def test_a_removed_current_directory_is_one_line(pair, tmp_path):
 
 def test_signal_while_swapping_keeps_the_report(pair, tmp_path):
     out, report = tmp_path / "out", tmp_path / "r.json"
-    stale = tmp_path / ".r.json.gpumerge-999999999-abc.tmp"  # a SIGKILLed run's temporary report
+    stale = tmp_path / ".r.json.gpumerge-999999999-0123abcd.tmp"  # a SIGKILLed run's temporary report
     stale.write_text("{}")
     pause = tmp_path / "pause"
     proc = _spawn(merge_args(*pair, out, "--report", report),
@@ -658,3 +658,130 @@ def test_plan_fails_where_the_merge_cannot_start(case, pair, tmp_path, capsys):
                                           "--output_model_path", out)):
         code, _, err = run_cli(*argv, capsys=capsys)
         assert_one_line_error(code, err, "not a directory" if case == "out_under_a_file" else "in the way")
+
+
+# ---- the third hostile trial's findings -----------------------------------------------------------------------------
+
+def test_a_hard_link_at_the_lock_path_is_never_truncated(pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = tmp_path / "m1" / "config.json"
+    shutil.copytree(pair[0], tmp_path / "m1")
+    os.link(config, tmp_path / (gpumerge.outdir.sibling_stem(out) + ".lock"))
+    before = config.read_bytes()
+    code, _, err = run_cli(*merge_args(tmp_path / "m1", pair[1], out), capsys=capsys)
+    assert_one_line_error(code, err, "in the way of gpumerge's lock file")
+    assert config.read_bytes() == before
+
+
+def test_report_directory_swapped_for_a_link_to_an_input_during_the_merge(pair, tmp_path):
+    """The report's directory is held open from the check on: the report lands where it was checked."""
+    model = tmp_path / "m1"
+    shutil.copytree(pair[0], model)
+    (tmp_path / "d").mkdir()
+    before = snapshot([model])
+    pause = tmp_path / "pause"
+    proc = _spawn(merge_args(model, pair[1], tmp_path / "out", "--report", tmp_path / "d" / "config.json"),
+                  env_extra={"GPUMERGE_TEST_PAUSE": str(pause), "GPUMERGE_TEST_PAUSE_AT": "write"})
+    _wait_for(Path(f"{pause}.write"), proc)
+    os.rename(tmp_path / "d", tmp_path / "d.bak")
+    (tmp_path / "d").symlink_to(model)
+    Path(f"{pause}.write").unlink()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert snapshot([model]) == before
+    assert json.loads((tmp_path / "d.bak" / "config.json").read_text())["bytes_written"] > 0
+
+
+def test_a_stale_report_temporary_that_is_an_input_is_kept(pair, tmp_path, capsys):
+    model = tmp_path / "m1"
+    shutil.copytree(pair[0], model)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    hidden = tmp_path / ".r.json.gpumerge-999999999-0123abcd.tmp"  # named like a dead run's temporary report
+    os.rename(shard, hidden)
+    shard.symlink_to(hidden)
+    code, _, err = run_cli(*merge_args(model, pair[1], tmp_path / "out", "--report", tmp_path / "r.json"),
+                           capsys=capsys)
+    assert code == 0, err
+    assert hidden.is_file() and shard.resolve() == hidden
+
+
+def test_outputs_whose_names_share_a_prefix_keep_their_own_partials(pair, tmp_path, capsys):
+    first = tmp_path / "a"
+    second = tmp_path / (gpumerge.outdir.sibling_stem(first)[1:] + "-" + "z" * 30)  # its partial starts like a's
+    pause = tmp_path / "pause"
+    proc = _spawn(merge_args(*pair, second), env_extra={"GPUMERGE_TEST_PAUSE": str(pause),
+                                                        "GPUMERGE_TEST_PAUSE_AT": "write"})
+    try:
+        _wait_for(Path(f"{pause}.write"), proc)
+        merged(pair, first, capsys)
+    finally:
+        Path(f"{pause}.write").unlink(missing_ok=True)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    only(tmp_path, "a", second.name)
+
+
+@pytest.mark.parametrize("name", [".out-0123abcd.gpumerge.lock", ".x-0123abcd.gpumerge-12-abcdefgh.partial",
+                                  ".r.json.gpumerge-12-0123abcd.tmp"])
+def test_reports_named_like_any_working_file_are_refused(name, pair, tmp_path, capsys):
+    code, _, err = run_cli(*merge_args(*pair, tmp_path / "other", "--report", tmp_path / name), capsys=capsys)
+    assert_one_line_error(code, err, "--report", "hidden working files")
+
+
+def test_too_few_open_files_is_one_line_before_any_work(pair, tmp_path):
+    import resource
+
+    proc = subprocess.run([sys.executable, "-m", "gpumerge", *map(str, merge_args(*pair, tmp_path / "out"))],
+                          capture_output=True, text=True, timeout=120, env=source_env(),
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24)))
+    assert_one_line_error(proc.returncode, proc.stderr, "open files", "ulimit -n")
+    only(tmp_path)
+
+
+@pytest.mark.parametrize("stdout", ["closed", "full"])
+def test_a_finished_merge_is_not_failed_by_its_stdout(stdout, pair, tmp_path):
+    target = subprocess.DEVNULL if stdout == "closed" else open("/dev/full", "w")
+    argv = [sys.executable, "-m", "gpumerge", *map(str, merge_args(*pair, tmp_path / "out"))]
+    if stdout == "closed":
+        argv = ["bash", "-c", 'exec "$@" >&-', "bash", *argv]
+    proc = subprocess.run(argv, stdout=target, stderr=subprocess.PIPE, text=True, timeout=120, env=source_env())
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_plan_plot_is_drawn_even_when_the_reader_stops_early(pair, tmp_path):
+    plot = tmp_path / "shares.png"
+    proc = subprocess.run(["bash", "-c", '"$@" | true', "bash", sys.executable, "-m", "gpumerge", "plan",
+                           "--model_path1", str(pair[0]), "--model_path2", str(pair[1]), "--quiet", "--plot",
+                           str(plot)], capture_output=True, text=True, timeout=120, env=source_env())
+    assert proc.returncode == 0, proc.stderr
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    only(tmp_path, "shares.png")
+
+
+@pytest.mark.parametrize("name", ["x.pgf", "x.eps", "x"])
+def test_plot_formats_are_png_svg_pdf(name, pair, tmp_path, capsys):
+    code, _, err = run_cli("plan", "--model_path1", pair[0], "--model_path2", pair[1], "--quiet", "--plot",
+                           tmp_path / name, capsys=capsys)
+    assert_one_line_error(code, err, "--plot", ".png")
+    only(tmp_path)
+
+
+def test_report_where_no_file_can_be_made_fails_before_the_merge(pair, tmp_path, capsys):
+    code, _, err = run_cli(*merge_args(*pair, tmp_path / "out", "--report", "/proc/gpumerge-report.json"),
+                           capsys=capsys)
+    assert_one_line_error(code, err, "--report")
+    only(tmp_path)
+
+
+def test_sigquit_is_handled_like_the_others(pair, tmp_path):
+    out, pause = tmp_path / "out", tmp_path / "pause"
+    proc = _spawn(merge_args(*pair, out), env_extra={"GPUMERGE_TEST_PAUSE": str(pause),
+                                                     "GPUMERGE_TEST_PAUSE_AT": "write"})
+    _wait_for(Path(f"{pause}.write"), proc)
+    proc.send_signal(signal.SIGQUIT)
+    _, stderr = proc.communicate(timeout=60)
+    Path(f"{pause}.write").unlink(missing_ok=True)
+    assert proc.returncode == 128 + signal.SIGQUIT, stderr
+    assert stderr.strip().splitlines() == ["gpumerge: interrupted (SIGQUIT); nothing was written to the output path"]
+    only(tmp_path)
