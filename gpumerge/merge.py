@@ -224,9 +224,6 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
     ``budget`` replaces the probed memory budget (tests and benchmarks force small batches with it);
     ``simulate_staging`` runs the GPU path's host -> device -> host staging on the CPU (tests without CUDA).
     """
-    from gpumerge import writer
-    from gpumerge.copier import Copier
-    from gpumerge.devices import Telemetry, cuda_possible
     from gpumerge.outdir import OutputDir
 
     began = time.perf_counter()
@@ -237,68 +234,79 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
         plan = plan_merge(spec, a, b, notice=notice)
         GUARD.poll()
         checked = check_before_merge(spec, a, b, plan, report_path=report_path)
-        out, report_file = checked.out, checked.report
-        GUARD.poll()
         try:
-            with OutputDir(out, overwrite=spec.overwrite, inputs=checked.inputs, notice=notice) as output:  # locked
-                GUARD.poll()
-                if any(job.method == "slerp" for job in plan.jobs):
-                    from gpumerge.pipeline import slerp_prepass
-
-                    plan = slerp_prepass(plan, a, b)
-                record = merge_record(spec, plan, a, b)
-                metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
-                # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl.
-                # On a machine without an NVIDIA driver the device checks below need no torch, so the import overlaps
-                # the copy of the unchanged tensors; with a driver it is awaited here, before any check that needs it.
-                importing = _import_torch_in_background() if "torch" not in sys.modules else None
-                if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
-                    _await(importing)
-                devices, device_notice, budget, capacity, batches = plan_devices(
-                    spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
-                if device_notice:
-                    notice(device_notice)
-                progress = progress_factory(plan.bytes_written) if progress_factory else None
-                advance = _LockedProgress(progress.update if progress else None)
-                telemetry = Telemetry(devices)
-                try:
-                    if progress is not None:
-                        progress.telemetry = telemetry.start()
-                    writers = writer.open_writers(plan, output.tmp, metadata)
-                    copier = Copier(plan, a, writers, progress=advance) if engine != "sequential" else None
-                    try:
-                        if copier is not None:
-                            copier.start()
-                        if importing is not None:
-                            _await(importing)
-                        stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
-                                            engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
-                                            advance=advance, simulate_staging=simulate_staging)
-                    finally:
-                        if copier is not None:
-                            copier.cancel()
-                        writer.close_writers(writers)
-                    writer.write_index(output.tmp, plan)
-                    aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name, a.config)
-                    writer.write_model_card(output.tmp, record)
-                    writer.write_recipe(output.tmp, record)
-                    telemetry.stop()
-                    report = engine_report(stats, wall_s=time.perf_counter() - began, devices=devices, budget=budget,
-                                           capacity=capacity, ring_depth=ring_depth, telemetry=telemetry.summary(),
-                                           engine=engine)
-                    if report_file is not None:  # written before the output is put in place, shown only with it
-                        report_file.write_bytes((json.dumps(report, indent=2) + "\n").encode())
-                    output.finalize(companion=report_file)
-                finally:
-                    telemetry.stop()
-                    if progress:
-                        progress.close()
+            with OutputDir(checked.out, overwrite=spec.overwrite, inputs=checked.inputs, notice=notice) as output:
+                GUARD.poll()  # the lock on OUT is held from here on
+                done = _merge_into(output, spec, plan, a, b, began=began, notice=notice,
+                                   progress_factory=progress_factory, engine=engine, batch_bytes=batch_bytes,
+                                   ring_depth=ring_depth, chunk_elements=chunk_elements, budget=budget,
+                                   simulate_staging=simulate_staging)
+                if checked.report is not None:  # written before the output is put in place, shown only with it
+                    checked.report.write_bytes((json.dumps(done.report, indent=2) + "\n").encode())
+                output.finalize(companion=checked.report)
         except BaseException:
-            if report_file is not None:
-                report_file.discard()
+            if checked.report is not None:
+                checked.report.discard()
             raise
-    return MergeResult(out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read, stats.bytes_written,
-                       report)
+    return done
+
+
+def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint, *, began: float, notice,
+                progress_factory, engine: str, batch_bytes, ring_depth, chunk_elements, budget,
+                simulate_staging: bool) -> MergeResult:
+    """The merge's files, complete, in the output's hidden directory (output.tmp)."""
+    from gpumerge import writer
+    from gpumerge.copier import Copier
+    from gpumerge.devices import Telemetry, cuda_possible
+
+    if any(job.method == "slerp" for job in plan.jobs):
+        from gpumerge.pipeline import slerp_prepass
+
+        plan = slerp_prepass(plan, a, b)
+    record = merge_record(spec, plan, a, b)
+    metadata = {"format": "pt", "gpumerge": json.dumps(record, separators=(",", ":"))}
+    # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl. On a
+    # machine without an NVIDIA driver the device checks below need no torch, so the import overlaps the copy of
+    # the unchanged tensors; when CUDA may be there it is awaited here, before any check that needs it.
+    importing = _import_torch_in_background() if "torch" not in sys.modules else None
+    if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
+        _await(importing)
+    devices, device_notice, budget, capacity, batches = plan_devices(
+        spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+    if device_notice:
+        notice(device_notice)
+    progress = progress_factory(plan.bytes_written) if progress_factory else None
+    advance = _LockedProgress(progress.update if progress else None)
+    telemetry = Telemetry(devices)
+    try:
+        if progress is not None:
+            progress.telemetry = telemetry.start()
+        writers = writer.open_writers(plan, output.tmp, metadata)
+        copier = Copier(plan, a, writers, progress=advance) if engine != "sequential" else None
+        try:
+            if copier is not None:
+                copier.start()
+            if importing is not None:
+                _await(importing)
+            stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
+                                engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
+                                advance=advance, simulate_staging=simulate_staging)
+        finally:
+            if copier is not None:
+                copier.cancel()
+            writer.close_writers(writers)
+        writer.write_index(output.tmp, plan)
+        aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name, a.config)
+        writer.write_model_card(output.tmp, record)
+        writer.write_recipe(output.tmp, record)
+    finally:
+        telemetry.stop()
+        if progress:
+            progress.close()
+    report = engine_report(stats, wall_s=time.perf_counter() - began, devices=devices, budget=budget,
+                           capacity=capacity, ring_depth=ring_depth, telemetry=telemetry.summary(), engine=engine)
+    return MergeResult(output.out, plan, record, tuple(aux), stats.elapsed_s, stats.bytes_read,
+                       stats.bytes_written, report)
 
 
 def _run_engine(a, b, plan, batches, writers, copier, *, devices, capacity, engine, ring_depth, chunk_elements,
