@@ -28,7 +28,7 @@ from gpumerge.checkpoint import DTYPE_NAMES, ITEMSIZE, Checkpoint
 from gpumerge.copier import Copier, copy_unchanged
 from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
-from gpumerge.kernels.lerp import blend_into, new_infs
+from gpumerge.kernels.lerp import blend_into, lerp_into, new_infs
 from gpumerge.signals import GUARD, test_pause
 from gpumerge.plan import (Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device,
                            pieces_of, ring_depth_of)
@@ -161,7 +161,7 @@ def blend_piece(piece: Piece, buffer: torch.Tensor) -> None:
         return
     b = _region(buffer, piece.b_offset, n, job.dtype_b)
     if not piece.scratch:
-        torch.lerp(a, b, job.t, out=out)
+        lerp_into(a, b, job.t, out)  # one fused torch.lerp (or its exact equal where the CPU's is not fused)
         return
     wide = _region(buffer, piece.scratch_offset, 3 * n, "F32")
     blend_into(a, b, out, t=job.t, coef=job.coef,

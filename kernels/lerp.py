@@ -1,7 +1,8 @@
 """Linear blends: out = a + t * (b - a), t = share of model 2, fp32 math, one rounding to the output dtype.
 
-torch.lerp computes in the dtype's "opmath" type (fp32 for fp16/bf16) and rounds once, on CPU and on CUDA, with
-the same formula (``t < 0.5 ? a + t*(b-a) : b - (b-a)*(1-t)``), so outputs agree bit for bit across devices.
+The fp32 arithmetic is torch.lerp's fused formula (``|t| < 0.5 ? fma(t, b - a, a) : fma(t - 1, b - a, b)``), which
+its vectorized CPU kernels and its CUDA kernel compute; where a CPU's kernel does not fuse (no AVX2), kernels.exact
+computes the same values exactly, so outputs agree bit for bit on every machine and device.
 Every function writes into a caller-owned buffer: out-of-place lerp on CPU spends most of its time allocating.
 """
 
@@ -9,20 +10,32 @@ from __future__ import annotations
 
 import torch
 
+from gpumerge.kernels.exact import affine32, lerp32, needs_exact
+
 
 def lerp_into(a: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor,
               scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Blend into ``out`` (same shape). When a, b and out share one dtype, one fused ``torch.lerp`` does it; else
-    a and b are widened to fp32 in ``scratch`` (three fp32 buffers of out's size), blended, and rounded once."""
+    """Blend into ``out`` (same shape) with the fused definition of kernels.exact. When a, b and out share one
+    dtype, one fused ``torch.lerp`` does it; else a and b are widened to fp32 in ``scratch`` (three fp32 buffers of
+    out's size), blended, and rounded once."""
     if a.dtype == b.dtype == out.dtype:
+        if needs_exact(out):
+            return out.copy_(lerp32(a, b, t))
         return torch.lerp(a, b, t, out=out)
     if scratch is None:
         scratch = tuple(torch.empty(out.shape, dtype=torch.float32, device=out.device) for _ in range(3))
     a32, b32, o32 = scratch
     a32.copy_(a)
     b32.copy_(b)
-    torch.lerp(a32, b32, t, out=o32)
+    _lerp32_into(a32, b32, t, o32)
     return out.copy_(o32)
+
+
+def _lerp32_into(a32: torch.Tensor, b32: torch.Tensor, t: float, o32: torch.Tensor) -> None:
+    if needs_exact(o32):
+        o32.copy_(lerp32(a32, b32, t))
+    else:
+        torch.lerp(a32, b32, t, out=o32)
 
 
 def blend_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, t: float,
@@ -30,19 +43,22 @@ def blend_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, t: float,
                round_via: torch.dtype | None = None,
                scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The general blend, in fp32 scratch: inputs optionally rounded to ``load_dtype`` first; then
-    ``coef[0]*a + coef[1]*b`` (linear, or slerp once its angle is known) or lerp(a, b, t); the result optionally
-    rounded to ``round_via`` before ``out``'s dtype (mergekit's dtype then out_dtype)."""
+    ``coef[0]*a + coef[1]*b`` (linear, or slerp once its angle is known) or lerp(a, b, t), each with the fused
+    definition of kernels.exact; the result optionally rounded to ``round_via`` before ``out``'s dtype (mergekit's
+    dtype then out_dtype)."""
     a32, b32, o32 = scratch
     a32.copy_(a)
     b32.copy_(b)
     if load_dtype is not None:
         a32.copy_(a32.to(load_dtype))
         b32.copy_(b32.to(load_dtype))
-    if coef is not None:
+    if coef is None:
+        _lerp32_into(a32, b32, t, o32)
+    elif needs_exact(o32):
+        o32.copy_(affine32(a32, b32, coef))
+    else:
         torch.mul(a32, coef[0], out=o32)
         o32.add_(b32, alpha=coef[1])
-    else:
-        torch.lerp(a32, b32, t, out=o32)
     if round_via is not None:
         o32.copy_(o32.to(round_via))
     return out.copy_(o32)

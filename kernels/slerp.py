@@ -1,9 +1,10 @@
 """Spherical interpolation per whole tensor, in the usual formula (as mergekit 0.1.5 has it): the angle between
 the flattened, normalised tensors; plain lerp when they are nearly colinear.
 
-The per-tensor reductions (|a|^2, |b|^2, a.b) are accumulated in float64 on the host, in fixed chunks, so the
-coefficients do not depend on the device or on how the blend is batched; the blend itself is then the elementwise
-``s0*a + s1*b`` in fp32 (kernels.lerp.blend_into with ``coef``), so outputs agree across devices within 1 ulp.
+The per-tensor reductions (|a|^2, |b|^2, a.b) are accumulated in float64 on the host, in fixed chunks and a fixed
+pairwise order, so the coefficients do not depend on the machine, the device or how the blend is batched; the
+blend itself is then the elementwise ``fma(s1, b, fp32(s0*a))`` in fp32 (kernels.lerp.blend_into with ``coef``,
+kernels.exact's definition), so outputs are the same bytes on every machine and device.
 """
 
 from __future__ import annotations
@@ -27,9 +28,24 @@ class Reductions:
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a64 = a.to(torch.float64)
         b64 = b.to(torch.float64)
-        self.aa += float(torch.dot(a64, a64))
-        self.bb += float(torch.dot(b64, b64))
-        self.ab += float(torch.dot(a64, b64))
+        self.aa += fixed_sum(a64 * a64)
+        self.bb += fixed_sum(b64 * b64)
+        self.ab += fixed_sum(a64 * b64)
+
+
+def fixed_sum(values: torch.Tensor) -> float:
+    """The sum in one fixed pairwise order, made of elementwise additions only (each an IEEE addition, the same on
+    every machine): torch.dot's and torch.sum's order depends on the CPU's vector width, which would move the slerp
+    angle, and so the output bytes, from one machine to another."""
+    flat = values.reshape(-1)
+    if flat.numel() == 0:
+        return 0.0
+    size = 1 << (flat.numel() - 1).bit_length()
+    level = torch.zeros(size, dtype=torch.float64, device=flat.device)
+    level[:flat.numel()] = flat
+    while level.numel() > 1:
+        level = level[0::2] + level[1::2]
+    return float(level[0])
 
 
 def coefficients(aa: float, bb: float, ab: float, t: float, *, threshold: float = DOT_THRESHOLD,
