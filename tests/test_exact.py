@@ -138,3 +138,17 @@ def test_the_same_bytes_without_fused_kernels(tmp_path):
     best.pop("fused")
     assert slow == best
     assert len(slow) == len(BYTE_CASES)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bytes_equal_cpu_bytes_on_every_path(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import BYTE_CASES, merge, output_bytes, write_model
+
+    for k, (label, kwargs_a, kwargs_b, settings) in enumerate(BYTE_CASES):
+        a = write_model(tmp_path / f"{k}" / "a", seed=1, **kwargs_a)
+        b = write_model(tmp_path / f"{k}" / "b", seed=2, **kwargs_b)
+        cpu = output_bytes(merge(a, b, tmp_path / f"{k}" / "cpu", device="cpu", **settings()).output)
+        gpu = output_bytes(merge(a, b, tmp_path / f"{k}" / "gpu", device="cuda:0", **settings()).output)
+        assert cpu == gpu, label
