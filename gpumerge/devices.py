@@ -69,8 +69,9 @@ def _no_cuda(flag: str) -> SpecError:
 
 
 def check_without_torch(flag: str, max_memory) -> None:
-    """What resolve_devices and probe_budget will refuse, decided here without torch where no NVIDIA driver is
-    loaded (then CUDA is absent and ``auto`` is the CPU), so that `gpumerge plan` refuses it as the merge does."""
+    """What resolve_devices and probe_budget will refuse, decided here so that `gpumerge plan` refuses it as the merge
+    does: without torch where no NVIDIA driver is loaded and ``auto`` is asked for (then it is the CPU); with torch's
+    own answer when CUDA is asked for explicitly."""
     if flag == "cpu" or cuda_possible():
         return
     if flag != "auto":

@@ -4,7 +4,6 @@ multiply-add) and under this machine's best capability in two processes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import subprocess
