@@ -28,7 +28,7 @@ from gpumerge.checkpoint import DTYPE_NAMES, ITEMSIZE, Checkpoint
 from gpumerge.copier import Copier, copy_unchanged
 from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
-from gpumerge.kernels.lerp import blend_into, lerp_into, new_infs
+from gpumerge.kernels.lerp import blend_into, finite, lerp_into, new_infs
 from gpumerge.signals import GUARD, test_pause
 from gpumerge.plan import (Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device,
                            pieces_of, ring_depth_of)
@@ -114,14 +114,6 @@ def check_piece(piece: Piece, buffer: torch.Tensor, *, allow_nonfinite: bool = F
     bad = new_infs(*views)
     if bad:
         raise OutputError(overflow_message(job, bad))
-
-
-def finite(values: torch.Tensor) -> bool:
-    """All finite: aminmax runs at ~17 GB/s on a CPU, where isfinite().all() runs at ~1 GB/s; NaN propagates."""
-    if values.numel() == 0:
-        return True
-    low, high = torch.aminmax(values)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def overflow_message(job: TensorJob, bad: int) -> str:

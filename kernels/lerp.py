@@ -75,12 +75,17 @@ def lerp_reference(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return a64 + t * (b.to(torch.float64) - a64)
 
 
+def finite(values: torch.Tensor) -> bool:
+    """All finite: aminmax runs at ~17 GB/s on a CPU, where isfinite().all() runs at ~1 GB/s; NaN propagates."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def new_infs(out: torch.Tensor, *inputs: torch.Tensor) -> int:
     """How many elements of ``out`` are infinite although every input there is finite (an overflow)."""
-    if out.numel() == 0:
-        return 0
-    low, high = torch.aminmax(out)  # ~17 GB/s on CPU, where isinf().any() runs at ~1 GB/s
-    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+    if finite(out):
         return 0
     bad = torch.isinf(out)
     for x in inputs:
