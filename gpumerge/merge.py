@@ -183,7 +183,7 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
     """What `gpumerge plan` and a merge both check before the first output byte, beyond the plan itself: the output
     and report paths against every input file, the disk space, and the non-float tensors that must be equal."""
     from gpumerge import writer
-    from gpumerge.outdir import AtomicFile, Inputs, OutputDir, canonical, check_output_path, check_write_file
+    from gpumerge.outdir import AtomicFile, Inputs, canonical, check_output_path, check_space, check_write_file
 
     for flag, value in (("--model_path1", spec.model_path1), ("--model_path2", spec.model_path2)):
         canonical(value, flag=flag)  # a name that is not UTF-8 could not be written into the merge record
@@ -191,8 +191,7 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
     out = None
     if spec.output_model_path is not None:
         out = check_output_path(spec.output_model_path, inputs=inputs, overwrite=spec.overwrite)
-        OutputDir(out, overwrite=spec.overwrite).check_space(
-            plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
+        check_space(out, plan.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(plan.shards))
     report = check_write_file(report_path, flag="--report", inputs=inputs, out=out) if report_path else None
     preflight(plan, a, b)
     report_file = AtomicFile(report, flag="--report", inputs=inputs) if report is not None else None

@@ -365,6 +365,15 @@ def exchange(a: Path, b: Path) -> None:
 _LOCK_MAX_BYTES = 32  # a lock file holds its holder's pid
 
 
+def check_space(out: Path, nbytes: int, margin_bytes: int = 64 * 2**20) -> None:
+    """Room for the merge's ``nbytes`` (and a margin) on OUT's filesystem, before any work."""
+    parent = _existing_parent(out)
+    free = shutil.disk_usage(parent).free
+    if free < nbytes + margin_bytes:
+        raise OutputError(f"not enough disk space for the merge at {parent}: it needs {_size(nbytes)} plus a "
+                          f"margin of {_size(margin_bytes)}, and {_size(free)} are free")
+
+
 class OutputLock:
     """flock on '.NAME-HASH.gpumerge.lock' beside OUT: held while a run may write OUT; the kernel drops it when the
     process dies. The file is removed by its holder at the end; the inode is re-checked after locking, so a run that
@@ -441,13 +450,6 @@ class OutputDir:
     @property
     def stem(self) -> str:
         return sibling_stem(self.out)
-
-    def check_space(self, nbytes: int, margin_bytes: int = 64 * 2**20) -> None:
-        parent = _existing_parent(self.out)
-        free = shutil.disk_usage(parent).free
-        if free < nbytes + margin_bytes:
-            raise OutputError(f"not enough disk space for the merge at {parent}: it needs {_size(nbytes)} plus a "
-                              f"margin of {_size(margin_bytes)}, and {_size(free)} are free")
 
     def __enter__(self) -> "OutputDir":
         try:
