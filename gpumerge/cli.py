@@ -202,7 +202,7 @@ def _number(value, kind, key: str):
 def _notice_printer(quiet: bool):
     def notice(line: str) -> None:
         if not quiet:
-            print(f"gpumerge: {line}", file=sys.stderr)
+            _say(f"gpumerge: {line}")
     return notice
 
 
