@@ -101,7 +101,8 @@ _DEFAULTS = {"gradient_start": 0.0, "gradient_end": 1.0, "layer_start": 0, "laye
 
 def _recipe_settings(path: Path) -> dict:
     from gpumerge import fsutil
-    from gpumerge.spec import MAX_RECIPE_BYTES, check_home, is_mergekit_config, load_yaml, parse_recipe
+    from gpumerge.recipes import is_mergekit_config, load_yaml, parse_recipe
+    from gpumerge.spec import MAX_RECIPE_BYTES, check_home
 
     what = f"--config {path}"
     check_home(path, what=what)

@@ -23,6 +23,7 @@ from typing import Any
 
 from gpumerge import schedule
 from gpumerge.errors import SpecError
+from gpumerge.rules import Rule
 from gpumerge.spec import MAX_LAYER_NUMBER, shown, shown_names
 
 TOP_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype",
@@ -59,8 +60,6 @@ class MergekitRecipe:
         return self.out_dtype or self.dtype or _promote(dtype_a, dtype_b)
 
     def rules(self, a, num_layers: int | None, *, dtype_b: str, out_dtype: str) -> dict:
-        from gpumerge.plan import Rule
-
         if num_layers is None:
             raise SpecError(f"{a.label} {a.root}: config.json has no layer count; mergekit slices need it")
         slices = self.slices or (Slice(0, num_layers, {}, self.model_parameters),)
@@ -88,11 +87,11 @@ class MergekitRecipe:
                 n = chosen.layer_end - chosen.layer_start
                 x = (layer - chosen.layer_start) / (n - 1) if n > 1 else 1.0
             load = load_main or _promote(info.dtype, dtype_b)
-            rules[name] = self._rule(Rule, name, chosen, x, load=load,
+            rules[name] = self._rule(name, chosen, x, load=load,
                                      round_via=load if out_dtype != load else None)
         return rules
 
-    def _rule(self, rule_cls, name: str, chosen: Slice, x: float, *, load: str, round_via: str | None):
+    def _rule(self, name: str, chosen: Slice, x: float, *, load: str, round_via: str | None):
         def lookup(key: str, model: int | None):
             scopes = ([chosen.source_parameters[model]] if model is not None else []) + [chosen.parameters,
                                                                                         self.parameters]
@@ -107,7 +106,7 @@ class MergekitRecipe:
             t = lookup("t", None)
             if t is None:
                 raise SpecError(f"mergekit slerp: no `t` parameter applies to {name}")
-            return rule_cls(_number(t, "t"), method="slerp", load_dtype=load, round_via=round_via)
+            return Rule(_number(t, "t"), method="slerp", load_dtype=load, round_via=round_via)
         w1, w2 = lookup("weight", 0), lookup("weight", 1)
         if w1 is None or w2 is None:
             raise SpecError(f"mergekit linear: no `weight` for model {1 if w1 is None else 2} applies to {name}")
@@ -121,7 +120,7 @@ class MergekitRecipe:
             coef = (w1 / total, w2 / total)
         else:
             coef = (w1, w2)
-        return rule_cls(coef[1], method="linear", coef=coef, load_dtype=load, round_via=round_via)
+        return Rule(coef[1], method="linear", coef=coef, load_dtype=load, round_via=round_via)
 
 
 def _promote(code_a: str, code_b: str) -> str:

@@ -152,7 +152,7 @@ def write_recipe(directory: Path, record: dict) -> None:
               f"#   gpumerge --config {RECIPE_FILE} --output_model_path NEW_DIR\n"
               f"# inputs' fingerprints: model 1 {record['inputs'][0]['fingerprint'][:16]}, "
               f"model 2 {record['inputs'][1]['fingerprint'][:16]}\n")
-    from gpumerge.spec import recipe_dumper
+    from gpumerge.recipes import recipe_dumper
 
     # the dumper of the loader that reads it back: a directory or filter named "1e10" stays a string
     (directory / RECIPE_FILE).write_text(header + yaml.dump(recipe, Dumper=recipe_dumper(), sort_keys=False))

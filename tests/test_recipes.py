@@ -407,7 +407,7 @@ def test_slerp_recorded_in_the_recipe(models, tmp_path, capsys):
 def test_recipe_writer_quotes_number_like_strings():
     """write_recipe's dumper quotes what the YAML 1.2 float rule of the recipe loader would read as a number
     (a filter or a hub id like "1e10"); PyYAML's safe_dump writes it bare."""
-    from gpumerge.spec import load_yaml, recipe_dumper
+    from gpumerge.recipes import load_yaml, recipe_dumper
 
     data = {"model_path1": "1e10", "operations": [{"filter": "2.5E-3", "gradient_values": [0.5]}]}
     assert load_yaml(yaml.dump(data, Dumper=recipe_dumper(), sort_keys=False), source="r") == data

@@ -16,8 +16,8 @@ from test_cli_errors import assert_one_line_error, merge_args
 
 from gpumerge import devices
 from gpumerge.errors import SpecError
-from gpumerge.spec import (MAX_LAYER_NUMBER, MAX_SIZE_BYTES, MIN_DEVICE_BUDGET_BYTES, MergeSpec, load_yaml,
-                           parse_max_memory, parse_size, recipe_loader)
+from gpumerge.recipes import load_yaml, recipe_loader
+from gpumerge.spec import MAX_LAYER_NUMBER, MAX_SIZE_BYTES, MIN_DEVICE_BUDGET_BYTES, MergeSpec, parse_max_memory, parse_size
 
 BIG = "1" + "0" * 400  # a 401-digit integer
 
@@ -316,7 +316,7 @@ def test_yaml_reads_exponent_floats(base):
 
 
 def test_recipe_dumper_quotes_strings_the_loader_would_read_as_floats():
-    from gpumerge.spec import recipe_dumper
+    from gpumerge.recipes import recipe_dumper
 
     data = {"model_path1": "1e10", "filter": "2E5", "t": 1e-5, "n": 3, "s": "mlp"}
     text = yaml.dump(data, Dumper=recipe_dumper(), sort_keys=False)
