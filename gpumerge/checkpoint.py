@@ -191,6 +191,7 @@ class Checkpoint:
         self._bin_state: dict[Path, dict] = {}
         self._fds: dict[Path, int] = {}
         self._fd_lock = threading.Lock()  # readers of several devices and the copier share the descriptors
+        self._fingerprint: str | None = None
         try:
             self.config = self._read_config()
             self._declared_layers = self._layer_count()
@@ -539,7 +540,9 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 of every weight file's name, size and header, and of the first 4 KiB of every tensor: cheap
-        (no full read), and it tells apart two fine-tunes with the same layout."""
+        (no full read), and it tells apart two fine-tunes with the same layout. Computed once per opened checkpoint."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         digest = hashlib.sha256()
         for path in sorted(self.files):
             digest.update(path.name.encode())
@@ -547,7 +550,8 @@ class Checkpoint:
             digest.update(self._headers[path])
         for info in self.tensors.values():
             digest.update(self.read_bytes(info.name, 0, min(4096, info.nbytes)))
-        return digest.hexdigest()
+        self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     # ---- bytes -------------------------------------------------------------------------------------------
     def fd(self, path: Path) -> int:

@@ -29,11 +29,15 @@ def copy_unchanged(job: TensorJob, a: Checkpoint, writer: ShardWriter) -> None:
 class Copier:
     """Copies every unchanged tensor of the plan in a background thread; cancellable; keeps its first error."""
 
-    def __init__(self, plan: MergePlan, a: Checkpoint, writers: list[ShardWriter], *,
-                 progress: Callable[[int], None] | None = None) -> None:
-        self.jobs = [job for job in plan.jobs if not needs_device(job)]
+    def __init__(self, plan: MergePlan | None, a: Checkpoint, writers: list[ShardWriter] | None, *,
+                 progress: Callable[[int], None] | None = None,
+                 tasks: list[tuple[TensorJob, ShardWriter]] | None = None) -> None:
+        """The plan's unchanged tensors into its shard ``writers``; or ``tasks``, (job, writer) pairs (a sweep's:
+        each unchanged tensor into every variant that keeps it, one after the other while its bytes are cached)."""
+        if tasks is None:
+            tasks = [(job, writers[job.shard]) for job in plan.jobs if not needs_device(job)]
+        self.tasks = tasks
         self.a = a
-        self.writers = writers
         self.progress = progress or (lambda n: None)
         self.busy_s = 0.0
         self.bytes = 0
@@ -47,11 +51,11 @@ class Copier:
 
     def _run(self) -> None:
         try:
-            for job in self.jobs:
+            for job, writer in self.tasks:
                 if self.cancelled.is_set():
                     return
                 began = time.perf_counter()
-                copy_unchanged(job, self.a, self.writers[job.shard])
+                copy_unchanged(job, self.a, writer)
                 self.busy_s += time.perf_counter() - began
                 self.bytes += job.nbytes
                 self.progress(job.nbytes)

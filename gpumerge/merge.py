@@ -294,10 +294,7 @@ def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Chec
             if copier is not None:
                 copier.cancel()
             writer.close_writers(writers)
-        writer.write_index(output.tmp, plan)
-        aux = writer.copy_aux_files(a.root, output.tmp, plan.out_dtype_name, a.config)
-        writer.write_model_card(output.tmp, record)
-        writer.write_recipe(output.tmp, record)
+        aux = writer.finish_model_dir(output.tmp, plan, record, a.root, a.config)
     finally:
         telemetry.stop()
         if progress:

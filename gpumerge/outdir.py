@@ -157,9 +157,10 @@ def _protected(path: Path) -> str | None:
     return None
 
 
-def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool) -> Path:
-    """Refuse an OUT that could damage an input or an existing directory, before any work. Returns OUT canonical."""
-    flag = "--output_model_path"
+def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool, flag: str = "--output_model_path",
+                      replaceable: Callable[[Path], str | None] | None = None) -> Path:
+    """Refuse an OUT that could damage an input or an existing directory, before any work. Returns OUT canonical.
+    ``replaceable`` says why a non-empty OUT may not be replaced (default: replace_problem, a model directory)."""
     out = canonical(out, flag=flag)
     where = _existing_parent(out)
     name_max = _name_max(where)
@@ -171,7 +172,7 @@ def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool) -> Pa
     if out.is_symlink():
         raise OutputError(f"{flag} {out} is a symbolic link (to {os.readlink(out)}); give the directory itself")
     overlap_problem(out, inputs, flag=flag, directory=True)
-    _check_siblings(out, inputs, overwrite=overwrite)
+    _check_siblings(out, inputs, overwrite=overwrite, flag=flag)
     protected = _protected(out)
     if protected:
         raise OutputError(f"{flag} {out} is {protected}; write the merge into a new directory "
@@ -189,7 +190,7 @@ def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool) -> Pa
         if _non_empty(out):
             if not overwrite:
                 raise OutputError(f"{flag} {out} exists and is not empty; pass --overwrite to replace it")
-            problem = replace_problem(out)
+            problem = (replaceable or replace_problem)(out)
             if problem:
                 raise OutputError(f"--overwrite would delete {out}, which {problem}; remove it yourself or choose "
                                   "another output directory")
@@ -202,7 +203,7 @@ def _reserved(path: Path, out: Path) -> bool:
     return any(p.parent == out.parent and p.name.startswith(stem) for p in (path, *path.parents))
 
 
-def _check_siblings(out: Path, inputs: Inputs, *, overwrite: bool) -> None:
+def _check_siblings(out: Path, inputs: Inputs, *, overwrite: bool, flag: str) -> None:
     """No input may go by the names of OUT's hidden siblings (a leftover partial directory is removed, an '.old' one
     moved back to OUT); the lock file's name must be free for a lock file; an OUT that an interrupted run moved aside
     comes back only with --overwrite (what the merge would say, `plan` says too)."""
@@ -215,7 +216,7 @@ def _check_siblings(out: Path, inputs: Inputs, *, overwrite: bool) -> None:
     if os.path.lexists(lock):
         info = os.lstat(lock)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1 or info.st_size > _LOCK_MAX_BYTES:
-            raise OutputError(f"--output_model_path {out}: {lock} is in the way of gpumerge's lock file (it is not "
+            raise OutputError(f"{flag} {out}: {lock} is in the way of gpumerge's lock file (it is not "
                               "one); remove it")
     if not overwrite and not out.exists() and _stale(out, ".old"):
         raise OutputError(f"an earlier run was interrupted while replacing {out}; its previous contents are at "
@@ -365,12 +366,12 @@ def exchange(a: Path, b: Path) -> None:
 _LOCK_MAX_BYTES = 32  # a lock file holds its holder's pid
 
 
-def check_space(out: Path, nbytes: int, margin_bytes: int = 64 * 2**20) -> None:
+def check_space(out: Path, nbytes: int, margin_bytes: int = 64 * 2**20, *, what: str = "the merge") -> None:
     """Room for the merge's ``nbytes`` (and a margin) on OUT's filesystem, before any work."""
     parent = _existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < nbytes + margin_bytes:
-        raise OutputError(f"not enough disk space for the merge at {parent}: it needs {_size(nbytes)} plus a "
+        raise OutputError(f"not enough disk space for {what} at {parent}: it needs {_size(nbytes)} plus a "
                           f"margin of {_size(margin_bytes)}, and {_size(free)} are free")
 
 
@@ -379,8 +380,9 @@ class OutputLock:
     process dies. The file is removed by its holder at the end; the inode is re-checked after locking, so a run that
     opened a file just removed by the previous holder does not believe it holds the lock."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, *, flag: str = "--output_model_path") -> None:
         self.out = out
+        self.flag = flag
         self.path = out.parent / (sibling_stem(out) + ".lock")
         self.fd = -1
 
@@ -394,7 +396,7 @@ class OutputLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
                 os.close(fd)
-                raise OutputError(f"--output_model_path {self.out} is being written by another gpumerge run"
+                raise OutputError(f"{self.flag} {self.out} is being written by another gpumerge run"
                                   + (f" (pid {holder})" if holder.isdigit() else "")
                                   + "; wait for it to finish or choose another output directory") from None
             except BaseException:
@@ -403,7 +405,7 @@ class OutputLock:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1 or info.st_size > _LOCK_MAX_BYTES:
                 os.close(fd)  # a hard link to someone's file (an input?) must never be truncated
-                raise OutputError(f"--output_model_path {self.out}: {self.path} is not a gpumerge lock file (it has "
+                raise OutputError(f"{self.flag} {self.out}: {self.path} is not a gpumerge lock file (it has "
                                   f"{info.st_nlink} links and {info.st_size} bytes); remove it")
             try:
                 same = os.stat(self.path, follow_symlinks=False).st_ino == info.st_ino
@@ -415,7 +417,7 @@ class OutputLock:
                 self.fd = fd
                 return
             os.close(fd)  # the previous holder removed it meanwhile: lock the new one
-        raise OutputError(f"--output_model_path {self.out}: could not take the lock {self.path}")
+        raise OutputError(f"{self.flag} {self.out}: could not take the lock {self.path}")
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -437,14 +439,15 @@ class OutputDir:
     along with any parent directories this run created, and OUT is as it was."""
 
     def __init__(self, out: Path, *, overwrite: bool, inputs: Inputs | None = None,
-                 notice: Callable[[str], None] = lambda line: None) -> None:
+                 notice: Callable[[str], None] = lambda line: None, flag: str = "--output_model_path") -> None:
         self.out = out
+        self.flag = flag
         self.overwrite = overwrite
         self.inputs = inputs or Inputs((), (), {})
         self.notice = notice
         self.tmp: Path | None = None
         self.finalized = False
-        self._lock = OutputLock(out)
+        self._lock = OutputLock(out, flag=flag)
         self._created: list[Path] = []
 
     @property
@@ -513,7 +516,7 @@ class OutputDir:
                 if self._place():
                     break
             else:
-                raise OutputError(f"--output_model_path {self.out} kept changing while the merge was put in place")
+                raise OutputError(f"{self.flag} {self.out} kept changing while the merge was put in place")
             self.finalized = True
             GUARD.completed_output = self.out
             if companion is not None:
@@ -527,7 +530,7 @@ class OutputDir:
     def _place(self) -> bool:
         out, tmp = self.out, self.tmp
         if out.is_symlink() or (out.exists() and not out.is_dir()):
-            raise OutputError(f"--output_model_path {out} appeared during the merge and is not a directory; it was "
+            raise OutputError(f"{self.flag} {out} appeared during the merge and is not a directory; it was "
                               "left as it is and the merge was discarded")
         if not out.exists() or not _non_empty(out):
             try:
@@ -538,11 +541,11 @@ class OutputDir:
                     return False  # OUT changed under us: look again
                 raise
         if not self.overwrite:
-            raise OutputError(f"--output_model_path {out} appeared during the merge and is not empty; it was left as "
+            raise OutputError(f"{self.flag} {out} appeared during the merge and is not empty; it was left as "
                               "it is and the merge was discarded (pass --overwrite to replace it)")
         held = self.inputs.held_by(out)
         if held:
-            raise OutputError(f"--output_model_path {out} is or holds {held[0]}'s {held[1]} now (it changed during "
+            raise OutputError(f"{self.flag} {out} is or holds {held[0]}'s {held[1]} now (it changed during "
                               "the merge); it was left as it is and the merge was discarded")
         problem = replace_problem(out)
         if problem:

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -80,15 +80,17 @@ class EngineStats:
 
 # ---- shared by both engines -------------------------------------------------------------------------------------
 
-def write_piece(piece: Piece, buffer: torch.Tensor, writer: ShardWriter, *,
+def write_piece(piece: Piece, buffer: torch.Tensor, writers: Sequence[ShardWriter], *,
                 allow_nonfinite: bool = False) -> int:
-    """Check a piece's output (see check_piece), then write its out region (a host buffer) at its shard offset."""
+    """Check a piece's output (see check_piece), then write its out region (a host buffer) at its shard offset, into
+    each of ``writers`` (one for a merge; every variant that takes these bytes in a sweep). Returns bytes written."""
     job = piece.job
     check_piece(piece, buffer, allow_nonfinite=allow_nonfinite)
     nbytes = piece.count * ITEMSIZE[job.out_dtype]
-    out = buffer[piece.out_offset:piece.out_offset + nbytes]
-    writer.pwrite(memoryview(out.numpy()), job.offset + piece.start * ITEMSIZE[job.out_dtype])
-    return nbytes
+    out = memoryview(buffer[piece.out_offset:piece.out_offset + nbytes].numpy())
+    for writer in writers:
+        writer.pwrite(out, job.offset + piece.start * ITEMSIZE[job.out_dtype])
+    return nbytes * len(writers)
 
 
 def check_piece(piece: Piece, buffer: torch.Tensor, *, allow_nonfinite: bool = False) -> None:
@@ -176,30 +178,51 @@ def slerp_prepass(plan: MergePlan, a: Checkpoint, b: Checkpoint, *,
                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan:
     """Read each slerp tensor pair once to get its angle (float64 sums in fixed chunks), and turn the job into
     ``s0*A + s1*B`` (or leave it a lerp when the tensors are nearly colinear)."""
+    return slerp_prepass_many([plan], a, b, chunk_elements=chunk_elements)[0]
+
+
+def slerp_prepass_many(plans: list[MergePlan], a: Checkpoint, b: Checkpoint, *,
+                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[MergePlan]:
+    """slerp_prepass for a sweep's plans: each tensor pair's sums are read and computed once (per input rounding),
+    whatever the number of variants that slerp it; each variant's coefficients follow from its own t."""
     from dataclasses import replace
 
-    from gpumerge.kernels.slerp import Reductions, coefficients
+    from gpumerge.kernels.slerp import coefficients
 
-    updated: dict[str, TensorJob] = {}
-    for job in plan.jobs:
-        if not job.blended or job.method != "slerp":
-            continue
-        sums = Reductions()
-        bytes_a = torch.empty(chunk_elements * ITEMSIZE[job.dtype_a], dtype=torch.uint8)
-        bytes_b = torch.empty(chunk_elements * ITEMSIZE[job.dtype_b], dtype=torch.uint8)
-        for first in range(0, job.blend_numel, chunk_elements):
-            GUARD.poll()
-            n = min(chunk_elements, job.blend_numel - first)
-            chunk_a = bytes_a[:n * ITEMSIZE[job.dtype_a]]
-            chunk_b = bytes_b[:n * ITEMSIZE[job.dtype_b]]
-            a.read_into(job.name, chunk_a, start=first * ITEMSIZE[job.dtype_a])
-            b.read_into(job.name, chunk_b, start=first * ITEMSIZE[job.dtype_b])
-            va, vb = chunk_a.view(torch_dtype(job.dtype_a)), chunk_b.view(torch_dtype(job.dtype_b))
-            if job.load_dtype is not None:  # mergekit blends the inputs as cast to its dtype
-                va, vb = va.to(torch_dtype(job.load_dtype)), vb.to(torch_dtype(job.load_dtype))
-            sums.add(va, vb)
-        updated[job.name] = replace(job, coef=coefficients(sums.aa, sums.bb, sums.ab, job.t))
-    return plan.with_jobs(updated)
+    sums: dict[tuple[str, str | None], object] = {}
+    out = []
+    for plan in plans:
+        updated: dict[str, TensorJob] = {}
+        for job in plan.jobs:
+            if job.blended and job.method == "slerp":
+                key = (job.name, job.load_dtype)
+                if key not in sums:
+                    sums[key] = _slerp_sums(job, a, b, chunk_elements)
+                found = sums[key]
+                updated[job.name] = replace(job, coef=coefficients(found.aa, found.bb, found.ab, job.t))
+        out.append(plan.with_jobs(updated))
+    return out
+
+
+def _slerp_sums(job: TensorJob, a: Checkpoint, b: Checkpoint, chunk_elements: int):
+    """The float64 sums a slerp's angle needs, over the pair's blended elements (fixed chunks: deterministic)."""
+    from gpumerge.kernels.slerp import Reductions
+
+    sums = Reductions()
+    bytes_a = torch.empty(chunk_elements * ITEMSIZE[job.dtype_a], dtype=torch.uint8)
+    bytes_b = torch.empty(chunk_elements * ITEMSIZE[job.dtype_b], dtype=torch.uint8)
+    for first in range(0, job.blend_numel, chunk_elements):
+        GUARD.poll()
+        n = min(chunk_elements, job.blend_numel - first)
+        chunk_a = bytes_a[:n * ITEMSIZE[job.dtype_a]]
+        chunk_b = bytes_b[:n * ITEMSIZE[job.dtype_b]]
+        a.read_into(job.name, chunk_a, start=first * ITEMSIZE[job.dtype_a])
+        b.read_into(job.name, chunk_b, start=first * ITEMSIZE[job.dtype_b])
+        va, vb = chunk_a.view(torch_dtype(job.dtype_a)), chunk_b.view(torch_dtype(job.dtype_b))
+        if job.load_dtype is not None:  # mergekit blends the inputs as cast to its dtype
+            va, vb = va.to(torch_dtype(job.load_dtype)), vb.to(torch_dtype(job.load_dtype))
+        sums.add(va, vb)
+    return sums
 
 
 # ---- the reference: sequential -------------------------------------------------------------------------------------
@@ -239,7 +262,7 @@ class SequentialEngine:
     def _piece(self, piece: Piece, buffer: torch.Tensor, writer: ShardWriter, *, allow_nonfinite: bool) -> None:
         _read_piece(piece, buffer, self.a, self.b)
         blend_piece(piece, buffer)
-        write_piece(piece, buffer, writer, allow_nonfinite=allow_nonfinite)
+        write_piece(piece, buffer, (writer,), allow_nonfinite=allow_nonfinite)
 
 
 def _read_piece(piece: Piece, buffer: torch.Tensor, a: Checkpoint, b: Checkpoint) -> int:
@@ -365,6 +388,8 @@ class PipelinedEngine:
         self._error_lock = threading.Lock()
         self._written: queue.Queue = queue.Queue()
         self._stage_lock = threading.Lock()
+        self._names: Sequence[str] | None = None
+        self._sources: dict = {}
 
     # -- plumbing --
     def _fail(self, exc: BaseException) -> None:
@@ -399,13 +424,24 @@ class PipelinedEngine:
             self._progress(nbytes)
 
     # -- run --
-    def run(self, plan: MergePlan, batches: tuple[Batch, ...], writers: list[ShardWriter],
-            copier: Copier | None = None) -> EngineStats:
+    def run(self, plan: MergePlan | None, batches: tuple[Batch, ...] | Callable[[str], Iterable[Batch]],
+            writers: list, copier: Copier | None = None, *, allow_nonfinite: bool | None = None,
+            variant_names: Sequence[str] | None = None) -> EngineStats:
         """Run the device stages over ``batches`` into the open shard ``writers``; ``copier`` (started by the
         caller, possibly before torch was imported) copies the unchanged tensors meanwhile, else one is started
-        here. On any error every stage, the copier included, is stopped before the error is re-raised."""
+        here. On any error every stage, the copier included, is stopped before the error is re-raised.
+
+        A sweep passes ``plan=None``, ``batches`` as a function of the device (gpumerge.plan.sweep_batches: they are
+        made as they are read), ``writers`` per variant (``writers[v][shard]``), its copier and ``variant_names``
+        (errors name the variants a blend was for)."""
         started = time.perf_counter()
-        self.stats.batches = len(batches)
+        allow_nonfinite = plan.spec.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
+        self._names = variant_names
+        if callable(batches):
+            sources = {device: batches(device) for device in self.devices}
+        else:
+            sources = {device: iter([b for b in batches if b.device == device]) for device in self.devices}
+        self._sources = {device: (iter(source), threading.Lock()) for device, source in sources.items()}
         for device in self.devices:  # the peak of this merge, not of whatever ran before in the process
             if device != "cpu":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -424,14 +460,13 @@ class PipelinedEngine:
         intra_op_threads = torch.get_num_threads()
         if "cpu" in lanes:
             torch.set_num_threads(max(1, intra_op_threads - 1))
-        threads = [threading.Thread(target=self._guard, args=(self._reader, lanes[d],
-                                                              [b for b in batches if b.device == d][k::self.readers]),
+        threads = [threading.Thread(target=self._guard, args=(self._reader, lanes[d]),
                                     name=f"gpumerge-read-{d}-{k}", daemon=True)
                    for d in self.devices for k in range(self.readers)]
         threads += [threading.Thread(target=self._guard, args=(self._blender, lane), name=f"gpumerge-blend-{d}",
                                      daemon=True) for d, lane in lanes.items()]
         threads.append(threading.Thread(target=self._guard, args=(self._writer, writers, len(lanes),
-                                                                  plan.spec.allow_nonfinite),
+                                                                  allow_nonfinite),
                                         name="gpumerge-write", daemon=True))
         try:
             for thread in threads:
@@ -458,8 +493,12 @@ class PipelinedEngine:
         if self._error is not None:
             raise self._error
         self.stats.stages["copy"].add(copier.busy_s, copier.bytes)
-        for job in plan.jobs:
-            self.stats.count(job)
+        if plan is not None:
+            for job in plan.jobs:
+                self.stats.count(job)
+        else:  # a sweep: what was read once, what was written per variant
+            self.stats.bytes_read = self.stats.stages["read"].bytes + copier.bytes
+            self.stats.bytes_written = self.stats.stages["write"].bytes + copier.bytes
         self.stats.elapsed_s = time.perf_counter() - started
         return self.stats
 
@@ -474,8 +513,17 @@ class PipelinedEngine:
                     self._fail(exc)
 
     # -- stages --
-    def _reader(self, lane: _DeviceLane, batches: list[Batch]) -> None:
-        for batch in batches:
+    def _next_batch(self, device: str) -> Batch | None:
+        """The device's next batch to read; its readers share one sequence (made lazily for a sweep)."""
+        source, lock = self._sources[device]
+        with lock:
+            batch = next(source, None)
+            if batch is not None:
+                self.stats.batches += 1
+            return batch
+
+    def _reader(self, lane: _DeviceLane) -> None:
+        while (batch := self._next_batch(lane.device)) is not None:
             slot = self._get(lane.ring)
             began = time.perf_counter()
             nbytes = sum(_read_piece(piece, slot.host, self.a, self.b) for piece in batch.pieces)
@@ -500,7 +548,7 @@ class PipelinedEngine:
                 events = self._blend_staged(lane, batch, slot)
             else:
                 began = time.perf_counter()
-                for piece in batch.pieces:
+                for piece in batch.blends:
                     blend_piece(piece, slot.host)
                 self._stage("blend", time.perf_counter() - began, batch.payload_bytes)
                 events = None
@@ -517,7 +565,7 @@ class PipelinedEngine:
         lane.wait(lane.compute_stream, events[1])
         with lane.on(lane.compute_stream):
             events[2].record()  # after the wait: the stage's own time, not its time queued behind the last batch
-            for piece in batch.pieces:
+            for piece in batch.blends:
                 blend_piece(piece, slot.device)
             events[3].record()
         lane.wait(lane.d2h_stream, events[3])
@@ -527,6 +575,24 @@ class PipelinedEngine:
             slot.host[span].copy_(slot.device[span], non_blocking=lane.is_cuda)
             events[5].record()
         return events
+
+    @staticmethod
+    def _targets(batch: Batch, writers: list):
+        """(piece, its writers, its variants or None) for each out region of a batch."""
+        if not batch.outputs:
+            return [(piece, (writers[piece.job.shard],), None) for piece in batch.pieces]
+        return [(o.piece, tuple(writers[v][o.piece.job.shard] for v in o.variants), o.variants)
+                for o in batch.outputs]
+
+    def _write(self, piece: Piece, host: torch.Tensor, targets, variants, allow_nonfinite: bool) -> int:
+        try:
+            return write_piece(piece, host, targets, allow_nonfinite=allow_nonfinite)
+        except OutputError as exc:
+            if variants is None or self._names is None:
+                raise
+            names = [self._names[v] for v in variants]
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            raise OutputError(f"variant{'s' if len(names) > 1 else ''} {shown}: {exc}") from None
 
     def _next_ready(self, pending: list, producers: int, finished: int) -> tuple[object | None, int]:
         """The first pending batch whose device work is done (any device: a slow GPU does not hold the others
@@ -563,8 +629,8 @@ class PipelinedEngine:
                 self._stage("blend", events[2].elapsed_time(events[3]) / 1e3, batch.payload_bytes)
                 self._stage("d2h", events[4].elapsed_time(events[5]) / 1e3, batch.out_end - batch.out_start)
             began = time.perf_counter()
-            nbytes = sum(write_piece(piece, slot.host, writers[piece.job.shard], allow_nonfinite=allow_nonfinite)
-                         for piece in batch.pieces)
+            nbytes = sum(self._write(piece, slot.host, targets, variants, allow_nonfinite)
+                         for piece, targets, variants in self._targets(batch, writers))
             self._stage("write", time.perf_counter() - began, nbytes)
             lane.ring.put(slot)
             self._advance(nbytes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from gpumerge import schedule
 from gpumerge.checkpoint import DTYPE_NAMES, ITEMSIZE, TensorInfo
@@ -397,16 +397,34 @@ class Batch:
 
     index: int
     device: str
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Piece, ...]  # what is read (and, for a single merge, blended and written)
     in_bytes: int  # end of the input regions
     out_start: int
     out_end: int
     nbytes: int  # the whole footprint, scratch included
+    outputs: tuple["Output", ...] = ()  # a sweep's: what is blended from the pieces' inputs, and for which variants
+
+    @property
+    def blends(self) -> tuple[Piece, ...]:
+        """The pieces blended (or cast) into out regions: a sweep's outputs, else the pieces themselves."""
+        return tuple(output.piece for output in self.outputs) if self.outputs else self.pieces
 
     @property
     def payload_bytes(self) -> int:
-        """Bytes read plus bytes written for this batch."""
-        return sum(p.in_bytes() + p.count * ITEMSIZE[p.job.out_dtype] for p in self.pieces)
+        """Bytes read plus bytes written for this batch (a sweep's written once per variant)."""
+        if not self.outputs:
+            return sum(p.in_bytes() + p.count * ITEMSIZE[p.job.out_dtype] for p in self.pieces)
+        return (sum(p.in_bytes() for p in self.pieces)
+                + sum(o.piece.count * ITEMSIZE[o.piece.job.out_dtype] * len(o.variants) for o in self.outputs))
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A sweep's blend of one piece of a batch: one variant's job (its rule) over the piece's shared input regions,
+    into its own out region; every variant listed takes these bytes (they blend this tensor by the same rule)."""
+
+    piece: Piece
+    variants: tuple[int, ...]
 
 
 def device_kind(device: str) -> str:
@@ -471,9 +489,11 @@ def make_batches(plan: MergePlan, budget: Mapping[str, int], *, devices: list[st
     return tuple(batches)
 
 
-def pieces_of(job: TensorJob, cap: int) -> list[Piece]:
+def pieces_of(job: TensorJob, cap: int, *, footprint: Callable[[Piece], int] = Piece.footprint,
+              per_element: int | None = None, regions: int = 4) -> list[Piece]:
     """The job cut at the end of its blended elements, then into pieces of at most ``cap`` footprint bytes: whole
-    rows where a row fits, element ranges where one row is too large."""
+    rows where a row fits, element ranges where one row is too large. ``footprint``, ``per_element`` and ``regions``
+    (aligned regions per piece) size a sweep's pieces, which carry one out region per distinct rule."""
     bounds = [0, job.numel]
     if 0 < job.blend_numel < job.numel:
         bounds.insert(1, job.blend_numel)
@@ -481,10 +501,10 @@ def pieces_of(job: TensorJob, cap: int) -> list[Piece]:
     pieces = []
     for begin, end in zip(bounds, bounds[1:]):
         whole = Piece(job, begin, end - begin)
-        if whole.footprint() <= cap:
+        if footprint(whole) <= cap:
             pieces.append(whole)
             continue
-        budget_elements = max(1, (cap - 4 * ALIGN) // footprint_per_element(job))
+        budget_elements = max(1, (cap - regions * ALIGN) // (per_element or footprint_per_element(job)))
         step = (budget_elements // row) * row if row <= budget_elements else budget_elements
         pieces += [Piece(job, start, min(step, end - start)) for start in range(begin, end, step)]
     return pieces or [Piece(job, 0, 0)]
@@ -512,3 +532,114 @@ def lay_out(index: int, device: str, pieces: list[Piece]) -> Batch:
     laid = tuple(Piece(p.job, p.start, p.count, a, b, o, s)
                  for p, a, b, o, s in zip(pieces, a_offsets, b_offsets, out_offsets, scratch_offsets))
     return Batch(index, device, laid, in_bytes, out_start, out_end, offset)
+
+
+# ---- a sweep's batches: many rule sets over one layout ---------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SharedJob:
+    """One tensor of a sweep that some variant blends or casts: read once (``read``: model 1's tensor, and model 2's
+    when some variant blends it), blended once per distinct rule (``outputs``: a variant's job and every variant
+    whose job for this tensor is the same)."""
+
+    read: TensorJob
+    outputs: tuple[tuple[TensorJob, tuple[int, ...]], ...]
+
+    def per_element(self) -> int:
+        size = ITEMSIZE[self.read.dtype_a] + (ITEMSIZE[self.read.dtype_b] if self.read.blended else 0)
+        size += sum(ITEMSIZE[job.out_dtype] for job, _ in self.outputs)
+        return size + (_FP32_SCRATCH if any(needs_scratch(job) for job, _ in self.outputs) else 0)
+
+    def footprint(self, piece: Piece) -> int:
+        n = piece.count
+        total = _align(n * ITEMSIZE[self.read.dtype_a]) + (_align(n * ITEMSIZE[self.read.dtype_b]) if piece.blended
+                                                           else 0)
+        total += sum(_align(n * ITEMSIZE[job.out_dtype]) for job, _ in self.outputs)
+        scratch = piece.blended and any(needs_scratch(job) for job, _ in self.outputs)
+        return total + (_align(n * _FP32_SCRATCH) if scratch else 0)
+
+
+def job_rule(job: TensorJob) -> tuple:
+    """What decides a job's output bytes besides its inputs: equal keys, equal bytes (the same kernel runs).
+    Floats by their bits, so that t = -0.0 and 0.0 stay apart."""
+    def bits(x):
+        return None if x is None else float(x).hex()
+    return (bits(job.t), job.method, None if job.coef is None else tuple(map(bits, job.coef)), job.load_dtype,
+            job.round_via, job.out_dtype, job.blend_rows)
+
+
+def shared_jobs(plans: list[MergePlan]) -> list[SharedJob]:
+    """Per tensor of the common layout, the device work of every variant, with variants of one rule grouped."""
+    shared = []
+    for jobs in zip(*(plan.jobs for plan in plans)):
+        groups: dict[tuple, tuple[TensorJob, list[int]]] = {}
+        for variant, job in enumerate(jobs):
+            if needs_device(job):
+                groups.setdefault(job_rule(job), (job, []))[1].append(variant)
+        if not groups:
+            continue
+        outputs = tuple((job, tuple(variants)) for job, variants in groups.values())
+        read = next((job for job, _ in outputs if job.blended), outputs[0][0])
+        shared.append(SharedJob(read, outputs))
+    return shared
+
+
+def sweep_batches(shared: list[SharedJob], budget: Mapping[str, int], *, devices: list[str],
+                  batch_bytes: int | None = None, ring_depth: int | None = None) -> Callable[[str], Iterator[Batch]]:
+    """A sweep's batches, made as they are consumed (with many variants they would not fit in memory as a list):
+    returns ``batches(device)``, an iterator over that device's batches, each time the same sequence."""
+    cap = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
+
+    def every() -> Iterator[Batch]:
+        load = {device: 0 for device in devices}
+        group: list[tuple[Piece, SharedJob]] = []
+        used = index = 0
+        for job in shared:
+            regions = 3 + len(job.outputs)
+            for piece in pieces_of(job.read, cap, footprint=job.footprint, per_element=job.per_element(),
+                                   regions=regions):
+                size = job.footprint(piece)
+                if group and used + size > cap:
+                    yield _place(index, group, devices, load)
+                    index += 1
+                    group, used = [], 0
+                group.append((piece, job))
+                used += size
+        if group:
+            yield _place(index, group, devices, load)
+
+    def batches(device: str) -> Iterator[Batch]:
+        return (batch for batch in every() if batch.device == device)
+
+    return batches
+
+
+def _place(index: int, group: list[tuple[Piece, SharedJob]], devices: list[str], load: dict[str, int]) -> Batch:
+    device = min(devices, key=lambda d: (load[d], devices.index(d)))
+    batch = lay_out_shared(index, device, group)
+    load[device] += batch.payload_bytes
+    return batch
+
+
+def lay_out_shared(index: int, device: str, group: list[tuple[Piece, SharedJob]]) -> Batch:
+    """Like lay_out, with one out region per output of each piece; a piece's outputs share its fp32 scratch (the
+    blends of one batch run one after the other)."""
+    base = lay_out(index, device, [piece for piece, _ in group])  # a and b regions as a single merge lays them
+    offset = base.in_bytes
+    placed = []
+    for piece, job in zip(base.pieces, (job for _, job in group)):
+        outs = []
+        for out_job, variants in job.outputs:
+            outs.append((out_job, variants, offset))
+            offset += _align(piece.count * ITEMSIZE[out_job.out_dtype])
+        placed.append((piece, job, outs))
+    out_end = offset
+    outputs = []
+    for piece, job, outs in placed:
+        scratch = piece.blended and any(needs_scratch(out_job) for out_job, _ in job.outputs)
+        for out_job, variants, out_offset in outs:
+            outputs.append(Output(Piece(out_job, piece.start, piece.count, piece.a_offset, piece.b_offset, out_offset,
+                                        offset), variants))
+        if scratch:
+            offset += _align(piece.count * _FP32_SCRATCH)
+    return Batch(index, device, base.pieces, base.in_bytes, base.in_bytes, out_end, offset, tuple(outputs))

@@ -304,3 +304,151 @@ class MergeSpec:
         if not self.dtype_was_default:  # an explicit choice; the default is the default again on a re-run
             out["dtype"] = self.dtype
         return out
+
+
+# ---- sweeps ---------------------------------------------------------------------------------------------------
+
+# The settings a sweep's --grid can vary, each with its kind and the short name variant names use
+# (gradient_start=0.25 and gradient_end=0.75 make the variant gs0.25-ge0.75).
+GRID_KEYS = {
+    "gradient_start": ("number", "gs"), "gradient_end": ("number", "ge"),
+    "layer_start": ("integer", "ls"), "layer_end": ("integer", "le"),
+    "gradient_values": ("list", "gv"), "layer_only": ("boolean", "lo"), "no_layers": ("boolean", "nl"),
+    "custom_filter": ("text", "f"), "method": ("text", "m"),
+}
+_GRID_ALIASES = {"filter": "custom_filter"}
+MAX_GRID_VALUES = 100_000  # values of one --grid key; the product is bounded by --max-variants
+DEFAULT_MAX_VARIANTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class GridAxis:
+    """One --grid KEY=VALUES: a setting and the values it takes, in order."""
+
+    key: str
+    values: tuple
+
+    @property
+    def short(self) -> str:
+        return GRID_KEYS[self.key][1]
+
+
+def parse_grid(text: str) -> GridAxis:
+    """``KEY=V1,V2,...``, ``KEY=START:STOP:N`` (N evenly spaced values, both ends included, numpy.linspace's
+    arithmetic) or ``KEY=[JSON list]`` -> a GridAxis with each value checked as its setting takes it."""
+    key, sep, values_text = text.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    key = _GRID_ALIASES.get(key, key)
+    if not sep or key not in GRID_KEYS:
+        raise SpecError(f"--grid {shown(text, limit=60)}: give KEY=VALUES with KEY one of {', '.join(GRID_KEYS)} "
+                        "(e.g. --grid gradient_end=0:1:5)")
+    kind = GRID_KEYS[key][0]
+    what = f"--grid {key}"
+    values_text = values_text.strip()
+    if not values_text:
+        raise SpecError(f"{what}= gives no value; e.g. --grid {key}=" + _GRID_EXAMPLES[kind])
+    if values_text.startswith("["):
+        try:
+            raw = json.loads(values_text)
+        except (ValueError, RecursionError):
+            raise SpecError(f"{what}={shown(values_text, limit=60)} is not a JSON list; e.g. --grid "
+                            f"{key}=" + _GRID_EXAMPLES[kind]) from None
+        if not isinstance(raw, list) or not raw:
+            raise SpecError(f"{what}={shown(values_text, limit=60)} is not a non-empty JSON list")
+        if len(raw) > MAX_GRID_VALUES:
+            raise SpecError(f"{what} gives {len(raw)} values, more than {MAX_GRID_VALUES}")
+        values = [_grid_value(v, kind, what=what) for v in raw]
+    elif kind in ("number", "integer") and values_text.count(":") == 2:
+        values = _grid_range(values_text, kind, what=what)
+    else:
+        tokens = [t.strip() for t in values_text.split(",")]
+        if len(tokens) > MAX_GRID_VALUES:
+            raise SpecError(f"{what} gives {len(tokens)} values, more than {MAX_GRID_VALUES}")
+        values = [_grid_token(t, kind, what=what) for t in tokens]
+    if key == "method":
+        for value in values:
+            if value not in METHODS:
+                raise SpecError(f"{what}: {shown(value)} is not one of {', '.join(METHODS)}")
+    seen: set = set()
+    for value in values:
+        marker = _grid_marker(value)
+        if marker in seen:
+            raise SpecError(f"{what} gives {shown(value)} twice; give each value once")
+        seen.add(marker)
+    return GridAxis(key, tuple(values))
+
+
+_GRID_EXAMPLES = {"number": "0,0.25,0.5 or 0:1:5", "integer": "8,12,16 or 0:12:4", "boolean": "true,false",
+                  "text": "self_attn,mlp", "list": "'[[1, 0.5, 0], [0.2, 0.8]]'"}
+
+
+def _grid_marker(value):
+    """Equal values by their bits (0.0 and -0.0 differ, as their blends may)."""
+    if isinstance(value, float):
+        return value.hex()
+    if isinstance(value, tuple):
+        return tuple(_grid_marker(v) for v in value)
+    return (type(value).__name__, value)
+
+
+def _grid_range(text: str, kind: str, *, what: str) -> list:
+    start_text, stop_text, count_text = (part.strip() for part in text.split(":"))
+    start, stop = (_grid_token(t, "number", what=what) for t in (start_text, stop_text))
+    if not re.fullmatch(r"[0-9]{1,9}", count_text, re.ASCII) or not 1 <= int(count_text) <= MAX_GRID_VALUES:
+        raise SpecError(f"{what}={text}: START:STOP:N needs N, the number of values, a whole number from 1 to "
+                        f"{MAX_GRID_VALUES} (got {shown(count_text)})")
+    from gpumerge.schedule import linspace
+
+    values = linspace(start, stop, int(count_text))
+    if kind == "integer":
+        if not all(float(v).is_integer() for v in values):
+            raise SpecError(f"{what}={text} gives values that are not whole numbers "
+                            f"({', '.join(f'{v:g}' for v in values[:6])}{', ...' if len(values) > 6 else ''}); "
+                            "choose START, STOP and N so that the steps are whole")
+        return [check_layer_number(v, key=what) for v in values]
+    return [check_finite(v, flag=what) for v in values]
+
+
+def _grid_token(token: str, kind: str, *, what: str):
+    """One comma-separated value as its setting's command-line flag would read it."""
+    if not token:
+        raise SpecError(f"{what} has an empty value (two commas in a row, or a comma at an end)")
+    if kind in ("number", "integer"):
+        try:
+            number = float(token)
+        except ValueError:
+            raise SpecError(f"{what}: {shown(token)} is not a number") from None
+        return _grid_value(int(number) if kind == "integer" and number.is_integer() and abs(number) < 2**63
+                           else number, kind, what=what)
+    if kind == "boolean":
+        lowered = token.lower()
+        if lowered not in ("true", "false"):
+            raise SpecError(f"{what}: {shown(token)} is not true or false")
+        return lowered == "true"
+    if kind == "list":
+        return parse_gradient_values(token, what=what)
+    return _grid_value(token, kind, what=what)
+
+
+def _grid_value(value, kind: str, *, what: str):
+    """One value of a JSON list (or a parsed token) checked as its setting takes it."""
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{what}: {shown(value)} is not a number")
+        return check_finite(value, flag=what)
+    if kind == "integer":
+        return check_layer_number(value, key=what)
+    if kind == "boolean":
+        if not isinstance(value, bool):
+            raise SpecError(f"{what}: {shown(value)} is not true or false")
+        return value
+    if kind == "list":
+        return parse_gradient_values(value if isinstance(value, list) else [value] if isinstance(value, (int, float))
+                                     and not isinstance(value, bool) else value, what=what)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise SpecError(f"{what}: {shown(value)} is not a non-empty string")
+    return value
+
+
+def grid_size(axes: list[GridAxis]) -> int:
+    return math.prod(len(axis.values) for axis in axes)

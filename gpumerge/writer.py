@@ -103,6 +103,16 @@ def close_writers(writers: list[ShardWriter]) -> None:
         writer.close()
 
 
+def finish_model_dir(directory: Path, plan: MergePlan, record: dict, model_dir: Path, config: dict) -> list[str]:
+    """Everything but the shards: the index, model 1's aux files (config.json with the output dtype), the model card
+    and the recipe. Returns the aux files' names."""
+    write_index(directory, plan)
+    aux = copy_aux_files(model_dir, directory, plan.out_dtype_name, config)
+    write_model_card(directory, record)
+    write_recipe(directory, record)
+    return aux
+
+
 def write_index(directory: Path, plan: MergePlan) -> None:
     if len(plan.shards) == 1:
         return
