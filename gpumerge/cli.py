@@ -12,7 +12,7 @@ from gpumerge.errors import GpumergeError, SpecError
 from gpumerge.spec import (DTYPE_CHOICES, MergeSpec, OperationsRecipe, TensorOperation, parse_device, parse_dtype,
                            parse_gradient_values, parse_max_memory, parse_size)
 
-COMMANDS = ("merge", "plan", "demo")
+COMMANDS = ("merge", "plan", "demo", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name, **kwargs)
 
 
-def _merge_flags(parser: argparse.ArgumentParser) -> None:
+def _merge_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     # Defaults are None here and filled in spec_from_args: a flag given on the command line overrides a recipe's
     # value, and the combinations that make no sense are refused.
     _flag(parser, "config", type=Path, default=None, metavar="RECIPE.yaml",
@@ -36,7 +36,8 @@ def _merge_flags(parser: argparse.ArgumentParser) -> None:
                "mergekit config (linear, slerp); command-line flags override its paths, dtype and device")
     _flag(parser, "model_path1", metavar="PATH", help="model 1: directory or cached hub id (org/name)")
     _flag(parser, "model_path2", metavar="PATH", help="model 2: directory or cached hub id")
-    _flag(parser, "output_model_path", metavar="OUT", help="directory to write the merge to")
+    if not sweep:
+        _flag(parser, "output_model_path", metavar="OUT", help="directory to write the merge to")
     _flag(parser, "gradient_start", type=float, metavar="T",
           help="share of model 2 at the first block of the window (default 0.0)")
     _flag(parser, "gradient_end", type=float, metavar="T",
@@ -80,6 +81,25 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _flag(parser, "quiet", action="store_true", help="no progress bar or notices")
         _flag(parser, "debug", action="store_true", help="show tracebacks")
         return parser
+    if command == "sweep":
+        parser = _Parser(prog="gpumerge sweep", description="Many merges of one pair from one read of the inputs: "
+                         "every variant of a grid (or of a settings file) written to OUTPUT_DIR/NAME/ exactly as "
+                         "`gpumerge` would write it with the same settings. The merge flags set what every variant "
+                         "shares.")
+        _merge_flags(parser, sweep=True)
+        _flag(parser, "output_dir", metavar="RUNS", help="the sweep's directory: RUNS/<variant>/, sweep.json, "
+              "variants.csv; rerunning the same sweep skips the variants already complete")
+        _flag(parser, "grid", action="append", metavar="KEY=VALUES",
+              help="sweep one setting: V1,V2,..., START:STOP:N (N values, both ends included) or a JSON list "
+                   "('[[1, 0.5, 0], [0.2, 0.8]]' for gradient_values); several --grid give their product. KEY: "
+                   "gradient_start, gradient_end, layer_start, layer_end, gradient_values, layer_only, no_layers, "
+                   "custom_filter, method")
+        _flag(parser, "settings", type=Path, metavar="VARIANTS.yaml",
+              help="a YAML list of variants instead of a grid: each a mapping of merge settings, an operations or "
+                   "layer_gradients recipe, or a two-model mergekit config of the same pair, with an optional name")
+        parser.add_argument("--max-variants", "--max_variants", dest="max_variants", type=int, metavar="N",
+                            help="allow more than 1000 variants (up to N)")
+        return parser
     if command == "plan":
         parser = _Parser(prog="gpumerge plan", description="Show what a merge would do; writes nothing.")
         _merge_flags(parser)
@@ -121,9 +141,17 @@ def _version() -> str:
     return version()
 
 
-def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) -> MergeSpec:
-    settings = _recipe_settings(args.config) if args.config is not None else {}
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "plot", "report")}
+_NOT_SETTINGS = ("config", "plot", "report", "output_dir", "grid", "settings", "max_variants")
+
+
+def spec_from_args(args: argparse.Namespace, *, output_required: bool = True,
+                   recipe: tuple[dict, str] | None = None) -> MergeSpec:
+    """The merge the command line asks for. ``recipe``: settings already read from a recipe (a sweep's --config,
+    read once, or one entry of its settings file) and where they come from, in place of reading ``args.config``."""
+    if recipe is None and getattr(args, "config", None) is not None:
+        recipe = (_recipe_settings(args.config), str(args.config))
+    settings, source = (dict(recipe[0]), recipe[1]) if recipe is not None else ({}, None)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_SETTINGS}
     window = [f"--{k}" for k in _WINDOW_FLAGS if k in given]
     if "method" in given and hasattr(settings.get("recipe"), "config"):
         raise SpecError("--method does not apply to a mergekit config: its merge_method says how to blend")
@@ -156,7 +184,7 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True) ->
     max_memory = merged.get("max_memory")
 
     def origin(key: str) -> str:  # where a bad value came from: the command line or the recipe file
-        return f"--{key}" if key in given or args.config is None else f"{args.config}: {key}"
+        return f"--{key}" if key in given or source is None else f"{source}: {key}"
 
     from gpumerge.spec import check_home
 
@@ -210,10 +238,10 @@ def _notice_printer(quiet: bool):
 class _Progress:
     """tqdm on stderr (bytes/s, ETA), with each GPU's memory and utilization from NVML when there is any."""
 
-    def __init__(self, total_bytes: int, telemetry, quiet: bool) -> None:
+    def __init__(self, total_bytes: int, telemetry, quiet: bool, desc: str = "merging") -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                         file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False)
         self.telemetry = telemetry
 
@@ -228,7 +256,7 @@ class _Progress:
 
 
 def _progress_factory(quiet: bool):
-    return lambda total_bytes, telemetry=None: _Progress(total_bytes, telemetry, quiet)
+    return lambda total_bytes, telemetry=None, desc="merging": _Progress(total_bytes, telemetry, quiet, desc)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -240,6 +268,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
                        report_path=args.report)
     try:  # the merge is the product: a summary that cannot be printed (stdout full or closed) does not undo it
         print(summary_line(result), flush=True)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gpumerge.sweep import run_sweep
+
+    if not args.output_dir:
+        raise SpecError("--output_dir is required: the directory the sweep writes its variants to")
+    result = run_sweep(args, notice=_notice_printer(bool(args.quiet)), progress_factory=_progress_factory(args.quiet))
+    try:
+        print(result.summary, flush=True)
     except (OSError, ValueError):
         pass
     return 0
@@ -278,7 +319,7 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help, or a bad command line already reported in one line
             return exc.code if isinstance(exc.code, int) else 2
-        return {"merge": cmd_merge, "plan": cmd_plan, "demo": cmd_demo}[command](args)
+        return {"merge": cmd_merge, "plan": cmd_plan, "demo": cmd_demo, "sweep": cmd_sweep}[command](args)
     except GpumergeError as exc:
         if debug:
             raise
@@ -293,6 +334,10 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         done = GUARD.completed_output
+        if command == "sweep":
+            _say(f"gpumerge: interrupted ({signal.Signals(signum).name}); no partial variant was left, the variants "
+                 "already complete stay in the output directory: run the same command again to finish")
+            return 128 + signum
         _say(f"gpumerge: interrupted ({signal.Signals(signum).name}); "
              + (f"the merge was already complete and is at {done}" if done is not None else
                 "nothing was written to the output path" if command == "merge" else "stopped"))

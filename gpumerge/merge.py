@@ -57,15 +57,23 @@ def open_pair(spec: MergeSpec) -> tuple[Checkpoint, Checkpoint]:
     return a, b
 
 
-def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callable[[str], None]) -> MergePlan:
-    """make_plan, with model 1's canonical tensor order for the recipes that count tensor positions."""
+def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callable[[str], None],
+               orders: dict | None = None) -> MergePlan:
+    """make_plan, with model 1's canonical tensor order for the recipes that count tensor positions (kept in
+    ``orders`` when given: a sweep plans many variants and builds the architecture once)."""
     from gpumerge.spec import OperationsRecipe
 
     order = tied = None
     if isinstance(spec.recipe, OperationsRecipe):
         from gpumerge.architecture import canonical_order
 
-        order, tied, fallback = canonical_order(a.root, list(a.tensors))
+        if orders is None or "order" not in orders:
+            found = canonical_order(a.root, list(a.tensors))
+            if orders is not None:
+                orders["order"] = found
+        else:
+            found = orders["order"]
+        order, tied, fallback = found
         if fallback:
             notice(fallback)
     plan = make_plan(a, b, spec, order=order, tied=tied)
@@ -102,11 +110,12 @@ def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint)
     }
 
 
-def preflight(plan: MergePlan, a: Checkpoint, b: Checkpoint) -> None:
-    """Checks that need tensor bytes, before the first output byte: non-float tensors in the window must be equal."""
-    differ = [job.name for job in plan.jobs if job.verify_equal
-              and a.read_bytes(job.name, 0, a.tensors[job.name].nbytes)
-              != b.read_bytes(job.name, 0, b.tensors[job.name].nbytes)]
+def preflight(plan: MergePlan, a: Checkpoint, b: Checkpoint, *, more: tuple[MergePlan, ...] = ()) -> None:
+    """Checks that need tensor bytes, before the first output byte: non-float tensors in the window must be equal
+    (in any of the plans: a sweep's ``more`` variants; each tensor compared once)."""
+    names = dict.fromkeys(job.name for p in (plan, *more) for job in p.jobs if job.verify_equal)
+    differ = [name for name in names
+              if a.read_bytes(name, 0, a.tensors[name].nbytes) != b.read_bytes(name, 0, b.tensors[name].nbytes)]
     if differ:
         raise IncompatibleCheckpointsError(
             f"{len(differ)} non-float tensor(s) in the layer window differ between the models and cannot be "
@@ -144,13 +153,13 @@ def _await(thread: _Import) -> None:
         raise thread.error
 
 
-def check_open_files(a: Checkpoint, b: Checkpoint) -> None:
+def check_open_files(a: Checkpoint, b: Checkpoint, *, outputs: int = 0) -> None:
     """The merge holds every input file open at once, plus its shards, lock, pipes and torch's own: with too low a
     limit it would fail half-way (and could not even remove its partial output). Raise the soft limit to the hard
     one if that is enough, else refuse before any work."""
     import resource
 
-    need = 64 + len(a.files) + len(b.files)
+    need = 64 + len(a.files) + len(b.files) + outputs  # outputs: a sweep's shards and locks
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return

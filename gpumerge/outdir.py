@@ -158,9 +158,10 @@ def _protected(path: Path) -> str | None:
 
 
 def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool, flag: str = "--output_model_path",
-                      replaceable: Callable[[Path], str | None] | None = None) -> Path:
+                      existing: Callable[[Path], None] | None = None) -> Path:
     """Refuse an OUT that could damage an input or an existing directory, before any work. Returns OUT canonical.
-    ``replaceable`` says why a non-empty OUT may not be replaced (default: replace_problem, a model directory)."""
+    ``existing`` judges a non-empty OUT instead of the merge's rule (--overwrite, and a model directory): a sweep
+    resumes in, or replaces, a directory of its own kind."""
     out = canonical(out, flag=flag)
     where = _existing_parent(out)
     name_max = _name_max(where)
@@ -187,10 +188,12 @@ def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool, flag:
         if os.path.ismount(out):
             raise OutputError(f"{flag} {out} is a mount point: the merge is put in place by a rename, which a mount "
                               "point refuses; write into a new directory inside it")
-        if _non_empty(out):
+        if _non_empty(out) and existing is not None:
+            existing(out)
+        elif _non_empty(out):
             if not overwrite:
                 raise OutputError(f"{flag} {out} exists and is not empty; pass --overwrite to replace it")
-            problem = (replaceable or replace_problem)(out)
+            problem = replace_problem(out)
             if problem:
                 raise OutputError(f"--overwrite would delete {out}, which {problem}; remove it yourself or choose "
                                   "another output directory")

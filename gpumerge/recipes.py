@@ -80,7 +80,8 @@ def _refuse_duplicate_keys(loader, node) -> None:
         seen.add(key)
 
 
-def load_yaml(text: str, *, source: str) -> dict:
+def load_yaml(text: str, *, source: str, mapping: bool = True):
+    """A recipe file's YAML, checked (check_tree); a mapping unless ``mapping=False`` (a sweep's list of variants)."""
     import yaml
 
     try:
@@ -94,7 +95,7 @@ def load_yaml(text: str, *, source: str) -> dict:
     except RecursionError:
         raise SpecError(f"{source}: not valid YAML: nested too deeply") from None
     check_tree(data, source=source)
-    if not isinstance(data, dict):
+    if mapping and not isinstance(data, dict):
         raise SpecError(f"{source}: a recipe is a YAML mapping of settings (got {type(data).__name__})")
     return data
 

@@ -1,0 +1,652 @@
+"""`gpumerge sweep`: many variants of one pair from one read of the inputs (write mode).
+
+A variant is one full set of merge settings: a point of a grid (``--grid KEY=VALUES``, their product) or an entry of
+a settings file. Each is made into a MergeSpec exactly as the command line of a single merge would be, and planned
+with the same checks. All of them share one layout (tensors, output dtype, shards, offsets); what differs is the
+rule per tensor, so the sweep reads each tensor once and blends it once per distinct rule (gpumerge.plan's
+sweep_batches), with the same kernel as a single merge; tensors a variant keeps unchanged are copied file to file
+into it. Each variant appears at RUNS/<name>/ when complete, byte for byte what `gpumerge` writes with its settings.
+
+RUNS also holds sweep.json (the inputs' fingerprints, the variants and their settings: rerunning the same sweep
+skips the variants already complete; a different sweep is refused unless --overwrite) and variants.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from gpumerge.errors import GpumergeError, OutputError, SpecError
+from gpumerge.signals import GUARD
+from gpumerge.spec import DEFAULT_MAX_VARIANTS, GridAxis, MergeSpec, grid_size, parse_grid, shown
+
+SWEEP_FILE = "sweep.json"
+VARIANTS_FILE = "variants.csv"
+# Files a sweep keeps in RUNS beside its variants (the evaluated sweep's results too): no variant may be named so.
+RUNS_FILES = (SWEEP_FILE, VARIANTS_FILE, "results.csv", "results.json", "results.jsonl", "sweep.png")
+RESERVED_NAMES = ("model_1", "model_2")  # the parents' rows in an evaluated sweep's results
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", re.ASCII)
+# Settings one sweep has one value of: the command line's, never a settings-file entry's.
+_FIXED_KEYS = ("output_model_path", "device", "max_memory")
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    values: dict  # column (a swept setting, or a settings-file key) -> value: variants.csv and sweep.json
+    spec: MergeSpec
+    paths: tuple = (None, None)  # the model paths a settings-file entry names, to be the sweep's pair
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    runs: Path
+    written: tuple[str, ...]
+    complete: tuple[str, ...]  # complete before this run: skipped
+    aliases: dict  # later name -> the variant it is the same merge as
+    elapsed_s: float
+    bytes_read: int
+    bytes_written: int
+
+    @property
+    def summary(self) -> str:
+        parts = [f"wrote {len(self.written)} variant(s) ({_size(self.bytes_written)}) in {self.elapsed_s:.1f} s, "
+                 f"reading the inputs once ({_size(self.bytes_read)} read)"
+                 if self.written else "nothing to write"]
+        if self.complete:
+            parts.append(f"{len(self.complete)} already complete")
+        if self.aliases:
+            parts.append(f"{len(self.aliases)} alias(es): " + ", ".join(f"{k} = {v}" for k, v in
+                                                                      list(self.aliases.items())[:4])
+                         + (", ..." if len(self.aliases) > 4 else ""))
+        return f"gpumerge: sweep at {self.runs}: " + "; ".join(parts)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+# ---- variants -----------------------------------------------------------------------------------------------------
+
+def variants_from_args(args: argparse.Namespace) -> tuple[list[Variant], list[str]]:
+    """The sweep's variants, in order, and the columns of variants.csv (the swept settings)."""
+    if args.grid and args.settings is not None:
+        raise SpecError("give --grid or --settings, not both (a settings file lists whole variants)")
+    if not args.grid and args.settings is None:
+        raise SpecError("a sweep needs --grid KEY=VALUES (one or more) or --settings VARIANTS.yaml")
+    limit = args.max_variants if args.max_variants is not None else DEFAULT_MAX_VARIANTS
+    if limit < 1:
+        raise SpecError(f"--max-variants must be at least 1, got {args.max_variants}")
+    if args.settings is not None:
+        if args.config is not None:
+            raise SpecError("give --config or --settings, not both: each entry of the settings file is a recipe")
+        return _from_settings(args, limit)
+    return _from_grid(args, limit)
+
+
+def _too_many(count: int, limit: int, explicit: bool) -> SpecError:
+    more = (f"--max-variants {limit}" if explicit else f"{limit} without --max-variants N")
+    return SpecError(f"the sweep has {count} variants, more than {more}; each is a full model on disk: sweep fewer "
+                     "values, or pass --max-variants N to allow more")
+
+
+def _from_grid(args: argparse.Namespace, limit: int) -> tuple[list[Variant], list[str]]:
+    from gpumerge.cli import _recipe_settings, spec_from_args
+
+    axes = [parse_grid(text) for text in args.grid]
+    keys = [axis.key for axis in axes]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise SpecError(f"--grid {key} is given twice; list all its values in one --grid")
+        if getattr(args, key, None) is not None:
+            raise SpecError(f"--{key} is set and also swept by --grid {key}; give one of them")
+    count = grid_size(axes)
+    if count > limit:
+        raise _too_many(count, limit, args.max_variants is not None)
+    recipe = (_recipe_settings(args.config), str(args.config)) if args.config is not None else None
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*(axis.values for axis in axes))]
+    names = grid_names(points, [axis for axis in axes if len(axis.values) > 1] or axes)
+    variants = []
+    for name, point in zip(names, points):
+        flags = argparse.Namespace(**{**vars(args), **{key: _as_flag(value) for key, value in point.items()}})
+        with _variant_errors(name):
+            variants.append(Variant(name, point, spec_from_args(flags, output_required=False, recipe=recipe)))
+    return variants, keys
+
+
+def _as_flag(value):
+    """A grid value as its command-line flag holds it (a store_true flag not given is None)."""
+    if value is False:
+        return None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def grid_names(points: list[dict], swept: list[GridAxis]) -> list[str]:
+    """``gs0.25-ge0.75``: each swept setting's short name and value; ``v001``, ``v002``, ... for every variant
+    when such names would not be unique, safe directory names, or short."""
+    names = ["-".join(_name_part(axis, point[axis.key]) for axis in swept) for point in points]
+    folded = [name.casefold() for name in names]
+    if (len(set(folded)) == len(names) and all(_NAME_RE.fullmatch(n) for n in names)
+            and not set(folded) & set(RESERVED_NAMES + RUNS_FILES)):
+        return names
+    return numbered(len(points))
+
+
+def numbered(count: int) -> list[str]:
+    width = max(3, len(str(count)))
+    return [f"v{i + 1:0{width}d}" for i in range(count)]
+
+
+def _name_part(axis: GridAxis, value) -> str:
+    if axis.key == "method":
+        return str(value)
+    if isinstance(value, bool):
+        return axis.short + ("1" if value else "0")
+    return axis.short + _name_value(value)
+
+
+def _name_value(value) -> str:
+    if isinstance(value, tuple):
+        return "_".join(_name_value(v) for v in value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))
+
+
+class _variant_errors:
+    """Errors while building or planning a variant name it: ``variant gs0.25-ge1: ...`` (same error class)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, GpumergeError) and not str(exc).startswith("variant "):
+            raise type(exc)(f"variant {self.name}: {exc}") from None
+        return False
+
+
+def _from_settings(args: argparse.Namespace, limit: int) -> tuple[list[Variant], list[str]]:
+    from gpumerge import fsutil
+    from gpumerge.cli import spec_from_args
+    from gpumerge.mergekit import parse_mergekit
+    from gpumerge.recipes import is_mergekit_config, load_yaml, parse_recipe
+    from gpumerge.spec import MAX_RECIPE_BYTES, check_home, parse_dtype, parse_size
+
+    path = args.settings
+    what = f"--settings {path}"
+    check_home(path, what=what)
+    raw = fsutil.read_regular(Path(path).expanduser(), max_bytes=MAX_RECIPE_BYTES, what=what, error=SpecError)
+    data = load_yaml(fsutil.decode_text(raw, what=what, error=SpecError), source=str(path), mapping=False)
+    if not isinstance(data, list) or not data or not all(isinstance(entry, dict) for entry in data):
+        raise SpecError(f"{what}: a settings file is a YAML list of variants, each a mapping of merge settings "
+                        "(e.g. `- {name: soft, gradient_start: 0.2, gradient_end: 0.6}`)")
+    if len(data) > limit:
+        raise _too_many(len(data), limit, args.max_variants is not None)
+    defaults = numbered(len(data))
+    dtype = parse_dtype(args.dtype) if args.dtype is not None else "float16"
+    shard_bytes = parse_size(args.max_shard_size if args.max_shard_size is not None else "2000MiB",
+                             what="--max_shard_size")
+    variants, columns, seen = [], [], {}
+    for index, entry in enumerate(data):
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if name is not None:
+            _check_name(name, where=f"{path}: variant {index + 1}")
+        name = name or defaults[index]
+        if name.casefold() in seen:
+            raise SpecError(f"{path}: the variant name {name} is used twice (variants {seen[name.casefold()] + 1} "
+                            f"and {index + 1}); names are directories in --output_dir and must differ")
+        seen[name.casefold()] = index
+        where = f"{path}: variant {name}"
+        if not entry:
+            raise SpecError(f"{where} sets nothing; give its settings (gradient_start, operations, ...)")
+        fixed = [key for key in _FIXED_KEYS if key in entry]
+        if fixed:
+            raise SpecError(f"{where}: {fixed[0]} is the same for every variant of a sweep; give it on the command "
+                            f"line" + ("" if fixed[0] == "output_model_path" else f" (--{fixed[0]})")
+                            + (" (the sweep writes RUNS/NAME/)" if fixed[0] == "output_model_path" else ""))
+        settings = parse_mergekit(entry, source=where) if is_mergekit_config(entry) else parse_recipe(entry,
+                                                                                                     source=where)
+        if "dtype" in settings and parse_dtype(str(settings["dtype"])) != dtype:
+            raise SpecError(f"{where} sets dtype {settings['dtype']}, and the sweep writes {dtype}: every variant "
+                            "of a sweep has one output dtype (set it with --dtype)")
+        if "max_shard_size" in settings and parse_size(settings["max_shard_size"], what=where) != shard_bytes:
+            raise SpecError(f"{where} sets max_shard_size {settings['max_shard_size']}, and the sweep's is "
+                            f"{shard_bytes} bytes: every variant of a sweep has one layout (set --max_shard_size)")
+        paths = (settings.get("model_path1"), settings.get("model_path2"))
+        with _variant_errors(name):
+            spec = spec_from_args(argparse.Namespace(**vars(args)), output_required=False, recipe=(settings, where))
+        values = {key: value for key, value in entry.items()}
+        columns += [key for key in values if key not in columns]
+        variants.append(Variant(name, values, spec, paths))
+    return variants, columns
+
+
+def _check_name(name, *, where: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise SpecError(f"{where}: name {shown(name)} must be 1 to 100 letters, digits, '.', '_', '+' or '-', "
+                        "starting with a letter or digit (it is a directory name)")
+    if name.casefold() in RESERVED_NAMES + RUNS_FILES:
+        raise SpecError(f"{where}: name {name} is reserved for the sweep's own files and rows; choose another")
+
+
+# ---- planning -----------------------------------------------------------------------------------------------------
+
+def plan_variants(variants: list[Variant], a, b, *, notice: Callable[[str], None]) -> list:
+    """Every variant planned with the checks of a single merge (errors name the variant); notices said once. All
+    plans must share one layout: the output dtype, shards and offsets."""
+    from gpumerge.merge import plan_merge
+
+    orders: dict = {}
+    notices: dict[str, list[str]] = {}
+    plans = []
+    for variant in variants:
+        with _variant_errors(variant.name):
+            _check_pair(variant, a, b)
+            plans.append(plan_merge(variant.spec, a, b, notice=lambda line: notices.setdefault(line, []).append(
+                variant.name), orders=orders))
+    for line, names in notices.items():
+        notice(line if len(names) == len(variants) else f"{_listed(names)}: {line}")
+    first = plans[0]
+    for variant, plan in zip(variants, plans):
+        if plan.out_dtype != first.out_dtype:
+            raise SpecError(f"variant {variant.name} writes {plan.out_dtype_name} and variant {variants[0].name} "
+                            f"{first.out_dtype_name}: every variant of a sweep has one output dtype (a mergekit "
+                            "config's dtype or out_dtype sets it; make them agree, or give --dtype)")
+        if _layout(plan) != _layout(first):
+            raise SpecError(f"variant {variant.name} lays its shards out unlike variant {variants[0].name}; every "
+                            "variant of a sweep has one layout (the same --max_shard_size and dtype)")
+    return plans
+
+
+def _check_pair(variant: Variant, a, b) -> None:
+    """A settings-file entry that names models must name the sweep's pair (its paths are overridden, like a
+    --config's, by the command line)."""
+    from gpumerge.checkpoint import resolve_model_dir
+
+    for given, ckpt, role in zip(variant.paths, (a, b), ("model_path1", "model_path2")):
+        if given is None:
+            continue
+        try:
+            same = resolve_model_dir(str(given), label=role).resolve() == Path(ckpt.root).resolve()
+        except GpumergeError:
+            same = False
+        if not same:
+            raise SpecError(f"names {role} {shown(given, limit=80)}, which is not the sweep's {ckpt.root}; every "
+                            "variant of a sweep blends the same pair (drop the path, or sweep that pair)")
+
+
+def _listed(names: list[str]) -> str:
+    return "variant" + ("s " if len(names) > 1 else " ") + ", ".join(names[:4]) + (
+        f", ... ({len(names)} in all)" if len(names) > 4 else "")
+
+
+def _layout(plan) -> list:
+    return [(s.filename, s.data_bytes, tuple((j.name, j.offset, j.nbytes, j.out_dtype) for j in s.jobs))
+            for s in plan.shards]
+
+
+def rules_signature(plan) -> str:
+    """The resolved rule of every tensor (t, method, coefficients, roundings): equal signatures, the same merge."""
+    from gpumerge.plan import job_rule
+
+    digest = hashlib.sha256()
+    for job in plan.jobs:
+        digest.update(repr((job.name, job_rule(job) if job.blended else None)).encode())
+    return digest.hexdigest()
+
+
+def find_aliases(variants: list[Variant], plans: list) -> tuple[dict[str, str], list[str]]:
+    """(later name -> the first variant with the same rules, every variant's signature)."""
+    signatures = [rules_signature(plan) for plan in plans]
+    first: dict[str, str] = {}
+    aliases = {}
+    for variant, signature in zip(variants, signatures):
+        if signature in first:
+            aliases[variant.name] = first[signature]
+        else:
+            first[signature] = variant.name
+    return aliases, signatures
+
+
+# ---- the sweep's directory ----------------------------------------------------------------------------------------
+
+def sweep_record(variants, plans, signatures, aliases, columns, a, b) -> dict:
+    from gpumerge.merge import version
+
+    spec = variants[0].spec
+    identity = {
+        "inputs": [a.fingerprint(), b.fingerprint()],
+        "output_dtype": plans[0].out_dtype_name,
+        "max_shard_bytes": spec.max_shard_bytes,
+        "variants": [[variant.name, signature] for variant, signature in zip(variants, signatures)],
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return {
+        "tool": "gpumerge",
+        "version": version(),
+        "sweep": key,
+        "inputs": [{"role": role, "path": path, "resolved": str(ckpt.root), "fingerprint": ckpt.fingerprint()}
+                   for role, path, ckpt in (("model_path1", spec.model_path1, a), ("model_path2", spec.model_path2, b))],
+        "output_dtype": plans[0].out_dtype_name,
+        "max_shard_size": spec.max_shard_size,
+        "swept": columns,
+        "variants": [{"name": v.name, "values": v.values, "settings": v.spec.settings(), "rules": signature[:16],
+                      "same_as": aliases.get(v.name)} for v, signature in zip(variants, signatures)],
+    }
+
+
+def variants_csv(variants: list[Variant], columns: list[str], aliases: dict) -> bytes:
+    """A header row (name, then one column per swept setting), one row per variant written (not the aliases);
+    numbers exactly (repr), booleans true/false, lists as JSON."""
+    out = io.StringIO()
+    table = csv.writer(out, lineterminator="\n")
+    table.writerow(["name", *columns])
+    for variant in variants:
+        if variant.name not in aliases:
+            table.writerow([variant.name, *(_cell(variant.values.get(column)) for column in columns)])
+    return out.getvalue().encode()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (tuple, list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _difference(old: dict, new: dict) -> str:
+    """What makes an earlier sweep.json another sweep, in words."""
+    if [i.get("fingerprint") for i in old.get("inputs", []) if isinstance(i, dict)] != [
+            i["fingerprint"] for i in new["inputs"]]:
+        return "other inputs (their fingerprints differ)"
+    if old.get("output_dtype") != new["output_dtype"] or old.get("max_shard_size") != new["max_shard_size"]:
+        return "another output dtype or shard size"
+    return "other variants"
+
+
+def judge_runs(runs: Path, record: dict, *, overwrite: bool) -> str:
+    """What to do with an existing, non-empty RUNS: "resume" (the same sweep), "replace" (--overwrite, a sweep's
+    directory); anything else is refused."""
+    from gpumerge import fsutil
+
+    found = runs / SWEEP_FILE
+    if not found.exists():
+        raise OutputError(f"--output_dir {runs} exists and is not empty, and has no {SWEEP_FILE}: it is not a gpumerge "
+                          "sweep; give a new or empty directory (this is refused even with --overwrite)")
+    old = fsutil.load_json(fsutil.read_regular(found, what=f"--output_dir: {found}", error=OutputError),
+                           what=f"--output_dir: {found}", error=OutputError)
+    if not isinstance(old, dict) or old.get("tool") != "gpumerge" or "sweep" not in old:
+        raise OutputError(f"--output_dir: {found} is not a gpumerge sweep record; give a new or empty directory")
+    if not overwrite:
+        if old["sweep"] == record["sweep"]:
+            return "resume"
+        raise OutputError(f"--output_dir {runs} holds another sweep ({_difference(old, record)}); pass --overwrite "
+                          "to replace it, or choose another directory")
+    problem = sweep_dir_problem(runs)
+    if problem:
+        raise OutputError(f"--overwrite would delete {runs}, which {problem}; remove it yourself or choose another "
+                          "directory")
+    return "replace"
+
+
+def sweep_dir_problem(runs: Path) -> str | None:
+    """Why --overwrite may not empty RUNS: it may hold only a sweep's files, gpumerge's working files and model
+    directories (outdir.replace_problem's rule)."""
+    from gpumerge.outdir import is_working_name, replace_problem
+
+    unrelated = []
+    for entry in os.scandir(runs):
+        if entry.name in RUNS_FILES and entry.is_file(follow_symlinks=False):
+            continue
+        if is_working_name(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False) and replace_problem(Path(entry.path)) is None:
+            continue
+        unrelated.append(entry.name)
+    if unrelated:
+        return ("holds entries that are not a sweep's (" + ", ".join(sorted(unrelated)[:4])
+                + (", ..." if len(unrelated) > 4 else "") + ")")
+    return None
+
+
+def _empty_runs(runs: Path) -> None:
+    """--overwrite: remove the earlier sweep's variants and files (checked by sweep_dir_problem, under the lock)."""
+    from gpumerge.outdir import is_working_name
+
+    with GUARD.critical():
+        for entry in list(os.scandir(runs)):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            elif entry.name in RUNS_FILES or (is_working_name(entry.name) and not entry.name.endswith(".lock")):
+                path.unlink()
+
+
+def _complete(runs: Path, names: list[str]) -> list[str]:
+    """The variants already at RUNS/<name>/ (a variant's directory appears only when complete)."""
+    done = []
+    for name in names:
+        path = runs / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise OutputError(f"--output_dir {runs}: {path} is in the way of variant {name} (it is not a directory "
+                              "the sweep wrote); remove it")
+        if path.is_dir():
+            done.append(name)
+    return done
+
+
+def _disk_bytes(directory: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                total += info.st_blocks * 512
+    return total
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+
+def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print, progress_factory=None,
+              budget: dict[str, int] | None = None, batch_bytes: int | None = None) -> SweepResult:
+    """Every variant planned and checked, then written from one read of the inputs. ``budget`` and
+    ``batch_bytes`` replace the probed memory budget and the batch size (tests force small batches with them)."""
+    from gpumerge import writer
+    from gpumerge.merge import check_open_files, open_pair, preflight
+    from gpumerge.outdir import AtomicFile, Inputs, OutputLock, canonical, check_output_path, check_space
+
+    began = time.perf_counter()
+    variants, columns = variants_from_args(args)
+    base = variants[0].spec
+    a, b = open_pair(base)
+    with a, b:
+        GUARD.poll()
+        plans = plan_variants(variants, a, b, notice=notice)
+        GUARD.poll()
+        aliases, signatures = find_aliases(variants, plans)
+        for name, same in aliases.items():
+            notice(f"variant {name} blends every tensor as variant {same} does: it is an alias, not written twice")
+        record = sweep_record(variants, plans, signatures, aliases, columns, a, b)
+        for flag, value in (("--model_path1", base.model_path1), ("--model_path2", base.model_path2)):
+            canonical(value, flag=flag)
+        inputs = Inputs.of(a, b)
+        action: list[str] = ["new"]
+
+        def existing(runs: Path) -> None:
+            action[0] = judge_runs(runs, record, overwrite=bool(args.overwrite))
+
+        runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
+                                 existing=existing)
+        distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
+        complete = _complete(runs, [v.name for v, _ in distinct]) if action[0] == "resume" else []
+        pending = [(v, p) for v, p in distinct if v.name not in complete]
+        check_open_files(a, b, outputs=sum(len(p.shards) + 2 for _, p in pending))
+        need = sum(p.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(p.shards) for _, p in pending)
+        freed = _disk_bytes(runs) if action[0] == "replace" else 0
+        check_space(runs, max(0, need - freed), what=f"the sweep's {len(pending)} variant(s)")
+        preflight(plans[0], a, b, more=tuple(plans[1:]))
+        GUARD.poll()
+
+        created = _make_parents(runs)
+        lock = OutputLock(runs, flag="--output_dir")
+        try:
+            lock.acquire()
+            GUARD.poll()
+            if runs.exists() and any(os.scandir(runs)):  # again under the lock: another run may have come first
+                action[0] = judge_runs(runs, record, overwrite=bool(args.overwrite))
+            else:
+                action[0] = "new"
+            if action[0] == "replace":
+                _empty_runs(runs)
+            complete = _complete(runs, [v.name for v, _ in distinct]) if action[0] == "resume" else []
+            pending = [(v, p) for v, p in distinct if v.name not in complete]
+            if not runs.exists():
+                runs.mkdir()
+                created.append(runs)
+            if action[0] != "resume":
+                for name, data in ((SWEEP_FILE, (json.dumps(record, indent=2) + "\n").encode()),
+                                   (VARIANTS_FILE, variants_csv(variants, columns, aliases))):
+                    out = AtomicFile(runs / name, flag="--output_dir", inputs=inputs)
+                    try:
+                        out.write_bytes(data)
+                        out.commit()
+                    except BaseException:
+                        out.discard()
+                        raise
+            stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice,
+                                    progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes)
+        except BaseException:
+            if not any((runs / v.name).is_dir() for v, _ in distinct):
+                _remove_new(runs, created)
+            raise
+        finally:
+            lock.release()
+    return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(complete), aliases,
+                       time.perf_counter() - began, stats[0], stats[1])
+
+
+def _make_parents(runs: Path) -> list[Path]:
+    missing = []
+    parent = runs.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    created = []
+    for directory in reversed(missing):
+        directory.mkdir()
+        created.append(directory)
+    return created
+
+
+def _remove_new(runs: Path, created: list[Path]) -> None:
+    """A failed sweep that completed no variant leaves nothing of its own: its records, and RUNS and its parents
+    when it made them."""
+    with GUARD.critical():
+        if runs in created:
+            for name in RUNS_FILES:
+                try:
+                    (runs / name).unlink()
+                except OSError:
+                    pass
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+
+def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
+                    batch_bytes) -> tuple[int, int]:
+    """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
+    Returns (bytes read, bytes written)."""
+    from gpumerge import writer
+    from gpumerge.copier import Copier
+    from gpumerge.devices import cuda_possible, probe_budget, resolve_devices
+    from gpumerge.merge import _await, _import_torch_in_background, _LockedProgress, merge_record
+    from gpumerge.outdir import OutputDir
+    from gpumerge.plan import batch_capacity, needs_device, shared_jobs, sweep_batches
+
+    if not pending:
+        return 0, 0
+    spec = pending[0][0].spec
+    with ExitStack() as stack:
+        outputs = [stack.enter_context(OutputDir(runs / v.name, overwrite=False, inputs=inputs, notice=notice,
+                                                 flag="--output_dir")) for v, _ in pending]
+        GUARD.poll()
+        plans = [p for _, p in pending]
+        if any(job.method == "slerp" for plan in plans for job in plan.jobs):
+            from gpumerge.pipeline import slerp_prepass_many
+
+            plans = slerp_prepass_many(plans, a, b)
+        records = [merge_record(replace(v.spec, output_model_path=runs / v.name), plan, a, b)
+                   for (v, _), plan in zip(pending, plans)]
+        importing = _import_torch_in_background() if "torch" not in __import__("sys").modules else None
+        if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
+            _await(importing)
+        devices, device_notice = resolve_devices(spec.device)
+        if device_notice:
+            notice(device_notice)
+        if budget is None:
+            budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
+        capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes)
+        batches = sweep_batches(shared_jobs(plans), budget, devices=devices, batch_bytes=batch_bytes)
+        total = sum(plan.bytes_written for plan in plans)
+        progress = progress_factory(total, desc=f"sweep: {len(plans)} variants") if progress_factory else None
+        advance = _LockedProgress(progress.update if progress else None)
+        writers: list = []
+        try:
+            for output, plan, rec in zip(outputs, plans, records):
+                metadata = {"format": "pt", "gpumerge": json.dumps(rec, separators=(",", ":"))}
+                writers.append(writer.open_writers(plan, output.tmp, metadata))
+            tasks = [(job, writers[v][job.shard]) for jobs in zip(*(plan.jobs for plan in plans))
+                     for v, job in enumerate(jobs) if not needs_device(job)]
+            copier = Copier(None, a, None, tasks=tasks, progress=advance).start()
+            try:
+                if importing is not None:
+                    _await(importing)
+                from gpumerge.pipeline import PipelinedEngine
+
+                engine = PipelinedEngine(a, b, devices=devices, capacity=capacity, readers=spec.readers,
+                                         progress=advance)
+                stats = engine.run(None, batches, writers, copier, allow_nonfinite=spec.allow_nonfinite,
+                                   variant_names=[v.name for v, _ in pending])
+            finally:
+                copier.cancel()
+        finally:
+            for shard_writers in writers:
+                writer.close_writers(shard_writers)
+            if progress is not None:
+                progress.close()
+        for output, plan, rec in zip(outputs, plans, records):
+            GUARD.poll()
+            writer.finish_model_dir(output.tmp, plan, rec, a.root, a.config)
+        with GUARD.critical():  # every finished variant is put in place, even if a signal arrives meanwhile
+            for output in outputs:
+                output.finalize()
+    return stats.bytes_read, stats.bytes_written
