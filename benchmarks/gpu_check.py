@@ -9,6 +9,9 @@ failing section says why in its row and the others still run):
     e2e     (200 s) a generated 2 x ~4 GB pair: the I/O floor, the GPU merge (goal <= 1.15x the floor), the same
                     merge with --device cpu on this machine (is the GPU faster at all?), and small batches
     pinned  (20 s)  the pinned host bytes torch really holds (torch.cuda.host_memory_stats) vs the report's figure
+    sweep   (90 s)  `gpumerge sweep`, 8 variants of a ~0.7 GB pair from one read: on the GPU against the I/O floor
+                    (cat both + dd model 1 x8) and against the same sweep with --device cpu; a GPU variant's bytes
+                    against a single CPU merge of its settings
 
     python benchmarks/gpu_check.py [--out DIR] [SECTION ...]        # on a GPU machine (default: all sections)
     python benchmarks/gpu_check.py --cpu-dry-run [--out DIR]         # the same steps on the CPU, tiny data
@@ -39,6 +42,7 @@ from make_pair import PairShape, ensure_pair  # noqa: E402
 from gpumerge.merge import run_merge  # noqa: E402
 from gpumerge.spec import MergeSpec  # noqa: E402
 
+MID = PairShape(layers=4, hidden=2048, intermediate=5632, vocab=32000)  # ~0.67 GB per model
 BIG = PairShape(layers=16, hidden=3072, intermediate=8192, vocab=32000, heads=24)  # ~4.0 GB per model
 TINY = PairShape(layers=2, hidden=256, intermediate=512, vocab=500, heads=4)
 MERGE = dict(gradient_start=0.9, gradient_end=0.0, layer_start=0, layer_end=12)
@@ -277,11 +281,69 @@ def pinned_rows(ctx: Context) -> Iterator[Row]:
     shutil.rmtree(ctx.work / "pin", ignore_errors=True)
 
 
+# ---- sweeps --------------------------------------------------------------------------------------------------------
+
+def sweep(a: Path, b: Path, runs: Path, *, device: str, count: int):
+    from gpumerge.cli import build_parser
+    from gpumerge.sweep import run_sweep
+
+    shutil.rmtree(runs, ignore_errors=True)
+    args = build_parser("sweep").parse_args([
+        "--model_path1", str(a), "--model_path2", str(b), "--output_dir", str(runs), "--device", device, "--quiet",
+        "--grid", f"gradient_end=0:1:{count}", *(t for k in ("gradient_start", "layer_start", "layer_end")
+                                                  for t in (f"--{k}", str(MERGE[k])))])
+    return run_sweep(args, notice=lambda line: None)
+
+
+def floor_n_s(a: Path, b: Path, scratch: Path, copies: int) -> float:
+    """cat of both inputs + dd of model 1's shards into ``copies`` directories: a sweep's least I/O."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    began = time.perf_counter()
+    subprocess.run(["cat", *map(str, sorted(a.glob("*.safetensors")) + sorted(b.glob("*.safetensors")))],
+                   check=True, stdout=subprocess.DEVNULL)
+    for k in range(copies):
+        (scratch / str(k)).mkdir(parents=True)
+        for shard in sorted(a.glob("*.safetensors")):
+            subprocess.run(["dd", f"if={shard}", f"of={scratch / str(k) / shard.name}", "bs=16M", "status=none"],
+                           check=True)
+    took = time.perf_counter() - began
+    shutil.rmtree(scratch, ignore_errors=True)
+    return took
+
+
+def sweep_rows(ctx: Context) -> Iterator[Row]:
+    a, b = ensure_pair(ctx.work / "mid", TINY if ctx.dry_run else MID)
+    floor = floor_n_s(a, b, ctx.work / "floor8", 8)
+    on_device = sweep(a, b, ctx.work / "sweep", device=ctx.device, count=8)
+    moved = on_device.bytes_read + on_device.bytes_written
+    yield ("(6) `gpumerge sweep`, 8 variants from one read, on " + ctx.device + ": elapsed / I/O floor (cat both "
+           "+ dd model 1 x8)", f"{on_device.elapsed_s:.2f} s / {floor:.2f} s = {on_device.elapsed_s / floor:.2f}x; "
+           f"{moved / on_device.elapsed_s / 1e9:.1f} GB/s read+written", "<= 1.1x")
+    import csv
+
+    with open(ctx.work / "sweep" / "variants.csv", newline="") as handle:
+        chosen = list(csv.DictReader(handle))[4]  # its name and exact gradient_end, as the sweep wrote them
+    got = output_bytes(ctx.work / "sweep" / chosen["name"])
+    shutil.rmtree(ctx.work / "sweep", ignore_errors=True)
+    on_cpu = sweep(a, b, ctx.work / "sweep_cpu", device="cpu", count=8)
+    shutil.rmtree(ctx.work / "sweep_cpu", ignore_errors=True)
+    yield ("(6b) the same sweep with --device cpu on this machine", f"{on_cpu.elapsed_s:.2f} s = "
+           f"{on_cpu.elapsed_s / floor:.2f}x floor; {ctx.device} speed-up {on_cpu.elapsed_s / on_device.elapsed_s:.2f}x",
+           "information")
+    merge(a, b, ctx.work / "single", device="cpu", gradient_end=float(chosen["gradient_end"]))
+    want = output_bytes(ctx.work / "single")
+    shutil.rmtree(ctx.work / "single", ignore_errors=True)
+    yield (f"(6c) variant {chosen['name']} from the {ctx.device} sweep == a single CPU merge of its settings",
+           "same bytes" if got == want else f"DIFFER in {sum(got[k] != want.get(k) for k in got)} tensors",
+           "same bytes")
+
+
 SECTIONS: dict[str, tuple[int, Callable[[Context], Iterator[Row]]]] = {
     "bytes": (60, bytes_rows),
     "kernel": (30, kernel_rows),
     "e2e": (200, end_to_end_rows),
     "pinned": (20, pinned_rows),
+    "sweep": (90, sweep_rows),
 }
 
 

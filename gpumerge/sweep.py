@@ -474,9 +474,11 @@ def _disk_bytes(directory: Path) -> int:
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print, progress_factory=None,
-              budget: dict[str, int] | None = None, batch_bytes: int | None = None) -> SweepResult:
+              budget: dict[str, int] | None = None, batch_bytes: int | None = None,
+              simulate_staging: bool = False) -> SweepResult:
     """Every variant planned and checked, then written from one read of the inputs. ``budget`` and
-    ``batch_bytes`` replace the probed memory budget and the batch size (tests force small batches with them)."""
+    ``batch_bytes`` replace the probed memory budget and the batch size (tests force small batches with them);
+    ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's)."""
     from gpumerge import writer
     from gpumerge.merge import check_open_files, open_pair, preflight
     from gpumerge.outdir import AtomicFile, Inputs, OutputLock, canonical, check_output_path, check_space
@@ -540,7 +542,8 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                         out.discard()
                         raise
             stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice,
-                                    progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes)
+                                    progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
+                                    simulate_staging=simulate_staging)
         except BaseException:
             if not any((runs / v.name).is_dir() for v, _ in distinct):
                 _remove_new(runs, created)
@@ -582,7 +585,7 @@ def _remove_new(runs: Path, created: list[Path]) -> None:
 
 
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
-                    batch_bytes) -> tuple[int, int]:
+                    batch_bytes, simulate_staging: bool = False) -> tuple[int, int]:
     """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
     Returns (bytes read, bytes written)."""
     from gpumerge import writer
@@ -633,7 +636,7 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
                 from gpumerge.pipeline import PipelinedEngine
 
                 engine = PipelinedEngine(a, b, devices=devices, capacity=capacity, readers=spec.readers,
-                                         progress=advance)
+                                         progress=advance, simulate_staging=simulate_staging)
                 stats = engine.run(None, batches, writers, copier, allow_nonfinite=spec.allow_nonfinite,
                                    variant_names=[v.name for v, _ in pending])
             finally:

@@ -185,21 +185,37 @@ def test_inputs_are_read_once(pair, tmp_path, capsys, monkeypatch):
     assert sweep_read == read and sum(read.values()) > 0
 
 
-def test_small_batches_give_the_same_bytes(pair, tmp_path, capsys):
-    """Many variants' outputs in one batch shrink the pieces: tensors split into row chunks still land exactly."""
-    from argparse import Namespace
-
+def in_process_sweep(pair, runs: Path, *extra, **engine):
     from gpumerge.cli import build_parser
     from gpumerge.sweep import run_sweep
 
-    a, b = pair
-    args = build_parser("sweep").parse_args([str(x) for x in sweep_args(a, b, tmp_path / "runs",
-                                                                        "--grid", "gradient_end=0:1:3")[1:]])
-    assert isinstance(args, Namespace)
-    run_sweep(args, notice=lambda line: None, budget={"cpu": 3 * 4096}, batch_bytes=4096)
+    args = build_parser("sweep").parse_args([str(x) for x in sweep_args(*pair, runs, *extra)[1:]])
+    return run_sweep(args, notice=lambda line: None, **engine)
+
+
+@pytest.mark.parametrize("engine", [dict(budget={"cpu": 3 * 4096}, batch_bytes=4096), dict(simulate_staging=True),
+                                    dict(budget={"cpu": 3 * 4096}, batch_bytes=4096, simulate_staging=True)])
+def test_small_batches_and_staging_give_the_same_bytes(engine, pair, tmp_path, capsys):
+    """Many variants' outputs in one batch shrink the pieces: tensors split into row chunks still land exactly; the
+    GPU path's staging (inputs to the device, every output region back) run on the CPU gives the same bytes."""
+    in_process_sweep(pair, tmp_path / "runs", "--grid", "gradient_end=0:1:3", "--grid", "method=lerp,slerp",
+                     **engine)
     for row in rows(tmp_path / "runs"):
-        want = single_merge(pair, tmp_path / f"s-{row['name']}", capsys, "--gradient_end", row["gradient_end"])
+        want = single_merge(pair, tmp_path / f"s-{row['name']}", capsys, "--gradient_end", row["gradient_end"],
+                            "--method", row["method"])
         assert_same_model(tmp_path / "runs" / row["name"], want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_sweep_equals_cpu_sweep(models, tmp_path):
+    pair = (models["bf16_a"], models["fp16_b"])  # casts and mixed-dtype blends too
+    grid = ("--grid", "gradient_end=0:1:3", "--grid", "method=lerp,slerp", "--dtype", "float16")
+    in_process_sweep(pair, tmp_path / "cpu", *grid, "--device", "cpu")
+    for batch_bytes in (None, 4096):
+        in_process_sweep(pair, tmp_path / f"gpu{batch_bytes}", *grid, "--device", "cuda", batch_bytes=batch_bytes)
+        for row in rows(tmp_path / "cpu"):
+            assert_same_model(tmp_path / f"gpu{batch_bytes}" / row["name"], tmp_path / "cpu" / row["name"])
 
 
 # ---- aliases, resume, another sweep --------------------------------------------------------------------------------
