@@ -335,8 +335,10 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         done = GUARD.completed_output
         if command == "sweep":
-            _say(f"gpumerge: interrupted ({signal.Signals(signum).name}); no partial variant was left, the variants "
-                 "already complete stay in the output directory: run the same command again to finish")
+            _say(f"gpumerge: interrupted ({signal.Signals(signum).name}); "
+                 + (f"every variant was already complete in {done}" if done is not None else
+                    "no partial variant was left, the variants already complete stay in the output directory: run "
+                    "the same command again to finish"))
             return 128 + signum
         _say(f"gpumerge: interrupted ({signal.Signals(signum).name}); "
              + (f"the merge was already complete and is at {done}" if done is not None else

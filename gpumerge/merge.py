@@ -166,7 +166,8 @@ def check_open_files(a: Checkpoint, b: Checkpoint, *, outputs: int = 0) -> None:
     if hard == resource.RLIM_INFINITY or hard >= need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
         return
-    raise OutputError(f"the merge needs about {need} open files and the limit is {hard} (ulimit -n); raise it")
+    raise OutputError(f"the {'sweep' if outputs else 'merge'} needs about {need} open files and the limit is {hard} "
+                      "(ulimit -n); raise it")
 
 
 class _LockedProgress:

@@ -14,31 +14,28 @@ skips the variants already complete; a different sweep is refused unless --overw
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import itertools
 import json
-import os
 import re
-import shutil
-import stat
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gpumerge.errors import GpumergeError, OutputError, SpecError
+from gpumerge.errors import GpumergeError, SpecError
+from gpumerge.runs import RUNS_FILES
 from gpumerge.signals import GUARD
 from gpumerge.spec import DEFAULT_MAX_VARIANTS, GridAxis, MergeSpec, grid_size, parse_grid, shown
 
-SWEEP_FILE = "sweep.json"
-VARIANTS_FILE = "variants.csv"
-# Files a sweep keeps in RUNS beside its variants (the evaluated sweep's results too): no variant may be named so.
-RUNS_FILES = (SWEEP_FILE, VARIANTS_FILE, "results.csv", "results.json", "results.jsonl", "sweep.png")
 RESERVED_NAMES = ("model_1", "model_2")  # the parents' rows in an evaluated sweep's results
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", re.ASCII)
+MAX_VARIANTS = 100_000  # --max-variants' own bound: the variants are planned (and held) before any work
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", re.ASCII)
+# The settings that say how to blend: a settings file's entries set them, never the command line.
+_BLEND_FLAGS = ("gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
+                "no_layers", "custom_filter", "method")
 # Settings one sweep has one value of: the command line's, never a settings-file entry's.
 _FIXED_KEYS = ("output_model_path", "device", "max_memory")
 
@@ -88,11 +85,16 @@ def variants_from_args(args: argparse.Namespace) -> tuple[list[Variant], list[st
     if not args.grid and args.settings is None:
         raise SpecError("a sweep needs --grid KEY=VALUES (one or more) or --settings VARIANTS.yaml")
     limit = args.max_variants if args.max_variants is not None else DEFAULT_MAX_VARIANTS
-    if limit < 1:
-        raise SpecError(f"--max-variants must be at least 1, got {args.max_variants}")
+    if not 1 <= limit <= MAX_VARIANTS:
+        raise SpecError(f"--max-variants must be from 1 to {MAX_VARIANTS} (each variant is a full model on disk), got "
+                        f"{args.max_variants}")
     if args.settings is not None:
         if args.config is not None:
             raise SpecError("give --config or --settings, not both: each entry of the settings file is a recipe")
+        given = [key for key in _BLEND_FLAGS if getattr(args, key, None) is not None]
+        if given:
+            raise SpecError(f"--{given[0]} cannot be given with --settings: each entry of the settings file is a whole "
+                            "variant; set it in the entries")
         return _from_settings(args, limit)
     return _from_grid(args, limit)
 
@@ -139,7 +141,7 @@ def grid_names(points: list[dict], swept: list[GridAxis]) -> list[str]:
     when such names would not be unique, safe directory names, or short."""
     names = ["-".join(_name_part(axis, point[axis.key]) for axis in swept) for point in points]
     folded = [name.casefold() for name in names]
-    if (len(set(folded)) == len(names) and all(_NAME_RE.fullmatch(n) for n in names)
+    if (len(set(folded)) == len(names) and all(NAME_RE.fullmatch(n) for n in names)
             and not set(folded) & set(RESERVED_NAMES + RUNS_FILES)):
         return names
     return numbered(len(points))
@@ -177,7 +179,7 @@ class _variant_errors:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
-        if isinstance(exc, GpumergeError) and not str(exc).startswith("variant "):
+        if isinstance(exc, GpumergeError) and f"variant {self.name}" not in str(exc):
             raise type(exc)(f"variant {self.name}: {exc}") from None
         return False
 
@@ -207,6 +209,8 @@ def _from_settings(args: argparse.Namespace, limit: int) -> tuple[list[Variant],
     for index, entry in enumerate(data):
         entry = dict(entry)
         name = entry.pop("name", None)
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)
         if name is not None:
             _check_name(name, where=f"{path}: variant {index + 1}")
         name = name or defaults[index]
@@ -240,7 +244,7 @@ def _from_settings(args: argparse.Namespace, limit: int) -> tuple[list[Variant],
 
 
 def _check_name(name, *, where: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(f"{where}: name {shown(name)} must be 1 to 100 letters, digits, '.', '_', '+' or '-', "
                         "starting with a letter or digit (it is a directory name)")
     if name.casefold() in RESERVED_NAMES + RUNS_FILES:
@@ -326,151 +330,6 @@ def find_aliases(variants: list[Variant], plans: list) -> tuple[dict[str, str], 
     return aliases, signatures
 
 
-# ---- the sweep's directory ----------------------------------------------------------------------------------------
-
-def sweep_record(variants, plans, signatures, aliases, columns, a, b) -> dict:
-    from gpumerge.merge import version
-
-    spec = variants[0].spec
-    identity = {
-        "inputs": [a.fingerprint(), b.fingerprint()],
-        "output_dtype": plans[0].out_dtype_name,
-        "max_shard_bytes": spec.max_shard_bytes,
-        "variants": [[variant.name, signature] for variant, signature in zip(variants, signatures)],
-    }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return {
-        "tool": "gpumerge",
-        "version": version(),
-        "sweep": key,
-        "inputs": [{"role": role, "path": path, "resolved": str(ckpt.root), "fingerprint": ckpt.fingerprint()}
-                   for role, path, ckpt in (("model_path1", spec.model_path1, a), ("model_path2", spec.model_path2, b))],
-        "output_dtype": plans[0].out_dtype_name,
-        "max_shard_size": spec.max_shard_size,
-        "swept": columns,
-        "variants": [{"name": v.name, "values": v.values, "settings": v.spec.settings(), "rules": signature[:16],
-                      "same_as": aliases.get(v.name)} for v, signature in zip(variants, signatures)],
-    }
-
-
-def variants_csv(variants: list[Variant], columns: list[str], aliases: dict) -> bytes:
-    """A header row (name, then one column per swept setting), one row per variant written (not the aliases);
-    numbers exactly (repr), booleans true/false, lists as JSON."""
-    out = io.StringIO()
-    table = csv.writer(out, lineterminator="\n")
-    table.writerow(["name", *columns])
-    for variant in variants:
-        if variant.name not in aliases:
-            table.writerow([variant.name, *(_cell(variant.values.get(column)) for column in columns)])
-    return out.getvalue().encode()
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (tuple, list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def _difference(old: dict, new: dict) -> str:
-    """What makes an earlier sweep.json another sweep, in words."""
-    if [i.get("fingerprint") for i in old.get("inputs", []) if isinstance(i, dict)] != [
-            i["fingerprint"] for i in new["inputs"]]:
-        return "other inputs (their fingerprints differ)"
-    if old.get("output_dtype") != new["output_dtype"] or old.get("max_shard_size") != new["max_shard_size"]:
-        return "another output dtype or shard size"
-    return "other variants"
-
-
-def judge_runs(runs: Path, record: dict, *, overwrite: bool) -> str:
-    """What to do with an existing, non-empty RUNS: "resume" (the same sweep), "replace" (--overwrite, a sweep's
-    directory); anything else is refused."""
-    from gpumerge import fsutil
-
-    found = runs / SWEEP_FILE
-    if not found.exists():
-        raise OutputError(f"--output_dir {runs} exists and is not empty, and has no {SWEEP_FILE}: it is not a gpumerge "
-                          "sweep; give a new or empty directory (this is refused even with --overwrite)")
-    old = fsutil.load_json(fsutil.read_regular(found, what=f"--output_dir: {found}", error=OutputError),
-                           what=f"--output_dir: {found}", error=OutputError)
-    if not isinstance(old, dict) or old.get("tool") != "gpumerge" or "sweep" not in old:
-        raise OutputError(f"--output_dir: {found} is not a gpumerge sweep record; give a new or empty directory")
-    if not overwrite:
-        if old["sweep"] == record["sweep"]:
-            return "resume"
-        raise OutputError(f"--output_dir {runs} holds another sweep ({_difference(old, record)}); pass --overwrite "
-                          "to replace it, or choose another directory")
-    problem = sweep_dir_problem(runs)
-    if problem:
-        raise OutputError(f"--overwrite would delete {runs}, which {problem}; remove it yourself or choose another "
-                          "directory")
-    return "replace"
-
-
-def sweep_dir_problem(runs: Path) -> str | None:
-    """Why --overwrite may not empty RUNS: it may hold only a sweep's files, gpumerge's working files and model
-    directories (outdir.replace_problem's rule)."""
-    from gpumerge.outdir import is_working_name, replace_problem
-
-    unrelated = []
-    for entry in os.scandir(runs):
-        if entry.name in RUNS_FILES and entry.is_file(follow_symlinks=False):
-            continue
-        if is_working_name(entry.name):
-            continue
-        if entry.is_dir(follow_symlinks=False) and replace_problem(Path(entry.path)) is None:
-            continue
-        unrelated.append(entry.name)
-    if unrelated:
-        return ("holds entries that are not a sweep's (" + ", ".join(sorted(unrelated)[:4])
-                + (", ..." if len(unrelated) > 4 else "") + ")")
-    return None
-
-
-def _empty_runs(runs: Path) -> None:
-    """--overwrite: remove the earlier sweep's variants and files (checked by sweep_dir_problem, under the lock)."""
-    from gpumerge.outdir import is_working_name
-
-    with GUARD.critical():
-        for entry in list(os.scandir(runs)):
-            path = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path)
-            elif entry.name in RUNS_FILES or (is_working_name(entry.name) and not entry.name.endswith(".lock")):
-                path.unlink()
-
-
-def _complete(runs: Path, names: list[str]) -> list[str]:
-    """The variants already at RUNS/<name>/ (a variant's directory appears only when complete)."""
-    done = []
-    for name in names:
-        path = runs / name
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
-            raise OutputError(f"--output_dir {runs}: {path} is in the way of variant {name} (it is not a directory "
-                              "the sweep wrote); remove it")
-        if path.is_dir():
-            done.append(name)
-    return done
-
-
-def _disk_bytes(directory: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(directory):
-        for name in files:
-            try:
-                info = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
-                total += info.st_blocks * 512
-    return total
-
-
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print, progress_factory=None,
@@ -479,9 +338,10 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
     """Every variant planned and checked, then written from one read of the inputs. ``budget`` and
     ``batch_bytes`` replace the probed memory budget and the batch size (tests force small batches with them);
     ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's)."""
+    from gpumerge import runs as runs_dir
     from gpumerge import writer
     from gpumerge.merge import check_open_files, open_pair, preflight
-    from gpumerge.outdir import AtomicFile, Inputs, OutputLock, canonical, check_output_path, check_space
+    from gpumerge.outdir import Inputs, OutputLock, canonical, check_output_path, check_space
 
     began = time.perf_counter()
     variants, columns = variants_from_args(args)
@@ -492,65 +352,65 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         plans = plan_variants(variants, a, b, notice=notice)
         GUARD.poll()
         aliases, signatures = find_aliases(variants, plans)
-        for name, same in aliases.items():
-            notice(f"variant {name} blends every tensor as variant {same} does: it is an alias, not written twice")
-        record = sweep_record(variants, plans, signatures, aliases, columns, a, b)
+        if aliases:
+            notice(f"{len(aliases)} variant(s) blend every tensor as an earlier one does and are not written twice: "
+                   + ", ".join(f"{k} = {v}" for k, v in list(aliases.items())[:8])
+                   + (", ..." if len(aliases) > 8 else ""))
         for flag, value in (("--model_path1", base.model_path1), ("--model_path2", base.model_path2)):
             canonical(value, flag=flag)
         inputs = Inputs.of(a, b)
-        action: list[str] = ["new"]
+        distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
+        expected = {v.name: (p, runs_dir.expected_record(v, p, a, b)) for v, p in distinct}
+        record = runs_dir.sweep_record(variants, plans, signatures, aliases, columns, a, b)
+        overwrite = bool(args.overwrite)
+        state = [runs_dir.RunsState()]
 
-        def existing(runs: Path) -> None:
-            action[0] = judge_runs(runs, record, overwrite=bool(args.overwrite))
+        def existing(path: Path) -> None:
+            state[0] = runs_dir.judge_runs(path, record, expected, overwrite=overwrite)
 
         runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
                                  existing=existing)
-        distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
-        complete = _complete(runs, [v.name for v, _ in distinct]) if action[0] == "resume" else []
-        pending = [(v, p) for v, p in distinct if v.name not in complete]
+        pending = [(v, p) for v, p in distinct if v.name not in state[0].complete]
         check_open_files(a, b, outputs=sum(len(p.shards) + 2 for _, p in pending))
         need = sum(p.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(p.shards) for _, p in pending)
-        freed = _disk_bytes(runs) if action[0] == "replace" else 0
-        check_space(runs, max(0, need - freed), what=f"the sweep's {len(pending)} variant(s)")
+        check_space(runs, need, what=f"the sweep's {len(pending)} variant(s)")
         preflight(plans[0], a, b, more=tuple(plans[1:]))
         GUARD.poll()
 
         created = _make_parents(runs)
         lock = OutputLock(runs, flag="--output_dir")
+        done = False
+        wrote_records = False
+        finalized: list[str] = []  # the variants this run put in place
         try:
             lock.acquire()
             GUARD.poll()
-            if runs.exists() and any(os.scandir(runs)):  # again under the lock: another run may have come first
-                action[0] = judge_runs(runs, record, overwrite=bool(args.overwrite))
-            else:
-                action[0] = "new"
-            if action[0] == "replace":
-                _empty_runs(runs)
-            complete = _complete(runs, [v.name for v, _ in distinct]) if action[0] == "resume" else []
-            pending = [(v, p) for v, p in distinct if v.name not in complete]
+            state[0] = runs_dir.judge_runs(runs, record, expected, overwrite=overwrite)  # again, under the lock
+            now = state[0]
+            pending = [(v, p) for v, p in distinct if v.name not in now.complete]
             if not runs.exists():
                 runs.mkdir()
                 created.append(runs)
-            if action[0] != "resume":
-                for name, data in ((SWEEP_FILE, (json.dumps(record, indent=2) + "\n").encode()),
-                                   (VARIANTS_FILE, variants_csv(variants, columns, aliases))):
-                    out = AtomicFile(runs / name, flag="--output_dir", inputs=inputs)
-                    try:
-                        out.write_bytes(data)
-                        out.commit()
-                    except BaseException:
-                        out.discard()
-                        raise
-            stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice,
+            if now.action != "resume":
+                record["retiring"] = now.retire
+                runs_dir.write_records(runs, {runs_dir.SWEEP_FILE: (json.dumps(record, indent=2) + "\n").encode(),
+                                              runs_dir.VARIANTS_FILE: runs_dir.variants_csv(variants, columns,
+                                                                                            aliases)},
+                                       inputs=inputs)
+                wrote_records = True
+            stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, replace=now.replace,
+                                    finalized=finalized,
                                     progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
                                     simulate_staging=simulate_staging)
-        except BaseException:
-            if not any((runs / v.name).is_dir() for v, _ in distinct):
-                _remove_new(runs, created)
-            raise
+            done = True
+            runs_dir.retire(runs, now.retire, notice=notice)
         finally:
+            if not done and wrote_records and not finalized:
+                _undo_records(runs, state[0], inputs)
             lock.release()
-    return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(complete), aliases,
+            if not done:
+                _remove_created(created)
+    return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(state[0].complete), aliases,
                        time.perf_counter() - began, stats[0], stats[1])
 
 
@@ -567,16 +427,24 @@ def _make_parents(runs: Path) -> list[Path]:
     return created
 
 
-def _remove_new(runs: Path, created: list[Path]) -> None:
-    """A failed sweep that completed no variant leaves nothing of its own: its records, and RUNS and its parents
-    when it made them."""
+def _undo_records(runs: Path, state, inputs) -> None:
+    """A run that completed no variant: a new sweep's records go, a replaced sweep's come back."""
+    from gpumerge.runs import SWEEP_FILE, VARIANTS_FILE, write_records
+
     with GUARD.critical():
-        if runs in created:
-            for name in RUNS_FILES:
-                try:
-                    (runs / name).unlink()
-                except OSError:
-                    pass
+        try:
+            if state.action == "replace":
+                write_records(runs, state.previous, inputs=inputs)
+            else:
+                for name in (SWEEP_FILE, VARIANTS_FILE):
+                    (runs / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _remove_created(created: list[Path]) -> None:
+    """RUNS and its parents, when this run made them and they are empty again (after the lock file is gone)."""
+    with GUARD.critical():
         for directory in reversed(created):
             try:
                 directory.rmdir()
@@ -585,7 +453,8 @@ def _remove_new(runs: Path, created: list[Path]) -> None:
 
 
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
-                    batch_bytes, simulate_staging: bool = False) -> tuple[int, int]:
+                    batch_bytes, replace: list[str] = (), finalized: list[str] | None = None,
+                    simulate_staging: bool = False) -> tuple[int, int]:
     """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
     Returns (bytes read, bytes written)."""
     from gpumerge import writer
@@ -599,15 +468,15 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
         return 0, 0
     spec = pending[0][0].spec
     with ExitStack() as stack:
-        outputs = [stack.enter_context(OutputDir(runs / v.name, overwrite=False, inputs=inputs, notice=notice,
-                                                 flag="--output_dir")) for v, _ in pending]
+        outputs = [stack.enter_context(OutputDir(runs / v.name, overwrite=v.name in replace, inputs=inputs,
+                                                 notice=notice, flag="--output_dir")) for v, _ in pending]
         GUARD.poll()
         plans = [p for _, p in pending]
         if any(job.method == "slerp" for plan in plans for job in plan.jobs):
             from gpumerge.pipeline import slerp_prepass_many
 
             plans = slerp_prepass_many(plans, a, b)
-        records = [merge_record(replace(v.spec, output_model_path=runs / v.name), plan, a, b)
+        records = [merge_record(dataclasses.replace(v.spec, output_model_path=runs / v.name), plan, a, b)
                    for (v, _), plan in zip(pending, plans)]
         importing = _import_torch_in_background() if "torch" not in __import__("sys").modules else None
         if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
@@ -652,4 +521,8 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
         with GUARD.critical():  # every finished variant is put in place, even if a signal arrives meanwhile
             for output in outputs:
                 output.finalize()
+                if finalized is not None:
+                    finalized.append(output.out.name)
+                GUARD.completed_output = None  # a variant, not the sweep: the sweep is complete when all are
+            GUARD.completed_output = runs
     return stats.bytes_read, stats.bytes_written

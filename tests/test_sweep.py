@@ -259,6 +259,97 @@ def test_another_sweep_into_runs_is_refused_unless_overwrite(pair, tmp_path, cap
     assert [r["name"] for r in rows(runs)] == ["ge0.5", "ge1"]
 
 
+def test_overwrite_touches_only_the_earlier_sweeps_own_variants(pair, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    swept(pair, runs, capsys, "--grid", "gradient_end=0,1")
+    shutil.copytree(runs / "ge0", runs / "my-finetune")  # a model directory of the user's, not the sweep's
+    (runs / "my-finetune" / "README.md").write_text("mine")
+    before = snapshot([runs])
+    code, _, err = run_cli(*sweep_args(*pair, runs, "--grid", "gradient_end=0.5,1", "--overwrite"), capsys=capsys)
+    assert_one_line_error(code, err, "not its sweep's (my-finetune)")
+    assert snapshot([runs]) == before
+    shutil.rmtree(runs / "my-finetune")
+    (runs / "ge0").rename(runs / "ge0.5")  # a directory named like a new variant that the earlier sweep never wrote
+    code, _, err = run_cli(*sweep_args(*pair, runs, "--grid", "gradient_end=0.5,1", "--overwrite"), capsys=capsys)
+    assert_one_line_error(code, err, "ge0.5, which the earlier sweep did not write")
+
+
+def test_interrupted_overwrite_keeps_the_earlier_sweep(pair, tmp_path):
+    runs = tmp_path / "runs"
+    code = subprocess.run([sys.executable, "-m", "gpumerge", *map(str, sweep_args(*pair, runs, "--grid",
+                                                                                "gradient_end=0,1"))],
+                          env=source_env(), capture_output=True, timeout=120).returncode
+    assert code == 0
+    before = snapshot([runs])
+    pause = tmp_path / "pause"
+    proc = subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, sweep_args(
+        *pair, runs, "--grid", "gradient_end=0.5,1", "--overwrite"))], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=source_env(GPUMERGE_TEST_PAUSE=str(pause),
+                                                          GPUMERGE_TEST_PAUSE_AT="write"))
+    marker = Path(f"{pause}.write")
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    marker.unlink(missing_ok=True)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    after = snapshot([runs])  # the earlier sweep whole, its records put back (a new mtime: compare the bytes)
+    assert {k: v[:2] for k, v in after.items()} == {k: v[:2] for k, v in before.items()}
+
+
+def test_overwrite_leaves_other_runs_working_files_and_retires_stale_locks(pair, tmp_path, capsys):
+    from gpumerge.outdir import sibling_stem
+
+    runs = tmp_path / "runs"
+    swept(pair, runs, capsys, "--grid", "gradient_end=0,1")
+    live = runs / f"{sibling_stem(runs / 'mine')}-123-abcdefgh.partial"  # another run's work in progress
+    live.mkdir()
+    (live / "config.json").write_text("{}")
+    stale_lock = runs / f"{sibling_stem(runs / 'ge0')}.lock"  # a killed run's, for a variant the new sweep drops
+    stale_lock.write_text("99999999")
+    swept(pair, runs, capsys, "--grid", "gradient_end=0.5,1", "--overwrite")
+    assert (live / "config.json").read_text() == "{}"
+    assert not stale_lock.exists()
+    assert sorted(p.name for p in runs.iterdir()) == sorted(["ge0.5", "ge1", "sweep.json", "variants.csv",
+                                                              live.name])
+
+
+def test_resume_never_takes_a_foreign_directory_for_a_variant(pair, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    grid = ("--grid", "gradient_end=0,0.5,1")
+    swept(pair, runs, capsys, *grid)
+    shutil.rmtree(runs / "ge0.5")
+    single_merge(pair, runs / "ge0.5", capsys, "--gradient_end", "0.3")  # another merge at the variant's name
+    code, _, err = run_cli(*sweep_args(*pair, runs, *grid), capsys=capsys)
+    assert_one_line_error(code, err, "ge0.5 is in the way of variant ge0.5")
+    shutil.rmtree(runs / "ge0.5")
+    (runs / "ge0.5").mkdir()
+    code, _, err = run_cli(*sweep_args(*pair, runs, *grid), capsys=capsys)
+    assert_one_line_error(code, err, "is in the way of variant ge0.5")
+    (runs / "ge0.5").rmdir()
+    shard = sorted((runs / "ge1").glob("*.safetensors"))[-1]
+    with open(shard, "r+b") as handle:  # a variant cut short (by hand: gpumerge never leaves one)
+        handle.truncate(shard.stat().st_size - 1)
+    code, _, err = run_cli(*sweep_args(*pair, runs, *grid), capsys=capsys)
+    assert_one_line_error(code, err, "is in the way of variant ge1")
+
+
+def test_settings_file_entries_are_never_overridden_by_flags(pair, tmp_path, capsys):
+    settings = tmp_path / "variants.yaml"
+    settings.write_text("- {name: x, method: slerp, gradient_start: 0.2}\n- {name: y, gradient_start: 0.7}\n")
+    code, _, err = run_cli(*sweep_args(*pair, tmp_path / "runs", "--settings", settings, "--method", "lerp"),
+                           capsys=capsys)
+    assert_one_line_error(code, err, "--method cannot be given with --settings")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["variants.yaml"]
+
+
 @pytest.mark.parametrize("content", ["no_record", "foreign_file"])
 def test_a_directory_that_is_not_a_sweep_is_never_replaced(content, pair, tmp_path, capsys):
     runs = tmp_path / "runs"
@@ -340,7 +431,8 @@ def test_runs_is_checked_like_an_output(pair, tmp_path, capsys):
     assert_one_line_error(code, err, "is the input directory of model 1")
 
 
-def test_a_failure_mid_sweep_leaves_no_partial_variant(pair, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("where", ["new/parents/runs", "empty_runs"])
+def test_a_failure_mid_sweep_leaves_no_partial_variant(where, pair, tmp_path, capsys, monkeypatch):
     import gpumerge.writer
 
     calls = []
@@ -353,9 +445,13 @@ def test_a_failure_mid_sweep_leaves_no_partial_variant(pair, tmp_path, capsys, m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(gpumerge.writer, "finish_model_dir", failing)
-    code, _, err = run_cli(*sweep_args(*pair, tmp_path / "runs", "--grid", "gradient_end=0:1:3"), capsys=capsys)
+    if where == "empty_runs":
+        (tmp_path / where).mkdir()
+    code, _, err = run_cli(*sweep_args(*pair, tmp_path / where, "--grid", "gradient_end=0:1:3"), capsys=capsys)
     assert_one_line_error(code, err, "No space left on device")
-    assert list(tmp_path.iterdir()) == []  # no variant completed: not even the sweep's records
+    # no variant completed: not even the sweep's records are left, nor the directories the run made
+    assert [p.name for p in tmp_path.iterdir()] == ([] if where.startswith("new") else [where])
+    assert list((tmp_path / where).iterdir()) == [] if where == "empty_runs" else True
 
 
 @pytest.mark.parametrize("pause_at", ["write", "finalize"])
@@ -382,11 +478,12 @@ def test_ctrl_c_leaves_no_partial_variant(pause_at, pair, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     marker.unlink(missing_ok=True)
     assert proc.returncode == 128 + signal.SIGINT, stderr
-    assert "interrupted (SIGINT); no partial variant was left" in stderr
     assert snapshot(pair) == before
     leftover = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
     if pause_at == "write":
+        assert "interrupted (SIGINT); no partial variant was left" in stderr
         assert leftover == [] and not runs.exists()
     else:  # the signal waits until the finished variants are in place
+        assert f"interrupted (SIGINT); every variant was already complete in {runs}" in stderr
         assert leftover == ["ge0", "ge0.5", "ge1", "sweep.json", "variants.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == (["runs"] if runs.exists() else [])
