@@ -1,6 +1,9 @@
 """Sweep benchmark (write mode): N variants from one read of the inputs, against N single merges and the I/O floor.
 
-Measured side by side in one run, page cache warm, outputs removed (and synced away) between runs:
+Measured side by side in one run, page cache warm (the inputs'), outputs removed (and synced away) between runs.
+Every time runs until the outputs are on disk (a `sync` at the end of each run is timed): several GB of outputs do
+not fit in the kernel's dirty-page allowance, so a run that writes more is throttled to the disk's speed while one
+that writes less leaves its writeback to whatever comes next; timing to durability compares like with like.
   floor N       cat of both inputs' shards to /dev/null + dd bs=16M of model 1's shards into N new directories
                 (the least any tool must do to write N merges of the pair: read both once, write N models)
   4 singles     4 `gpumerge` CLI runs, one per variant (each reads both inputs and writes one model)
@@ -39,9 +42,13 @@ def floor_once(a: Path, b: Path, out: Path, copies: int) -> float:
             for shard in shards(a):
                 run_quiet(["dd", f"if={shard}", f"of={target / shard.name}", "bs=16M", "status=none"])
 
-    elapsed = timed(read_once_write_n)
+    elapsed = timed(lambda: (read_once_write_n(), sync()))
     remove(scratch)
     return elapsed
+
+
+def sync() -> None:
+    run_quiet(["sync"])
 
 
 def grid_values(count: int) -> list[str]:
@@ -53,8 +60,9 @@ def singles_once(a: Path, b: Path, out: Path, count: int) -> float:
     for k, value in enumerate(grid_values(count)):
         merged = out / f"single{k}"
         remove(merged)
-        total += timed(lambda: run_quiet([gpumerge_exe(), "--model_path1", str(a), "--model_path2", str(b),
-                                          "--output_model_path", str(merged), "--gradient_end", value, *BASE]))
+        total += timed(lambda: (run_quiet([gpumerge_exe(), "--model_path1", str(a), "--model_path2", str(b),
+                                           "--output_model_path", str(merged), "--gradient_end", value, *BASE]),
+                                sync()))
         remove(merged)
     return total
 
@@ -66,6 +74,7 @@ def sweep_once(a: Path, b: Path, out: Path, count: int) -> tuple[float, int]:
             "--grid", f"gradient_end=0:1:{count}", *BASE]
     began = time.perf_counter()
     done = run_quiet([str(TIME_BIN), "-v", *argv] if TIME_BIN.exists() else argv)
+    sync()
     elapsed = time.perf_counter() - began
     written = sorted(p.name for p in runs.iterdir() if p.is_dir())
     if len(written) != count:
@@ -100,7 +109,13 @@ def main() -> int:
     vs_singles = best["sweep4"] / best["singles4"]
     vs_floor = best["sweep8"] / best["floor8"]
     print("\n".join(machine_lines(a, args.out)))
-    print(f"- runs: {args.runs} (min of each)\n")
+    print(f"- runs: {args.runs} (the table: min of each); every run, in order:")
+    for key, values in rows.items():
+        print(f"  - {key}: " + ", ".join(f"{v:.2f}" for v in values))
+    ratios = [(s4 / n4, s8 / f8) for s4, n4, s8, f8 in zip(rows["sweep4"], rows["singles4"], rows["sweep8"],
+                                                            rows["floor8"])]
+    print("- per run: sweep 4 / 4 singles, sweep 8 / floor 8: "
+          + "; ".join(f"{r1:.2f}, {r2:.2f}" for r1, r2 in ratios) + "\n")
     print("| measurement | seconds | ratio | goal |")
     print("|---|---|---|---|")
     print(f"| I/O floor, 4 outputs (cat both + dd model 1 x4) | {best['floor4']:.2f} | | |")

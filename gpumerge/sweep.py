@@ -55,13 +55,15 @@ class SweepResult:
     complete: tuple[str, ...]  # complete before this run: skipped
     aliases: dict  # later name -> the variant it is the same merge as
     elapsed_s: float
-    bytes_read: int
+    bytes_read: int  # input bytes read for the blends, once for every variant
     bytes_written: int
+    bytes_copied: int = 0  # unchanged tensors copied file to file into the variants (part of bytes_written)
 
     @property
     def summary(self) -> str:
-        parts = [f"wrote {len(self.written)} variant(s) ({_size(self.bytes_written)}) in {self.elapsed_s:.1f} s, "
-                 f"reading the inputs once ({_size(self.bytes_read)} read)"
+        parts = [f"wrote {len(self.written)} variant(s) ({_size(self.bytes_written)}) in {self.elapsed_s:.1f} s; "
+                 f"{_size(self.bytes_read)} of the inputs read once for the blends, {_size(self.bytes_copied)} of "
+                 "unchanged tensors copied file to file"
                  if self.written else "nothing to write"]
         if self.complete:
             parts.append(f"{len(self.complete)} already complete")
@@ -411,7 +413,7 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
             if not done:
                 _remove_created(created)
     return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(state[0].complete), aliases,
-                       time.perf_counter() - began, stats[0], stats[1])
+                       time.perf_counter() - began, *stats)
 
 
 def _make_parents(runs: Path) -> list[Path]:
@@ -454,9 +456,9 @@ def _remove_created(created: list[Path]) -> None:
 
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
                     batch_bytes, replace: list[str] = (), finalized: list[str] | None = None,
-                    simulate_staging: bool = False) -> tuple[int, int]:
+                    simulate_staging: bool = False) -> tuple[int, int, int]:
     """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
-    Returns (bytes read, bytes written)."""
+    Returns (input bytes read for the blends, bytes written, bytes of those copied file to file)."""
     from gpumerge import writer
     from gpumerge.copier import Copier
     from gpumerge.devices import cuda_possible, probe_budget, resolve_devices
@@ -465,7 +467,7 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
     from gpumerge.plan import batch_capacity, needs_device, shared_jobs, sweep_batches
 
     if not pending:
-        return 0, 0
+        return 0, 0, 0
     spec = pending[0][0].spec
     with ExitStack() as stack:
         outputs = [stack.enter_context(OutputDir(runs / v.name, overwrite=v.name in replace, inputs=inputs,
@@ -525,4 +527,5 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
                     finalized.append(output.out.name)
                 GUARD.completed_output = None  # a variant, not the sweep: the sweep is complete when all are
             GUARD.completed_output = runs
-    return stats.bytes_read, stats.bytes_written
+    copied = stats.stages["copy"].bytes
+    return stats.bytes_read - copied, stats.bytes_written, copied
