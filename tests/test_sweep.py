@@ -70,6 +70,21 @@ def rows(runs: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def paused_sweep(argv, tmp_path: Path, point: str) -> tuple[subprocess.Popen, Path]:
+    """A `gpumerge` subprocess stopped at the test pause ``point`` (signals land while it is really in flight)."""
+    pause = tmp_path / "pause"
+    proc = subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=source_env(GPUMERGE_TEST_PAUSE=str(pause), GPUMERGE_TEST_PAUSE_AT=point))
+    marker = Path(f"{pause}.{point}")
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return proc, marker
+
+
 def variant_dirs(runs: Path) -> list[str]:
     return sorted(p.name for p in runs.iterdir() if p.is_dir())
 
@@ -283,17 +298,8 @@ def test_interrupted_overwrite_keeps_the_earlier_sweep(pair, tmp_path):
                           env=source_env(), capture_output=True, timeout=120).returncode
     assert code == 0
     before = snapshot([runs])
-    pause = tmp_path / "pause"
-    proc = subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, sweep_args(
-        *pair, runs, "--grid", "gradient_end=0.5,1", "--overwrite"))], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=source_env(GPUMERGE_TEST_PAUSE=str(pause),
-                                                          GPUMERGE_TEST_PAUSE_AT="write"))
-    marker = Path(f"{pause}.write")
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    proc, marker = paused_sweep(sweep_args(*pair, runs, "--grid", "gradient_end=0.5,1", "--overwrite"), tmp_path,
+                                "write")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     marker.unlink(missing_ok=True)
@@ -457,18 +463,9 @@ def test_a_failure_mid_sweep_leaves_no_partial_variant(where, pair, tmp_path, ca
 @pytest.mark.parametrize("pause_at", ["write", "finalize"])
 def test_ctrl_c_leaves_no_partial_variant(pause_at, pair, tmp_path):
     runs = tmp_path / "runs"
-    pause = tmp_path / "pause"
     before = snapshot(pair)
-    proc = subprocess.Popen([sys.executable, "-m", "gpumerge",
-                             *map(str, sweep_args(*pair, runs, "--grid", "gradient_end=0:1:3"))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=source_env(GPUMERGE_TEST_PAUSE=str(pause), GPUMERGE_TEST_PAUSE_AT=pause_at))
-    marker = Path(f"{pause}.{pause_at}")
+    proc, marker = paused_sweep(sweep_args(*pair, runs, "--grid", "gradient_end=0:1:3"), tmp_path, pause_at)
     deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     while proc.poll() is None:  # each variant's finalize pauses: let every one go on
