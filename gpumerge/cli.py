@@ -99,6 +99,17 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                    "layer_gradients recipe, or a two-model mergekit config of the same pair, with an optional name")
         parser.add_argument("--max-variants", "--max_variants", dest="max_variants", type=int, metavar="N",
                             help="allow more than 1000 variants (up to N)")
+        _flag(parser, "eval_text", action="append", type=Path, metavar="FILE",
+              help="score every variant's perplexity on this UTF-8 text (repeat for several) and write only the "
+                   "best (--keep); model 1 and model 2 are scored too")
+        _flag(parser, "eval_tokens", type=int, metavar="N", help="at most N tokens from each text")
+        _flag(parser, "seq_len", type=int, default=512, metavar="N", help="tokens per window (default 512)")
+        _flag(parser, "eval_batch", type=int, default=4, metavar="B", help="windows per forward pass (default 4)")
+        _flag(parser, "keep", default="1", metavar="K", help="how many of the best variants to write: a number or "
+              "all (default 1)")
+        _flag(parser, "no_baselines", action="store_true", help="do not score model 1 and model 2 themselves")
+        _flag(parser, "eval_dtype", metavar="DTYPE", help="the forward pass's dtype (default: float32 on a CPU, the "
+              "output dtype on a GPU)")
         return parser
     if command == "plan":
         parser = _Parser(prog="gpumerge plan", description="Show what a merge would do; writes nothing.")
@@ -141,7 +152,8 @@ def _version() -> str:
     return version()
 
 
-_NOT_SETTINGS = ("config", "plot", "report", "output_dir", "grid", "settings", "max_variants")
+_NOT_SETTINGS = ("config", "plot", "report", "output_dir", "grid", "settings", "max_variants", "eval_text",
+                 "eval_tokens", "seq_len", "eval_batch", "keep", "no_baselines", "eval_dtype")
 
 
 def spec_from_args(args: argparse.Namespace, *, output_required: bool = True,
@@ -238,10 +250,11 @@ def _notice_printer(quiet: bool):
 class _Progress:
     """tqdm on stderr (bytes/s, ETA), with each GPU's memory and utilization from NVML when there is any."""
 
-    def __init__(self, total_bytes: int, telemetry, quiet: bool, desc: str = "merging") -> None:
+    def __init__(self, total_bytes: int, telemetry, quiet: bool, desc: str = "merging", unit: str = "B") -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+        scaled = unit == "B"
+        self.bar = tqdm(total=total_bytes, unit=unit, unit_scale=scaled, unit_divisor=1024, desc=desc,
                         file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False)
         self.telemetry = telemetry
 
@@ -256,7 +269,8 @@ class _Progress:
 
 
 def _progress_factory(quiet: bool):
-    return lambda total_bytes, telemetry=None, desc="merging": _Progress(total_bytes, telemetry, quiet, desc)
+    return lambda total_bytes, telemetry=None, desc="merging", unit="B": _Progress(total_bytes, telemetry, quiet,
+                                                                                   desc, unit)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -280,6 +294,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise SpecError("--output_dir is required: the directory the sweep writes its variants to")
     result = run_sweep(args, notice=_notice_printer(bool(args.quiet)), progress_factory=_progress_factory(args.quiet))
     try:
+        if result.table:
+            print(result.table, flush=True)
         print(result.summary, flush=True)
     except (OSError, ValueError):
         pass

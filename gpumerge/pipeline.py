@@ -31,7 +31,7 @@ from gpumerge.kernels.dtypes import torch_dtype
 from gpumerge.kernels.lerp import blend_into, finite, lerp_into, new_infs
 from gpumerge.signals import GUARD, test_pause
 from gpumerge.plan import (Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device,
-                           pieces_of, ring_depth_of)
+                           needs_scratch, pieces_of, ring_depth_of)
 from gpumerge.writer import ShardWriter
 
 DEFAULT_CHUNK_ELEMENTS = 4 * 2**20
@@ -147,17 +147,26 @@ def blend_piece(piece: Piece, buffer: torch.Tensor) -> None:
     job, n = piece.job, piece.count
     a = _region(buffer, piece.a_offset, n, job.dtype_a)
     out = _region(buffer, piece.out_offset, n, job.out_dtype)
-    if not piece.blended:
+    b = _region(buffer, piece.b_offset, n, job.dtype_b) if piece.blended else None
+    wide = _region(buffer, piece.scratch_offset, 3 * n, "F32") if piece.scratch else None
+    blend_values(job, a, out, b, wide)
+
+
+def blend_values(job: TensorJob, a: torch.Tensor, out: torch.Tensor, b: torch.Tensor | None = None,
+                 wide: torch.Tensor | None = None) -> None:
+    """The merge's one blend of flat ``a`` and ``b`` (elements inside the job's blended ones) into ``out``, or model
+    1's value cast to the output dtype when ``b`` is None (elements outside them, or a job that blends nothing).
+    ``wide``: 3 x n fp32 scratch, needed when needs_scratch(job). Every engine, and the resident model of an
+    evaluated sweep, blends through here: the same bytes everywhere by construction."""
+    if b is None or copies_model_1(job):
         out.copy_(a)
         return
-    if copies_model_1(job):
-        out.copy_(a)
-        return
-    b = _region(buffer, piece.b_offset, n, job.dtype_b)
-    if not piece.scratch:
+    if not needs_scratch(job):
         lerp_into(a, b, job.t, out)  # one fused torch.lerp (or its exact equal where the CPU's is not fused)
         return
-    wide = _region(buffer, piece.scratch_offset, 3 * n, "F32")
+    n = out.numel()
+    if wide is None:
+        wide = torch.empty(3 * n, dtype=torch.float32, device=out.device)
     blend_into(a, b, out, t=job.t, coef=job.coef,
                load_dtype=torch_dtype(job.load_dtype) if job.load_dtype else None,
                round_via=torch_dtype(job.round_via) if job.round_via else None,

@@ -43,7 +43,7 @@ def expected_record(variant, plan, a, b) -> dict:
                                   "output_dtype": plan.out_dtype_name}))
 
 
-def sweep_record(variants, plans, signatures, aliases, columns, a, b, *, retiring=()) -> dict:
+def sweep_record(variants, plans, signatures, aliases, columns, a, b, *, retiring=(), eval=None) -> dict:
     from gpumerge.merge import version
 
     spec = variants[0].spec
@@ -52,6 +52,7 @@ def sweep_record(variants, plans, signatures, aliases, columns, a, b, *, retirin
         "output_dtype": plans[0].out_dtype_name,
         "max_shard_bytes": spec.max_shard_bytes,
         "variants": [[variant.name, signature] for variant, signature in zip(variants, signatures)],
+        **({"eval": eval} if eval is not None else {}),
     }
     return {
         "tool": "gpumerge",
@@ -65,6 +66,7 @@ def sweep_record(variants, plans, signatures, aliases, columns, a, b, *, retirin
         "variants": [{"name": v.name, "values": v.values, "settings": v.spec.settings(), "rules": signature[:16],
                       "same_as": aliases.get(v.name)} for v, signature in zip(variants, signatures)],
         "retiring": sorted(retiring),
+        **({"eval": eval} if eval is not None else {}),
     }
 
 

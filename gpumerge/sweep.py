@@ -14,6 +14,7 @@ skips the variants already complete; a different sweep is refused unless --overw
 from __future__ import annotations
 
 import argparse
+import math
 import hashlib
 import itertools
 import json
@@ -58,6 +59,8 @@ class SweepResult:
     bytes_read: int  # input bytes read for the blends, once for every variant
     bytes_written: int
     bytes_copied: int = 0  # unchanged tensors copied file to file into the variants (part of bytes_written)
+    table: str = ""  # an evaluated sweep's ranked table
+    best: str | None = None  # an evaluated sweep's best variant
 
     @property
     def summary(self) -> str:
@@ -67,6 +70,8 @@ class SweepResult:
                  if self.written else "nothing to write"]
         if self.complete:
             parts.append(f"{len(self.complete)} already complete")
+        if self.best:
+            parts.insert(0, f"best: {self.best}")
         if self.aliases:
             parts.append(f"{len(self.aliases)} alias(es): " + ", ".join(f"{k} = {v}" for k, v in
                                                                       list(self.aliases.items())[:4])
@@ -363,7 +368,9 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         inputs = Inputs.of(a, b)
         distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
         expected = {v.name: (p, runs_dir.expected_record(v, p, a, b)) for v, p in distinct}
-        record = runs_dir.sweep_record(variants, plans, signatures, aliases, columns, a, b)
+        scoring = _eval_setup(args, base, a, plans, notice) if args.eval_text else None
+        record = runs_dir.sweep_record(variants, plans, signatures, aliases, columns, a, b,
+                                       eval=scoring["record"] if scoring else None)
         overwrite = bool(args.overwrite)
         state = [runs_dir.RunsState()]
 
@@ -373,6 +380,8 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
                                  existing=existing)
         pending = [(v, p) for v, p in distinct if v.name not in state[0].complete]
+        if scoring:  # at most --keep variants are written: the space for the largest of them
+            pending = sorted(pending, key=lambda vp: -vp[1].bytes_written)[:scoring["keep"]]
         check_open_files(a, b, outputs=sum(len(p.shards) + 2 for _, p in pending))
         need = sum(p.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(p.shards) for _, p in pending)
         check_space(runs, need, what=f"the sweep's {len(pending)} variant(s)")
@@ -400,20 +409,139 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                                                                                             aliases)},
                                        inputs=inputs)
                 wrote_records = True
+            table = best = None
+            if scoring:
+                rows, kept = _score(scoring, variants, plans, signatures, aliases, a, b, runs=runs,
+                                    progress_factory=progress_factory, notice=notice)
+                pending = [(v, p) for v, p in distinct if v.name in kept and v.name not in now.complete]
             stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, replace=now.replace,
-                                    finalized=finalized,
+                                    finalized=finalized, said_devices=scoring is not None,
                                     progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
                                     simulate_staging=simulate_staging)
+            if scoring:
+                table, best = _results(scoring, rows, columns, record, runs=runs, inputs=inputs)
             done = True
             runs_dir.retire(runs, now.retire, notice=notice)
         finally:
-            if not done and wrote_records and not finalized:
+            if not done and wrote_records and not finalized and not (runs / "results.jsonl").exists():
                 _undo_records(runs, state[0], inputs)
             lock.release()
             if not done:
                 _remove_created(created)
     return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(state[0].complete), aliases,
-                       time.perf_counter() - began, *stats)
+                       time.perf_counter() - began, *stats, table=table or "", best=best)
+
+
+# ---- an evaluated sweep ----------------------------------------------------------------------------------------
+
+def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
+    """The evaluation's settings checked, the texts tokenized, the device and dtype chosen: before any work."""
+    from gpumerge.devices import resolve_devices
+    from gpumerge.evaluate import EvalSettings, load_texts
+    from gpumerge.spec import parse_dtype
+    from gpumerge.sweep_eval import eval_record
+
+    keep = str(args.keep).strip().lower()
+    if keep != "all" and not (keep.isdigit() and 1 <= int(keep) <= MAX_VARIANTS):
+        raise SpecError(f"--keep must be a number of variants (1 or more) or all, got {shown(args.keep)}")
+    settings = EvalSettings(tuple(args.eval_text), eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                            batch=args.eval_batch)
+    limit = a.config.get("max_position_embeddings")
+    if isinstance(limit, int) and settings.seq_len > limit:
+        raise SpecError(f"--seq-len {settings.seq_len} is beyond model 1's max_position_embeddings ({limit}); give "
+                        f"--seq-len {limit} or less")
+    devices, device_notice = resolve_devices(base.device)
+    if device_notice:
+        notice(device_notice)
+    device = devices[0]
+    if len(devices) > 1:
+        notice(f"scoring on {device} (an evaluated sweep uses one device)")
+    if args.eval_dtype is not None:
+        eval_dtype = parse_dtype(args.eval_dtype)
+        if eval_dtype == "auto":
+            raise SpecError("--eval-dtype is float32, bfloat16 or float16")
+    else:
+        eval_dtype = "float32" if device == "cpu" else plans[0].out_dtype_name
+    texts = load_texts(settings, a.root)
+    record = eval_record(settings, texts, out_dtype=plans[0].out_dtype_name, eval_dtype=eval_dtype,
+                         device_kind="cpu" if device == "cpu" else "cuda")
+    return {"settings": settings, "texts": texts, "device": device, "eval_dtype": eval_dtype, "record": record,
+            "keep": MAX_VARIANTS if keep == "all" else int(keep), "baselines": not args.no_baselines,
+            "max_memory": base.max_memory}
+
+
+def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: Path, progress_factory, notice):
+    """Every row scored (or taken from results.jsonl); returns (rows, names of the variants to keep)."""
+    from gpumerge.sweep_eval import (RESULTS_JSONL, ResidentModel, Row, budget_for_inputs, check_fits, ranked,
+                                     row_key, score_rows)
+
+    fingerprints = [a.fingerprint(), b.fingerprint()]
+    rows = []
+    if scoring["baselines"]:
+        rows += [Row(name, {}, row_key(fingerprints, name, scoring["record"]), baseline=True)
+                 for name in ("model_1", "model_2")]
+    by_name = {}
+    for variant, plan, signature in zip(variants, plans, signatures):
+        if variant.name not in aliases:
+            rows.append(Row(variant.name, variant.values, row_key(fingerprints, signature, scoring["record"])))
+            by_name[variant.name] = plan
+    if any(job.method == "slerp" for plan in by_name.values() for job in plan.jobs):
+        from gpumerge.pipeline import slerp_prepass_many
+
+        by_name = dict(zip(by_name, slerp_prepass_many(list(by_name.values()), a, b)))
+    from gpumerge.kernels.dtypes import torch_dtype
+    from gpumerge.spec import DTYPE_CODES
+
+    eval_size = torch_dtype(DTYPE_CODES[scoring["eval_dtype"]]).itemsize
+    model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32"))
+    check_fits(scoring["device"], model_bytes)
+    budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"])
+    model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
+                          budget_bytes=budget, notice=notice)
+    bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
+    best = [math.inf, ""]
+
+    def advance(row) -> None:
+        if row.perplexity < best[0] and not row.baseline:
+            best[:] = [row.perplexity, row.name]
+        if bar is not None:
+            bar.update(1)
+            bar.bar.set_postfix_str(f"best {best[1]} {best[0]:.4f}" if best[1] else "", refresh=False)
+
+    try:
+        score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=runs / RESULTS_JSONL,
+                   progress=advance)
+    finally:
+        if bar is not None:
+            bar.close()
+    kept = [r.name for r in ranked([r for r in rows if not r.baseline])][:scoring["keep"]]
+    for row in rows:
+        row.kept = row.name in kept
+    return rows, kept
+
+
+def _results(scoring: dict, rows, columns, record, *, runs: Path, inputs) -> tuple[str, str | None]:
+    """results.csv, results.json and sweep.png in RUNS (each atomically); the ranked table and the best name."""
+    from gpumerge.outdir import AtomicFile
+    from gpumerge.runs import write_records
+    from gpumerge.sweep_eval import plot, ranked, results_csv, results_json, table_text
+
+    texts = scoring["texts"]
+    eval_settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,
+                     "texts": [{"name": t.name, "path": str(t.path), "sha256": t.sha256, "tokens": t.predicted}
+                               for t in texts]}
+    write_records(runs, {"results.csv": results_csv(rows, columns, texts),
+                         "results.json": results_json(rows, columns, record, eval_settings)}, inputs=inputs)
+    picture = AtomicFile(runs / "sweep.png", flag="--output_dir", inputs=inputs)
+    try:
+        with picture.open() as handle:
+            plot(rows, columns, handle)
+        picture.commit()
+    except BaseException:
+        picture.discard()
+        raise
+    best = next((r.name for r in ranked(rows) if not r.baseline), None)
+    return table_text(rows, columns), best
 
 
 def _make_parents(runs: Path) -> list[Path]:
@@ -456,7 +584,7 @@ def _remove_created(created: list[Path]) -> None:
 
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
                     batch_bytes, replace: list[str] = (), finalized: list[str] | None = None,
-                    simulate_staging: bool = False) -> tuple[int, int, int]:
+                    simulate_staging: bool = False, said_devices: bool = False) -> tuple[int, int, int]:
     """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
     Returns (input bytes read for the blends, bytes written, bytes of those copied file to file)."""
     from gpumerge import writer
@@ -484,7 +612,7 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
         if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
             _await(importing)
         devices, device_notice = resolve_devices(spec.device)
-        if device_notice:
+        if device_notice and not said_devices:
             notice(device_notice)
         if budget is None:
             budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)

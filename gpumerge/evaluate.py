@@ -1,0 +1,124 @@
+"""Scoring a model held in memory: perplexity, exactly as defined below, so anyone can reproduce a figure with
+transformers. transformers is imported here only (an evaluated sweep), never on the merge path.
+
+Perplexity over texts T1..Tk:
+- each file is read as UTF-8 and tokenized on its own with model 1's tokenizer, ``add_special_tokens=False``;
+  ``--eval-tokens N`` keeps a file's first N tokens;
+- a file's tokens are cut into consecutive windows of ``--seq-len`` tokens (the last kept if it has >= 2 tokens);
+  windows never cross files;
+- in each window every token but the first is predicted from those before it in the window;
+- perplexity = exp(sum of negative log-likelihoods / number of predicted tokens) over all files, log-softmax in fp32.
+Batches hold windows of equal length (a file's short last window goes in a batch of its own), so the result does not
+depend on ``--eval-batch`` beyond float noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpumerge.errors import SpecError
+
+MAX_TEXT_BYTES = 256 * 2**20  # an evaluation text is a few MB; past this it is a mistake (or /dev/zero)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSettings:
+    texts: tuple[Path, ...]
+    eval_tokens: int | None = None  # per file
+    seq_len: int = 512
+    batch: int = 4
+    dtype: str | None = None  # the forward pass's dtype; None: fp32 on a CPU, the output dtype on a GPU
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise SpecError("--eval-text: give at least one text file")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or not 2 <= self.seq_len <= 2**20:
+            raise SpecError(f"--seq-len must be a whole number from 2 to {2**20}, got {self.seq_len}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or not 1 <= self.batch <= 4096:
+            raise SpecError(f"--eval-batch must be a whole number from 1 to 4096, got {self.batch}")
+        if self.eval_tokens is not None and not 2 <= self.eval_tokens <= 2**40:
+            raise SpecError(f"--eval-tokens must be at least 2, got {self.eval_tokens}")
+
+
+@dataclass(frozen=True, slots=True)
+class EvalText:
+    name: str  # the file's name, for the per-file columns
+    path: Path
+    sha256: str
+    windows: tuple[tuple[int, ...], ...]
+
+    @property
+    def predicted(self) -> int:
+        return sum(len(w) - 1 for w in self.windows)
+
+
+def windows_of(ids: list[int], seq_len: int, eval_tokens: int | None) -> tuple[tuple[int, ...], ...]:
+    ids = ids[:eval_tokens] if eval_tokens is not None else ids
+    cut = [tuple(ids[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    return tuple(w for w in cut if len(w) >= 2)
+
+
+def load_texts(settings: EvalSettings, tokenizer_dir: Path) -> list[EvalText]:
+    """Every text tokenized on its own with model 1's tokenizer (no special tokens), cut into windows."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from gpumerge import fsutil
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:  # transformers raises many kinds for a missing or broken tokenizer
+        raise SpecError(f"--eval-text needs model 1's tokenizer, and {tokenizer_dir} has none that transformers can "
+                        f"load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+    out, names = [], set()
+    for path in settings.texts:
+        what = f"--eval-text {path}"
+        raw = fsutil.read_regular(Path(path).expanduser(), max_bytes=MAX_TEXT_BYTES, what=what, error=SpecError)
+        text = fsutil.decode_text(raw, what=what, error=SpecError)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows = windows_of(list(ids), settings.seq_len, settings.eval_tokens)
+        if not windows:
+            raise SpecError(f"{what} gives {len(ids)} token(s): at least 2 are needed to predict one")
+        name = Path(path).name
+        if name in names:
+            raise SpecError(f"{what}: two texts are named {name}; their columns in the results would be one")
+        names.add(name)
+        out.append(EvalText(name, Path(path), hashlib.sha256(raw).hexdigest(), windows))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    perplexity: float
+    per_file: dict  # name -> perplexity
+    tokens: int  # predicted tokens, all files
+
+
+def perplexity(model, texts: list[EvalText], *, batch: int, device: str) -> Score:
+    """The definition above, on ``model`` as it is (in eval mode, no gradients)."""
+    import torch
+
+    total_nll, total_count = 0.0, 0
+    per_file = {}
+    with torch.inference_mode():
+        for text in texts:
+            nll = 0.0
+            by_length: dict[int, list[tuple[int, ...]]] = {}
+            for window in text.windows:
+                by_length.setdefault(len(window), []).append(window)
+            for length in sorted(by_length, reverse=True):
+                group = by_length[length]
+                for first in range(0, len(group), batch):
+                    ids = torch.tensor(group[first:first + batch], dtype=torch.long, device=device)
+                    logits = model(input_ids=ids).logits[:, :-1].float()
+                    logp = torch.log_softmax(logits, dim=-1)
+                    picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+                    nll -= float(picked.double().sum())
+            per_file[text.name] = math.exp(nll / text.predicted)
+            total_nll += nll
+            total_count += text.predicted
+    return Score(math.exp(total_nll / total_count), per_file, total_count)

@@ -1,0 +1,418 @@
+"""An evaluated sweep (`gpumerge sweep --eval-text FILE`): the inputs read once, each variant blended straight into a
+model held in memory, scored (gpumerge.evaluate), and only the best written (with the sweep's writer, so a kept
+model is byte for byte the merge of its settings).
+
+The model is built once from model 1 with transformers (sdpa attention) on the chosen device; every float parameter
+is then set to the merge's rounded output value (model 1's tensor in the output dtype, widened to the forward pass's
+dtype). The tensors some variant blends are the only ones that change between variants: their inputs (model 1's and
+model 2's) stay resident on the device when they fit, and each variant is blended into the parameters in place with
+the merge's own kernel (gpumerge.pipeline.blend_values; slerp angles computed once per tensor pair). When they do not
+fit they are read again for each variant (the run says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gpumerge.errors import OutputError, SpecError
+from gpumerge.signals import GUARD, Interrupted
+
+RESULTS_JSONL = "results.jsonl"
+BASELINES = ("model_1", "model_2")
+_MARGIN_BYTES = 512 * 2**20  # what the forward pass and the rest of the process need beyond the weights, on a CPU
+
+
+@dataclass
+class Row:
+    name: str
+    values: dict
+    key: str
+    perplexity: float = math.nan
+    per_file: dict = field(default_factory=dict)
+    tokens: int = 0
+    blend_s: float = 0.0
+    eval_s: float = 0.0
+    baseline: bool = False
+    kept: bool = False
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "name": self.name, "perplexity": self.perplexity, "per_file": self.per_file,
+                "tokens": self.tokens, "blend_s": round(self.blend_s, 6), "eval_s": round(self.eval_s, 6)}
+
+
+def eval_record(settings, texts, *, out_dtype: str, eval_dtype: str, device_kind: str) -> dict:
+    """What decides a score besides the weights: part of the sweep's identity and of every row's key."""
+    return {"texts": [{"name": t.name, "sha256": t.sha256} for t in texts], "eval_tokens": settings.eval_tokens,
+            "seq_len": settings.seq_len, "eval_dtype": eval_dtype, "output_dtype": out_dtype, "attention": "sdpa",
+            "device": device_kind, "definition": "gpumerge-perplexity-1"}
+
+
+def row_key(fingerprints: list[str], rules: str, record: dict) -> str:
+    data = json.dumps({"inputs": fingerprints, "rules": rules, "eval": record}, sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+# ---- the model in memory -------------------------------------------------------------------------------------------
+
+class ResidentModel:
+    """Model 1's architecture with the merge's output values as parameters; variants blended into it in place."""
+
+    def __init__(self, a, b, plans: list, *, device: str, eval_dtype: str, budget_bytes: int | None,
+                 notice: Callable[[str], None]) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        from gpumerge.kernels.dtypes import torch_dtype
+
+        hf_logging.disable_progress_bar()
+        self.a, self.b, self.device = a, b, device
+        self.layout = {job.name: job for job in plans[0].jobs}
+        from gpumerge.spec import DTYPE_CODES
+
+        self.eval_dtype = torch_dtype(DTYPE_CODES[eval_dtype])
+        try:
+            model = AutoModelForCausalLM.from_pretrained(a.root, dtype=self.eval_dtype, attn_implementation="sdpa")
+        except Exception as exc:  # transformers raises many kinds for an architecture it cannot build
+            raise SpecError(f"--eval-text: transformers cannot build model 1 ({a.root}) to score it: "
+                            f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        self.model = model.to(device).eval()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = [name for name, job in self.layout.items() if job.out_dtype in _FLOATS and name not in params]
+        if missing:
+            raise SpecError(f"--eval-text: the model transformers builds from model 1 has no parameter named "
+                            f"{missing[0]} (and {len(missing) - 1} more): its checkpoint's names are not the "
+                            "architecture's, so gpumerge cannot score its variants")
+        self.params = {name: params[name] for name, job in self.layout.items() if job.out_dtype in _FLOATS}
+        self.blended = sorted({job.name for plan in plans for job in plan.jobs if job.blended},
+                              key=list(self.layout).index)
+        self.set_all("a")
+        need = sum(self._input_bytes(name) for name in self.blended)
+        self.resident: dict[str, tuple] = {}
+        if budget_bytes is None or need <= budget_bytes:
+            for name in self.blended:
+                self.resident[name] = (self._read(a, name), self._read(b, name, rows=True))
+        else:
+            notice(f"the inputs of the blended tensors ({need / 2**30:.2f} GiB) do not fit beside the model "
+                   f"({budget_bytes / 2**30:.2f} GiB free for them): each variant reads them again from disk")
+        self._wide = None
+
+    # -- reading --
+    def _input_bytes(self, name: str) -> int:
+        from gpumerge.checkpoint import ITEMSIZE
+
+        job = self.layout[name]
+        rows_b = job.numel if job.blend_rows is None else job.blend_rows * (job.numel // job.shape[0])
+        return job.numel * ITEMSIZE[job.dtype_a] + rows_b * ITEMSIZE[self.b.tensors[name].dtype]
+
+    def _read(self, ckpt, name: str, *, rows: bool = False):
+        """A tensor's values, flat, on the device, in its stored dtype (model 2's: the rows a blend uses)."""
+        import torch
+
+        from gpumerge.checkpoint import ITEMSIZE
+        from gpumerge.kernels.dtypes import torch_dtype
+
+        info = ckpt.tensors[name]
+        job = self.layout[name]
+        numel = info.numel
+        if rows and job.blend_rows is not None:
+            numel = job.blend_rows * (info.numel // info.shape[0])
+        raw = torch.empty(numel * ITEMSIZE[info.dtype], dtype=torch.uint8)
+        ckpt.read_into(name, raw)
+        return raw.view(torch_dtype(info.dtype)).to(self.device)
+
+    # -- setting parameters --
+    def _set(self, name: str, values) -> None:
+        self.params[name].data.copy_(values.view(self.params[name].shape))
+
+    def _out(self, job):
+        import torch
+
+        from gpumerge.kernels.dtypes import torch_dtype
+
+        return torch.empty(job.numel, dtype=torch_dtype(job.out_dtype), device=self.device)
+
+    def set_all(self, which: str) -> None:
+        """Every float parameter to model 1's ("a") or model 2's ("b") tensor in the output dtype (model 2's with
+        the vocabulary rule: its rows where both have them, model 1's beyond)."""
+        for name, job in self.layout.items():
+            if name not in self.params:
+                continue
+            GUARD.poll()
+            out = self._out(job)
+            out.copy_(self._read(self.a, name))
+            if which == "b" and name in self.b.tensors and self.b.tensors[name].dtype in _FLOATS:
+                other = self._read(self.b, name)
+                rows = min(job.shape[0], self.b.tensors[name].shape[0]) if job.shape else 0
+                count = job.numel if other.numel() == job.numel else rows * (job.numel // max(job.shape[0], 1))
+                out[:count].copy_(other[:count])
+            self._set(name, out)
+
+    def apply(self, plan) -> None:
+        """The variant's values for every tensor some variant blends (the others never change)."""
+        from gpumerge.pipeline import blend_values
+
+        jobs = {job.name: job for job in plan.jobs}
+        for name in self.blended:
+            GUARD.poll()
+            job = jobs[name]
+            a, b = self.resident.get(name) or (self._read(self.a, name), self._read(self.b, name, rows=True))
+            out = self._out(job)
+            span = job.blend_numel
+            if span:
+                blend_values(job, a[:span], out[:span], b[:span], self._scratch(span) if _scratch(job) else None)
+            if span < job.numel:
+                out[span:].copy_(a[span:])
+            self._set(name, out)
+
+    def _scratch(self, n: int):
+        import torch
+
+        if self._wide is None or self._wide.numel() < 3 * n:
+            self._wide = torch.empty(3 * n, dtype=torch.float32, device=self.device)
+        return self._wide[:3 * n]
+
+    def synchronize(self) -> None:
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+
+_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def _scratch(job) -> bool:
+    from gpumerge.plan import needs_scratch
+
+    return needs_scratch(job)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+
+def load_done(path: Path) -> dict[str, dict]:
+    """The rows already scored (results.jsonl), by key; a torn last line (a crash mid-write) is ignored."""
+    done = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return done
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("key"), str):
+            done[row["key"]] = row
+    return done
+
+
+def append_row(path: Path, row: Row) -> None:
+    """One line per scored row, appended and flushed to disk at once: a crash loses at most the row in progress."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, (json.dumps(row.as_dict()) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stop_after() -> int | None:
+    """Test hook: GPUMERGE_TEST_STOP_AFTER=k interrupts the run (as SIGINT) after k rows newly scored."""
+    value = os.environ.get("GPUMERGE_TEST_STOP_AFTER")
+    return int(value) if value and value.isdigit() else None
+
+
+def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, settings, results: Path,
+               progress=None) -> None:
+    """Score every row not yet in results.jsonl, in order; each result appended as soon as it is known."""
+    from gpumerge.evaluate import perplexity
+
+    done = load_done(results)
+    stop = _stop_after()
+    scored = 0
+    state = "a"
+    for row in rows:
+        GUARD.poll()
+        if row.key in done:
+            _fill(row, done[row.key])
+            if progress:
+                progress(row)
+            continue
+        began = time.perf_counter()
+        if row.name == "model_2":
+            model.set_all("b")
+            state = "b"
+        else:
+            if state == "b":
+                model.set_all("a")
+                state = "a"
+            if row.name != "model_1":
+                model.apply(plans[row.name])
+            elif model.blended:
+                model.set_all("a")
+        model.synchronize()
+        row.blend_s = time.perf_counter() - began
+        began = time.perf_counter()
+        score = perplexity(model.model, texts, batch=settings.batch, device=model.device)
+        row.eval_s = time.perf_counter() - began
+        row.perplexity, row.per_file, row.tokens = score.perplexity, score.per_file, score.tokens
+        append_row(results, row)
+        scored += 1
+        if progress:
+            progress(row)
+        if stop is not None and scored >= stop:
+            import signal
+
+            raise Interrupted(signal.SIGINT)
+
+
+def _fill(row: Row, done: dict) -> None:
+    row.perplexity = float(done["perplexity"])
+    row.per_file = dict(done.get("per_file", {}))
+    row.tokens = int(done.get("tokens", 0))
+    row.blend_s = float(done.get("blend_s", 0.0))
+    row.eval_s = float(done.get("eval_s", 0.0))
+
+
+def ranked(rows: list[Row]) -> list[Row]:
+    return sorted(rows, key=lambda r: (r.perplexity, r.name))
+
+
+def budget_for_inputs(device: str, model_bytes: int, max_memory) -> int | None:
+    """Bytes the blended tensors' inputs may take beside the model: --max_memory for the device, else the GPU's free
+    memory, else the available RAM (the model already loaded) minus a margin."""
+    from gpumerge.devices import _available_ram
+
+    given = dict(max_memory or {})
+    key = "cpu" if device == "cpu" else int(device.split(":")[1]) if ":" in device else 0
+    if key in given:
+        return given[key]
+    if device == "cpu":
+        return max(0, _available_ram() - _MARGIN_BYTES)
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, free - _MARGIN_BYTES)
+
+
+def check_fits(device: str, model_bytes: int) -> None:
+    """The model itself must fit on the device: one line with the bytes needed and available."""
+    from gpumerge.devices import _available_ram
+
+    if device == "cpu":
+        free = _available_ram()
+    else:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+    if model_bytes + _MARGIN_BYTES > free:
+        raise OutputError(f"--eval-text: the model to score needs {model_bytes / 2**30:.2f} GiB (plus "
+                          f"{_MARGIN_BYTES / 2**30:.1f} GiB for the forward pass) on {device}, and "
+                          f"{free / 2**30:.2f} GiB are available; score on a bigger device, or in a narrower "
+                          "--eval-dtype")
+
+
+
+# ---- results -------------------------------------------------------------------------------------------------------
+
+def results_csv(rows: list[Row], columns: list[str], texts) -> bytes:
+    """rank, name, one column per swept setting, perplexity (per file when several), tokens, blend_s, eval_s, kept;
+    values written exactly (repr), so a row can be re-run."""
+    import csv
+    import io
+
+    from gpumerge.runs import _cell
+
+    per_file = [f"perplexity:{t.name}" for t in texts] if len(texts) > 1 else []
+    out = io.StringIO()
+    table = csv.writer(out, lineterminator="\n")
+    table.writerow(["rank", "name", *columns, "perplexity", *per_file, "tokens", "blend_s", "eval_s", "kept"])
+    for rank, row in enumerate(ranked(rows), 1):
+        table.writerow([rank, row.name, *(_cell(row.values.get(c)) for c in columns), repr(row.perplexity),
+                        *(repr(row.per_file[t.name]) for t in texts if per_file), row.tokens,
+                        repr(round(row.blend_s, 6)), repr(round(row.eval_s, 6)), "true" if row.kept else "false"])
+    return out.getvalue().encode()
+
+
+def results_json(rows: list[Row], columns: list[str], record: dict, eval_settings: dict) -> bytes:
+    data = {"tool": "gpumerge", "inputs": record["inputs"], "sweep": record["sweep"], "eval": eval_settings,
+            "swept": columns,
+            "rows": [{"rank": rank, "name": row.name, "values": row.values, "baseline": row.baseline,
+                      **row.as_dict(), "kept": row.kept} for rank, row in enumerate(ranked(rows), 1)]}
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def table_text(rows: list[Row], columns: list[str]) -> str:
+    """The ranked table printed at the end: rank, name, swept settings, perplexity, change against model_1."""
+    reference = next((r.perplexity for r in rows if r.name == "model_1"), None)
+    head = ["rank", "name", *columns, "perplexity", "vs model_1"]
+    body = []
+    for rank, row in enumerate(ranked(rows), 1):
+        change = f"{(row.perplexity / reference - 1) * 100:+.2f}%" if reference else ""
+        body.append([str(rank), row.name + (" (kept)" if row.kept else ""),
+                     *(_short(row.values.get(c)) for c in columns), f"{row.perplexity:.4f}", change])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body])
+
+
+def _short(value) -> str:
+    from gpumerge.runs import _cell
+
+    text = _cell(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def plot(rows: list[Row], columns: list[str], file) -> None:
+    """sweep.png: perplexity against the swept value (one swept setting), a heat map (two), or the best 20 variants
+    as bars (more, or a settings file); the parents as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [r for r in rows if not r.baseline]
+    numeric = [c for c in columns if all(isinstance(r.values.get(c), (int, float)) and not isinstance(
+        r.values.get(c), bool) for r in variants)]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    if len(columns) == 1 and numeric:
+        points = sorted((r.values[columns[0]], r.perplexity) for r in variants)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label="variants")
+        ax.set_xlabel(columns[0])
+    elif len(columns) == 2 and len(numeric) == 2:
+        xs = sorted({r.values[columns[0]] for r in variants})
+        ys = sorted({r.values[columns[1]] for r in variants})
+        grid = [[math.nan] * len(xs) for _ in ys]
+        for r in variants:
+            grid[ys.index(r.values[columns[1]])][xs.index(r.values[columns[0]])] = r.perplexity
+        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r")
+        ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+        ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+        ax.set_xlabel(columns[0])
+        ax.set_ylabel(columns[1])
+        fig.colorbar(image, ax=ax, label="perplexity")
+    else:
+        best = ranked(variants)[:20]
+        ax.barh([r.name for r in best][::-1], [r.perplexity for r in best][::-1], label="variants")
+        ax.set_xlabel("perplexity")
+    if not (len(columns) == 2 and len(numeric) == 2):
+        for r in rows:
+            if r.baseline:
+                draw = ax.axvline if ax.get_xlabel() == "perplexity" else ax.axhline
+                draw(r.perplexity, linestyle="--", color="gray" if r.name == "model_1" else "black",
+                     label=f"{r.name} ({r.perplexity:.3f})")
+        ax.set_ylabel(ax.get_ylabel() or "perplexity")
+        ax.legend(fontsize=8)
+    else:
+        base = ", ".join(f"{r.name} {r.perplexity:.3f}" for r in rows if r.baseline)
+        if base:
+            ax.set_title(base, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(file, format="png")
+    plt.close(fig)
