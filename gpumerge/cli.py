@@ -103,7 +103,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
               help="score every variant's perplexity on this UTF-8 text (repeat for several) and write only the "
                    "best (--keep); model 1 and model 2 are scored too")
         _flag(parser, "eval_tokens", type=int, metavar="N", help="at most N tokens from each text")
-        _flag(parser, "seq_len", type=int, default=512, metavar="N", help="tokens per window (default 512)")
+        _flag(parser, "seq_len", type=int, metavar="N", help="tokens per window (default 512, or model 1's "
+              "max_position_embeddings when that is less)")
         _flag(parser, "eval_batch", type=int, default=4, metavar="B", help="windows per forward pass (default 4)")
         _flag(parser, "keep", default="1", metavar="K", help="how many of the best variants to write: a number or "
               "all (default 1)")

@@ -341,10 +341,11 @@ def find_aliases(variants: list[Variant], plans: list) -> tuple[dict[str, str], 
 
 def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print, progress_factory=None,
               budget: dict[str, int] | None = None, batch_bytes: int | None = None,
-              simulate_staging: bool = False) -> SweepResult:
+              simulate_staging: bool = False, input_budget: int | None = None) -> SweepResult:
     """Every variant planned and checked, then written from one read of the inputs. ``budget`` and
     ``batch_bytes`` replace the probed memory budget and the batch size (tests force small batches with them);
-    ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's)."""
+    ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's); ``input_budget`` replaces what an
+    evaluated sweep may hold of the blended tensors' inputs (0 forces reading them again for each variant)."""
     from gpumerge import runs as runs_dir
     from gpumerge import writer
     from gpumerge.merge import check_open_files, open_pair, preflight
@@ -369,6 +370,8 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
         expected = {v.name: (p, runs_dir.expected_record(v, p, a, b)) for v, p in distinct}
         scoring = _eval_setup(args, base, a, plans, notice) if args.eval_text else None
+        if scoring and input_budget is not None:
+            scoring["input_budget"] = input_budget
         record = runs_dir.sweep_record(variants, plans, signatures, aliases, columns, a, b,
                                        eval=scoring["record"] if scoring else None)
         overwrite = bool(args.overwrite)
@@ -444,9 +447,12 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     keep = str(args.keep).strip().lower()
     if keep != "all" and not (keep.isdigit() and 1 <= int(keep) <= MAX_VARIANTS):
         raise SpecError(f"--keep must be a number of variants (1 or more) or all, got {shown(args.keep)}")
-    settings = EvalSettings(tuple(args.eval_text), eval_tokens=args.eval_tokens, seq_len=args.seq_len,
-                            batch=args.eval_batch)
     limit = a.config.get("max_position_embeddings")
+    seq_len = args.seq_len
+    if seq_len is None:  # 512, or the model's own window when it is shorter
+        seq_len = min(512, limit) if isinstance(limit, int) and limit >= 2 else 512
+    settings = EvalSettings(tuple(args.eval_text), eval_tokens=args.eval_tokens, seq_len=seq_len,
+                            batch=args.eval_batch)
     if isinstance(limit, int) and settings.seq_len > limit:
         raise SpecError(f"--seq-len {settings.seq_len} is beyond model 1's max_position_embeddings ({limit}); give "
                         f"--seq-len {limit} or less")
@@ -457,9 +463,11 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     if len(devices) > 1:
         notice(f"scoring on {device} (an evaluated sweep uses one device)")
     if args.eval_dtype is not None:
-        eval_dtype = parse_dtype(args.eval_dtype)
+        eval_dtype = args.eval_dtype.lower()
+        eval_dtype = parse_dtype(eval_dtype) if eval_dtype in ("float32", "bfloat16", "float16", "fp32", "bf16",
+                                                               "fp16", "half", "float") else "auto"
         if eval_dtype == "auto":
-            raise SpecError("--eval-dtype is float32, bfloat16 or float16")
+            raise SpecError(f"--eval-dtype {shown(args.eval_dtype)} is not one of float32, bfloat16, float16")
     else:
         eval_dtype = "float32" if device == "cpu" else plans[0].out_dtype_name
     texts = load_texts(settings, a.root)
@@ -495,7 +503,9 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     eval_size = torch_dtype(DTYPE_CODES[scoring["eval_dtype"]]).itemsize
     model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32"))
     check_fits(scoring["device"], model_bytes)
-    budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"])
+    budget = scoring.get("input_budget")
+    if budget is None:
+        budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"])
     model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
                           budget_bytes=budget, notice=notice)
     bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
