@@ -9,6 +9,10 @@ failing section says why in its row and the others still run):
     e2e     (200 s) a generated 2 x ~4 GB pair: the I/O floor, the GPU merge (goal <= 1.15x the floor), the same
                     merge with --device cpu on this machine (is the GPU faster at all?), and small batches
     pinned  (20 s)  the pinned host bytes torch really holds (torch.cuda.host_memory_stats) vs the report's figure
+    eval    (90 s)  an evaluated sweep's loop on a 7B-shaped Llama built on the GPU (not on disk, to fit the time):
+                    the per-variant blend into the resident model against a device-to-device copy of the same
+                    bytes (goal >= 0.8x its bandwidth), the perplexity of 16k tokens per variant, and the time
+                    extrapolated to 100 variants (goal < 5 minutes)
     sweep   (90 s)  `gpumerge sweep`, 8 variants of a ~0.7 GB pair from one read: on the GPU against the I/O floor
                     (cat both + dd model 1 x8) and against the same sweep with --device cpu; a GPU variant's bytes
                     against a single CPU merge of its settings
@@ -338,12 +342,83 @@ def sweep_rows(ctx: Context) -> Iterator[Row]:
            "same bytes")
 
 
+# ---- an evaluated sweep's loop ---------------------------------------------------------------------------------------
+
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+LLAMA_TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=500, max_position_embeddings=512)
+
+
+def eval_rows(ctx: Context) -> Iterator[Row]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gpumerge.evaluate import EvalText, perplexity
+    from gpumerge.pipeline import blend_values
+    from gpumerge.plan import TensorJob
+
+    began = time.perf_counter()
+    shape = LLAMA_TINY if ctx.dry_run else LLAMA_7B
+    dtype = torch.float32 if ctx.dry_run else torch.float16
+    code = "F32" if ctx.dry_run else "F16"
+    with torch.device(ctx.device):
+        model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(dtype).eval()
+    blended = [(n, p) for n, p in model.named_parameters() if ".layers." in n]
+    generator = torch.Generator(device=ctx.device).manual_seed(0)
+    inputs = {n: (torch.randn(p.shape, generator=generator, device=ctx.device, dtype=dtype) * 0.02,
+                  torch.randn(p.shape, generator=generator, device=ctx.device, dtype=dtype) * 0.02)
+              for n, p in blended}
+    nbytes = sum(p.numel() * p.element_size() for _, p in blended)
+    yield (f"(7) {'a tiny' if ctx.dry_run else 'a 7B-shaped'} Llama and the inputs of its {len(blended)} block tensors on "
+           f"{ctx.device}",
+           f"built in {time.perf_counter() - began:.0f} s; blended bytes per variant {nbytes / 2**30:.2f} GiB",
+           "")
+
+    def blend(t: float) -> None:
+        for name, param in blended:
+            a, b = inputs[name]
+            job = TensorJob(name, tuple(param.shape), code, code, code, t, None, 0, 0, 0, False)
+            blend_values(job, a.view(-1), param.data.view(-1), b.view(-1))
+
+    def copy() -> None:  # the same bytes moved: read a and b, write the parameter
+        for name, param in blended:
+            a, b = inputs[name]
+            param.data.copy_(a)
+            param.data.copy_(b)
+
+    blend_s = timed_device(lambda: blend(0.37), ctx.device, 3)
+    copy_s = timed_device(copy, ctx.device, 3)
+    moved = 3 * nbytes
+    yield ("(7a) per-variant blend into the resident model vs device-to-device copies of the same bytes",
+           f"blend {blend_s * 1e3:.1f} ms ({moved / blend_s / 1e9:.0f} GB/s) vs copy {copy_s * 1e3:.1f} ms "
+           f"({moved / copy_s / 1e9:.0f} GB/s) = {copy_s / blend_s:.2f}x", ">= 0.8x")
+    tokens = 16384 if not ctx.dry_run else 1024
+    seq = 512
+    windows = tuple(tuple(int(x) for x in torch.randint(0, shape["vocab_size"], (seq,), generator=torch.Generator()
+                                                        .manual_seed(k))) for k in range(tokens // seq))
+    text = EvalText("random.txt", Path("random.txt"), "", windows)
+    perplexity(model, [text], batch=8, device=ctx.device)  # warm-up (kernels, allocator)
+    synchronize = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device != "cpu" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    perplexity(model, [text], batch=8, device=ctx.device)
+    synchronize()
+    eval_s = time.perf_counter() - start
+    yield (f"(7b) perplexity of {tokens} tokens (seq {seq}, batch 8, {str(dtype).split('.')[-1]} forward, sdpa)",
+           f"{eval_s:.2f} s ({tokens / eval_s:.0f} tokens/s)", "information")
+    per_variant = blend_s + eval_s
+    yield ("(7c) 100 variants extrapolated: 100 x (blend + evaluation)", f"{100 * per_variant:.0f} s "
+           f"({100 * per_variant / 60:.1f} min; {per_variant:.2f} s per variant)", "< 300 s")
+    del model, inputs
+
+
 SECTIONS: dict[str, tuple[int, Callable[[Context], Iterator[Row]]]] = {
     "bytes": (60, bytes_rows),
     "kernel": (30, kernel_rows),
     "e2e": (200, end_to_end_rows),
     "pinned": (20, pinned_rows),
     "sweep": (90, sweep_rows),
+    "eval": (90, eval_rows),
 }
 
 

@@ -508,6 +508,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
         budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"])
     model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
                           budget_bytes=budget, notice=notice)
+    _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
     bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
     best = [math.inf, ""]
 
@@ -528,6 +529,21 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     for row in rows:
         row.kept = row.name in kept
     return rows, kept
+
+
+def _preload_matplotlib() -> None:
+    import threading
+
+    def load() -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except Exception:  # noqa: BLE001 - the plot itself says what is wrong, later
+            pass
+
+    threading.Thread(target=load, name="gpumerge-import-matplotlib", daemon=True).start()
 
 
 def _results(scoring: dict, rows, columns, record, *, runs: Path, inputs) -> tuple[str, str | None]:

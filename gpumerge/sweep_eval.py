@@ -163,13 +163,15 @@ class ResidentModel:
             GUARD.poll()
             job = jobs[name]
             a, b = self.resident.get(name) or (self._read(self.a, name), self._read(self.b, name, rows=True))
-            out = self._out(job)
+            param = self.params[name].data
+            out = param.view(-1) if _same_dtype(param, job) and param.is_contiguous() else self._out(job)
             span = job.blend_numel
             if span:
                 blend_values(job, a[:span], out[:span], b[:span], self._scratch(span) if _scratch(job) else None)
             if span < job.numel:
                 out[span:].copy_(a[span:])
-            self._set(name, out)
+            if out.data_ptr() != param.data_ptr():
+                self._set(name, out)
 
     def _scratch(self, n: int):
         import torch
@@ -186,6 +188,13 @@ class ResidentModel:
 
 
 _FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def _same_dtype(param, job) -> bool:
+    """The forward pass runs in the output dtype (a GPU's default): blend straight into the parameter."""
+    from gpumerge.kernels.dtypes import torch_dtype
+
+    return param.dtype == torch_dtype(job.out_dtype)
 
 
 def _scratch(job) -> bool:
