@@ -225,6 +225,7 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True,
         allow_nonfinite=bool(getattr(args, "allow_nonfinite", False)),
         readers=args.readers if getattr(args, "readers", None) is not None else 1,
         quiet=bool(args.quiet),
+        notices=tuple(settings.get("notices", ())),
     )
     from gpumerge.devices import check_without_torch
 

@@ -77,7 +77,7 @@ def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callabl
         if fallback:
             notice(fallback)
     plan = make_plan(a, b, spec, order=order, tied=tied)
-    for line in plan.notices:
+    for line in spec.notices + plan.notices:
         notice(line)
     return plan
 

@@ -192,9 +192,11 @@ def parse_recipe(data: dict, *, source: str) -> dict:
     window_keys = [k for k in ("gradient_start", "gradient_end", "layer_start", "layer_end") if k in data]
     if recipes and window_keys:
         raise SpecError(f"{source}: {recipes[0]} replaces {', '.join(window_keys)}; remove one of them")
+    notices: list[str] = []
     if "gradient_values" in data:
         op = _operation({k: data[k] for k in ("gradient_values", "layer_only", "no_layers", "filter",
-                                              "custom_filter") if k in data}, source=source, label=None)
+                                              "custom_filter") if k in data}, source=source, label=None,
+                        notices=notices)
         out["recipe"] = OperationsRecipe((op,))
     elif any(k in data for k in ("layer_only", "no_layers", "filter", "custom_filter")):
         raise SpecError(f"{source}: layer_only, no_layers and filter select tensors for gradient_values")
@@ -203,7 +205,8 @@ def parse_recipe(data: dict, *, source: str) -> dict:
         if not isinstance(ops, list) or not ops:
             raise SpecError(f"{source}: operations must be a non-empty list")
         out["recipe"] = OperationsRecipe(tuple(
-            _operation(op, source=source, label=f"{source}: operations[{i}]") for i, op in enumerate(ops)))
+            _operation(op, source=source, label=f"{source}: operations[{i}]", notices=notices)
+            for i, op in enumerate(ops)))
     if "layer_gradients" in data:
         modules = data["layer_gradients"]
         if not isinstance(modules, dict) or not modules:
@@ -211,6 +214,8 @@ def parse_recipe(data: dict, *, source: str) -> dict:
         out["recipe"] = LayerGradientsRecipe(tuple(
             (_module_key(key, source=source), parse_gradient_values(value, what=f"{source}: layer_gradients.{key}"))
             for key, value in modules.items()))
+    if notices:
+        out["notices"] = tuple(notices)
     return out
 
 
@@ -221,7 +226,9 @@ def _module_key(key, *, source: str) -> str:
     return key
 
 
-def _operation(entry, *, source: str, label: str | None) -> TensorOperation:
+def _operation(entry, *, source: str, label: str | None, notices: list[str]) -> TensorOperation:
+    """One operation. layer_only and no_layers together: the original YAML edition's if/elif lets layer_only win, and
+    shared recipe files rely on it, so a recipe file is accepted with a notice (the command line refuses the pair)."""
     where = label or source
     if not isinstance(entry, dict):
         raise SpecError(f"{where}: an operation is a mapping with gradient_values (and filter, layer_only, ...)")
@@ -237,10 +244,16 @@ def _operation(entry, *, source: str, label: str | None) -> TensorOperation:
     name = entry.get("operation")
     if name is not None and not isinstance(name, (str, int, float)):
         raise SpecError(f"{where}: operation is a name (a string), got {shown(name)}")
+    layer_only = _bool(entry.get("layer_only", False), key="layer_only", where=where)
+    no_layers = _bool(entry.get("no_layers", False), key="no_layers", where=where)
+    if layer_only and no_layers:
+        notices.append(f"{where}: layer_only and no_layers are both set; as in the original YAML edition, "
+                       "layer_only wins and no_layers is ignored")
+        no_layers = False
     return TensorOperation(
         gradient_values=parse_gradient_values(entry["gradient_values"], what=f"{where}: gradient_values"),
-        layer_only=_bool(entry.get("layer_only", False), key="layer_only", where=where),
-        no_layers=_bool(entry.get("no_layers", False), key="no_layers", where=where),
+        layer_only=layer_only,
+        no_layers=no_layers,
         filter=substring or None,
         label=str(name) if name is not None else None,
     )

@@ -270,6 +270,7 @@ class MergeSpec:
     allow_nonfinite: bool = False  # blend NaN/inf inputs in IEEE arithmetic instead of refusing them
     readers: int = 1  # reader threads per device (a many-core host with fast disks may want more)
     quiet: bool = False
+    notices: tuple[str, ...] = ()  # what reading the recipe found worth saying (told when the merge is planned)
 
     def __post_init__(self) -> None:
         check_finite(self.gradient_start, flag="--gradient_start")

@@ -470,12 +470,17 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
             raise SpecError(f"--eval-dtype {shown(args.eval_dtype)} is not one of float32, bfloat16, float16")
     else:
         eval_dtype = "float32" if device == "cpu" else plans[0].out_dtype_name
+    import importlib.util
+
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if not plot:
+        notice("sweep.png will not be drawn: matplotlib is not installed (pip install 'gpumerge[plot]')")
     texts = load_texts(settings, a.root)
     record = eval_record(settings, texts, out_dtype=plans[0].out_dtype_name, eval_dtype=eval_dtype,
                          device_kind="cpu" if device == "cpu" else "cuda")
     return {"settings": settings, "texts": texts, "device": device, "eval_dtype": eval_dtype, "record": record,
             "keep": MAX_VARIANTS if keep == "all" else int(keep), "baselines": not args.no_baselines,
-            "max_memory": base.max_memory}
+            "max_memory": base.max_memory, "plot": plot}
 
 
 def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: Path, progress_factory, notice):
@@ -558,14 +563,15 @@ def _results(scoring: dict, rows, columns, record, *, runs: Path, inputs) -> tup
                                for t in texts]}
     write_records(runs, {"results.csv": results_csv(rows, columns, texts),
                          "results.json": results_json(rows, columns, record, eval_settings)}, inputs=inputs)
-    picture = AtomicFile(runs / "sweep.png", flag="--output_dir", inputs=inputs)
-    try:
-        with picture.open() as handle:
-            plot(rows, columns, handle)
-        picture.commit()
-    except BaseException:
-        picture.discard()
-        raise
+    if scoring["plot"]:
+        picture = AtomicFile(runs / "sweep.png", flag="--output_dir", inputs=inputs)
+        try:
+            with picture.open() as handle:
+                plot(rows, columns, handle)
+            picture.commit()
+        except BaseException:
+            picture.discard()
+            raise
     best = next((r.name for r in ranked(rows) if not r.baseline), None)
     return table_text(rows, columns), best
 

@@ -296,7 +296,7 @@ def ranked(rows: list[Row]) -> list[Row]:
 
 def budget_for_inputs(device: str, model_bytes: int, max_memory) -> int | None:
     """Bytes the blended tensors' inputs may take beside the model: --max_memory for the device, else the GPU's free
-    memory, else the available RAM (the model already loaded) minus a margin."""
+    memory or the available RAM, less the model (not loaded yet) and a margin."""
     from gpumerge.devices import _available_ram
 
     given = dict(max_memory or {})
@@ -304,11 +304,11 @@ def budget_for_inputs(device: str, model_bytes: int, max_memory) -> int | None:
     if key in given:
         return given[key]
     if device == "cpu":
-        return max(0, _available_ram() - _MARGIN_BYTES)
+        return max(0, _available_ram() - model_bytes - _MARGIN_BYTES)
     import torch
 
     free, _ = torch.cuda.mem_get_info(device)
-    return max(0, free - _MARGIN_BYTES)
+    return max(0, free - model_bytes - _MARGIN_BYTES)
 
 
 def check_fits(device: str, model_bytes: int) -> None:

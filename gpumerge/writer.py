@@ -105,12 +105,42 @@ def close_writers(writers: list[ShardWriter]) -> None:
 
 def finish_model_dir(directory: Path, plan: MergePlan, record: dict, model_dir: Path, config: dict) -> list[str]:
     """Everything but the shards: the index, model 1's aux files (config.json with the output dtype), the model card
-    and the recipe. Returns the aux files' names."""
+    and the recipe; then the finished shards' headers are read back and checked against the plan. Returns the aux
+    files' names."""
+    check_shards(directory, plan)
     write_index(directory, plan)
     aux = copy_aux_files(model_dir, directory, plan.out_dtype_name, config)
     write_model_card(directory, record)
     write_recipe(directory, record)
     return aux
+
+
+def check_shards(directory: Path, plan: MergePlan) -> None:
+    """Each shard as written, read back from disk (headers only: cheap): every tensor's name, dtype, shape and byte
+    range as the plan has them, nothing else in the header, and the file exactly header + data long. A mismatch
+    means a bug or a disk that lies; the output is then discarded, never put in place."""
+    from gpumerge.runs import shard_header
+
+    for shard in plan.shards:
+        path = directory / shard.filename
+        found = shard_header(path)
+        problem = None
+        if found is None:
+            problem = "its header cannot be read back"
+        else:
+            length, header = found
+            want = {job.name: {"dtype": job.out_dtype, "shape": list(job.shape),
+                               "data_offsets": [job.offset, job.offset + job.nbytes]} for job in shard.jobs}
+            got = {k: v for k, v in header.items() if k != "__metadata__"}
+            if got != want:
+                differ = sorted(set(got) ^ set(want)) or sorted(k for k in want if got.get(k) != want[k])
+                problem = f"its header differs from the plan ({', '.join(differ[:3])})"
+            elif path.stat().st_size != length + shard.data_bytes:
+                problem = (f"it is {path.stat().st_size} bytes long, not the header's {length} + the plan's "
+                           f"{shard.data_bytes}")
+        if problem:
+            raise OutputError(f"the output shard {shard.filename}, read back before it is put in place, is wrong: "
+                              f"{problem}; nothing was put at the output path")
 
 
 def write_index(directory: Path, plan: MergePlan) -> None:
