@@ -12,7 +12,7 @@ from gpumerge.errors import GpumergeError, SpecError
 from gpumerge.spec import (DTYPE_CHOICES, MergeSpec, OperationsRecipe, TensorOperation, parse_device, parse_dtype,
                            parse_gradient_values, parse_max_memory, parse_size)
 
-COMMANDS = ("merge", "plan", "demo", "sweep")
+COMMANDS = ("merge", "plan", "demo", "sweep", "verify")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +66,8 @@ def _merge_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> Non
           help="replace a non-empty OUT that looks like a model directory (config.json, weights, model files only)")
     _flag(parser, "readers", type=int, metavar="N", default=None,
           help="reader threads per device (default 1; a many-core host with fast disks may want more)")
+    _flag(parser, "checksums", action="store_true",
+          help="write OUT/checksums.sha256 (sha256sum format) of every file of the output")
     _flag(parser, "allow_nonfinite", action="store_true",
           help="blend tensors holding NaN or inf (IEEE arithmetic) instead of stopping with an error")
     _flag(parser, "quiet", action="store_true", help="no progress bar or notices")
@@ -79,6 +81,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _flag(parser, "workdir", type=Path, default=None, metavar="DIR",
               help="where to build the demo (default: a new temporary directory)")
         _flag(parser, "quiet", action="store_true", help="no progress bar or notices")
+        _flag(parser, "debug", action="store_true", help="show tracebacks")
+        return parser
+    if command == "verify":
+        parser = _Parser(prog="gpumerge verify", description="Check that a directory is exactly the merge its record "
+                         "claims: shards and index, checksums.sha256, and (with the inputs: the recorded ones, or "
+                         "given) a deterministic sample of tensors recomputed bit for bit. Exit 0 when all holds, 1 "
+                         "with one line per problem, 2 for bad usage. A sweep's directory is checked variant by "
+                         "variant.")
+        parser.add_argument("path", type=Path, metavar="OUT", help="a merge's output, or a sweep's directory")
+        _flag(parser, "model_path1", metavar="PATH", help="model 1, when not where the record says")
+        _flag(parser, "model_path2", metavar="PATH", help="model 2, when not where the record says")
+        _flag(parser, "full", action="store_true", help="recompute every tensor, not a sample")
+        _flag(parser, "quiet", action="store_true", help="print only the problems")
         _flag(parser, "debug", action="store_true", help="show tracebacks")
         return parser
     if command == "sweep":
@@ -153,7 +168,7 @@ def _version() -> str:
     return version()
 
 
-_NOT_SETTINGS = ("config", "plot", "report", "output_dir", "grid", "settings", "max_variants", "eval_text",
+_NOT_SETTINGS = ("config", "plot", "report", "checksums", "output_dir", "grid", "settings", "max_variants", "eval_text",
                  "eval_tokens", "seq_len", "eval_batch", "keep", "no_baselines", "eval_dtype")
 
 
@@ -281,7 +296,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     result = run_merge(spec, notice=_notice_printer(spec.quiet), progress_factory=_progress_factory(spec.quiet),
-                       report_path=args.report)
+                       report_path=args.report, checksums=bool(args.checksums))
     try:  # the merge is the product: a summary that cannot be printed (stdout full or closed) does not undo it
         print(summary_line(result), flush=True)
     except (OSError, ValueError):
@@ -302,6 +317,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gpumerge.verify import summary, verify
+
+    reports = verify(args.path, model_path1=args.model_path1, model_path2=args.model_path2, full=args.full)
+    failed = False
+    for report in reports:
+        for problem in report.problems:
+            _say(f"gpumerge: verify: {report.path}: {' '.join(problem.split())}")
+            failed = True
+        if not report.problems and not args.quiet:
+            print(f"gpumerge: verify: {report.path}: ok ({summary(report)})", flush=True)
+    return 1 if failed else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -337,7 +366,8 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help, or a bad command line already reported in one line
             return exc.code if isinstance(exc.code, int) else 2
-        return {"merge": cmd_merge, "plan": cmd_plan, "demo": cmd_demo, "sweep": cmd_sweep}[command](args)
+        return {"merge": cmd_merge, "plan": cmd_plan, "demo": cmd_demo, "sweep": cmd_sweep,
+                "verify": cmd_verify}[command](args)
     except GpumergeError as exc:
         if debug:
             raise

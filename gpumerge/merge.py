@@ -225,7 +225,8 @@ def plan_devices(spec: MergeSpec, plan: MergePlan, *, budget: dict[str, int] | N
 def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
               engine: str = "pipelined", batch_bytes: int | None = None, ring_depth: int | None = None,
               chunk_elements: int | None = None, budget: dict[str, int] | None = None,
-              simulate_staging: bool = False, report_path: Path | None = None) -> MergeResult:
+              simulate_staging: bool = False, report_path: Path | None = None,
+              checksums: bool = False) -> MergeResult:
     """Everything is checked before the first output byte; the output appears at OUT only when complete, and the
     report (``report_path``) only with it.
 
@@ -249,7 +250,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
                 done = _merge_into(output, spec, plan, a, b, began=began, notice=notice,
                                    progress_factory=progress_factory, engine=engine, batch_bytes=batch_bytes,
                                    ring_depth=ring_depth, chunk_elements=chunk_elements, budget=budget,
-                                   simulate_staging=simulate_staging)
+                                   simulate_staging=simulate_staging, checksums=checksums)
                 if checked.report is not None:  # written before the output is put in place, shown only with it
                     checked.report.write_bytes((json.dumps(done.report, indent=2) + "\n").encode())
                 output.finalize(companion=checked.report)
@@ -262,7 +263,7 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
 
 def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint, *, began: float, notice,
                 progress_factory, engine: str, batch_bytes, ring_depth, chunk_elements, budget,
-                simulate_staging: bool) -> MergeResult:
+                simulate_staging: bool, checksums: bool = False) -> MergeResult:
     """The merge's files, complete, in the output's hidden directory (output.tmp)."""
     from gpumerge import writer
     from gpumerge.copier import Copier
@@ -304,7 +305,7 @@ def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Chec
             if copier is not None:
                 copier.cancel()
             writer.close_writers(writers)
-        aux = writer.finish_model_dir(output.tmp, plan, record, a.root, a.config)
+        aux = writer.finish_model_dir(output.tmp, plan, record, a.root, a.config, checksums=checksums)
     finally:
         telemetry.stop()
         if progress:

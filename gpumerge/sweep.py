@@ -419,6 +419,7 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                 pending = [(v, p) for v, p in distinct if v.name in kept and v.name not in now.complete]
             stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, replace=now.replace,
                                     finalized=finalized, said_devices=scoring is not None,
+                                    checksums=bool(getattr(args, "checksums", False)),
                                     progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
                                     simulate_staging=simulate_staging)
             if scoring:
@@ -616,7 +617,8 @@ def _remove_created(created: list[Path]) -> None:
 
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
                     batch_bytes, replace: list[str] = (), finalized: list[str] | None = None,
-                    simulate_staging: bool = False, said_devices: bool = False) -> tuple[int, int, int]:
+                    simulate_staging: bool = False, said_devices: bool = False,
+                    checksums: bool = False) -> tuple[int, int, int]:
     """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
     Returns (input bytes read for the blends, bytes written, bytes of those copied file to file)."""
     from gpumerge import writer
@@ -679,7 +681,7 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
                 progress.close()
         for output, plan, rec in zip(outputs, plans, records):
             GUARD.poll()
-            writer.finish_model_dir(output.tmp, plan, rec, a.root, a.config)
+            writer.finish_model_dir(output.tmp, plan, rec, a.root, a.config, checksums=checksums)
         with GUARD.critical():  # every finished variant is put in place, even if a signal arrives meanwhile
             for output in outputs:
                 output.finalize()

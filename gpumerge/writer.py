@@ -103,15 +103,20 @@ def close_writers(writers: list[ShardWriter]) -> None:
         writer.close()
 
 
-def finish_model_dir(directory: Path, plan: MergePlan, record: dict, model_dir: Path, config: dict) -> list[str]:
+def finish_model_dir(directory: Path, plan: MergePlan, record: dict, model_dir: Path, config: dict, *,
+                     checksums: bool = False) -> list[str]:
     """Everything but the shards: the index, model 1's aux files (config.json with the output dtype), the model card
-    and the recipe; then the finished shards' headers are read back and checked against the plan. Returns the aux
-    files' names."""
+    and the recipe; then the finished shards' headers are read back and checked against the plan; with
+    ``checksums``, checksums.sha256 of every file last. Returns the aux files' names."""
     check_shards(directory, plan)
     write_index(directory, plan)
     aux = copy_aux_files(model_dir, directory, plan.out_dtype_name, config)
     write_model_card(directory, record)
     write_recipe(directory, record)
+    if checksums:
+        from gpumerge.verify import write_checksums
+
+        write_checksums(directory)
     return aux
 
 

@@ -1,0 +1,148 @@
+"""`gpumerge verify`, checksums and the read-back of the shards before the rename: a fresh output verifies; a
+flipped byte in a blended tensor, in a copied tensor or in a header, a missing shard, a wrong checksum and inputs that
+are not the recorded ones each fail with the right line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_cli_errors import assert_one_line_error, merge_args
+
+import gpumerge.writer
+
+
+@pytest.fixture
+def pair(models):
+    return models["fp16_a"], models["fp16_b"]
+
+
+@pytest.fixture(scope="module")
+def merged(models, tmp_path_factory) -> Path:
+    """A sharded merge with checksums (60 KB shards: an index and several files)."""
+    out = tmp_path_factory.mktemp("verify") / "out"
+    code = run_cli(*merge_args(models["fp16_a"], models["fp16_b"], out, "--gradient_start", "0.2",
+                               "--max_shard_size", "60KB", "--checksums"))[0]
+    assert code == 0
+    return out
+
+
+def copy_of(merged: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(merged, out)
+    return out
+
+
+def verified(path: Path, capsys, *extra) -> tuple[int, str, str]:
+    return run_cli("verify", path, *extra, capsys=capsys)
+
+
+def flip_tensor_byte(out: Path, name: str, at: int = 3) -> None:
+    """Flip one byte of a tensor's data in whichever shard holds it."""
+    for shard in sorted(out.glob("*.safetensors")):
+        raw = bytearray(shard.read_bytes())
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + length])
+        if name in header:
+            position = 8 + length + header[name]["data_offsets"][0] + at
+            raw[position] ^= 0x40
+            shard.write_bytes(bytes(raw))
+            return
+    raise AssertionError(name)
+
+
+def test_a_fresh_output_verifies_and_sha256sum_agrees(merged, capsys):
+    code, out, err = verified(merged, capsys)
+    assert code == 0, err
+    assert "ok (" in out and "checksums checked" in out and "recomputed bit for bit" in out
+    code, out, err = verified(merged, capsys, "--full")
+    assert code == 0 and "every " in out, err
+    check = subprocess.run(["sha256sum", "-c", "--quiet", "checksums.sha256"], cwd=merged, capture_output=True)
+    assert check.returncode == 0, check.stdout
+    names = [line.split("  ", 1)[1] for line in (merged / "checksums.sha256").read_text().splitlines()]
+    assert names == sorted(p.name for p in merged.iterdir() if p.name != "checksums.sha256")
+
+
+@pytest.mark.parametrize("tensor, needle", [
+    ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight differs from its recomputed "
+                                               "blend"),
+    ("model.embed_tokens.weight", "model.embed_tokens.weight differs from model 1's tensor"),
+])
+def test_a_flipped_byte_in_a_tensor_fails(tensor, needle, merged, tmp_path, capsys):
+    out = copy_of(merged, tmp_path)
+    flip_tensor_byte(out, tensor)
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "its sha256 differs from checksums.sha256" in err, err
+    (out / "checksums.sha256").unlink()  # without checksums, the recomputation finds it
+    code, _, err = verified(out, capsys, "--full")
+    assert code == 1 and needle in err, err
+    assert all(line.startswith(f"gpumerge: verify: {out}: ") for line in err.splitlines())
+
+
+def test_a_flipped_header_byte_and_a_missing_shard_fail(merged, tmp_path, capsys):
+    out = copy_of(merged, tmp_path)
+    (out / "checksums.sha256").unlink()
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    raw = bytearray(shard.read_bytes())
+    at = raw.index(b'"F16"', 8)
+    raw[at + 1:at + 4] = b"I16"
+    shard.write_bytes(bytes(raw))
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "the tensors differ from what the recorded settings make" in err, err
+    shard.unlink()
+    code, _, err = verified(out, capsys)
+    assert code == 1 and shard.name in err and len(err.splitlines()) == 1, err
+
+
+def test_a_wrong_checksum_fails(merged, tmp_path, capsys):
+    out = copy_of(merged, tmp_path)
+    lines = (out / "checksums.sha256").read_text().splitlines()
+    lines[0] = "0" * 64 + lines[0][64:]
+    (out / "checksums.sha256").write_text("\n".join(lines) + "\n")
+    code, _, err = verified(out, capsys)
+    assert code == 1 and f"{lines[0][66:]}: its sha256 differs from checksums.sha256" in err, err
+
+
+def test_inputs_that_are_not_the_recorded_ones_fail(merged, models, capsys):
+    code, _, err = verified(merged, capsys, "--model_path2", models["wide"])
+    assert code == 1 and "model 2 at" in err and "is not the recorded input" in err, err
+    code, _, err = verified(merged, capsys, "--model_path2", models["tied_b"])
+    assert code == 1 and "model 2 at" in err and "is not the recorded input" in err, err
+
+
+def test_bad_usage_is_exit_2(tmp_path, capsys):
+    code, _, err = verified(tmp_path / "missing", capsys)
+    assert_one_line_error(code, err, "is not a directory")
+
+
+def test_a_sweeps_directory_verifies_variant_by_variant(pair, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir", runs,
+                           "--grid", "gradient_end=0,1", "--checksums", "--quiet", capsys=capsys)
+    assert code == 0, err
+    assert (runs / "ge0" / "checksums.sha256").is_file()
+    code, out, err = verified(runs, capsys)
+    assert code == 0 and out.count(": ok (") == 2, err
+    flip_tensor_byte(runs / "ge1", "model.layers.2.mlp.up_proj.weight")
+    code, out, err = verified(runs, capsys)
+    assert code == 1 and f"{runs / 'ge1'}: model.safetensors: its sha256 differs from checksums.sha256" in err, err
+    assert out.count(": ok (") == 1
+
+
+def test_shards_are_read_back_before_the_output_is_put_in_place(pair, tmp_path, capsys, monkeypatch):
+    original = gpumerge.writer.close_writers
+
+    def close_and_grow(writers):
+        original(writers)
+        with open(writers[0].path, "ab") as handle:  # a disk that wrote one byte too many
+            handle.write(b"\0")
+
+    monkeypatch.setattr(gpumerge.writer, "close_writers", close_and_grow)
+    code, _, err = run_cli(*merge_args(*pair, tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "read back before it is put in place, is wrong")
+    assert list(tmp_path.iterdir()) == []
