@@ -40,7 +40,7 @@ class EvalSettings:
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or not 1 <= self.batch <= 4096:
             raise SpecError(f"--eval-batch must be a whole number from 1 to 4096, got {self.batch}")
         if self.eval_tokens is not None and not 2 <= self.eval_tokens <= 2**40:
-            raise SpecError(f"--eval-tokens must be at least 2, got {self.eval_tokens}")
+            raise SpecError(f"--eval-tokens must be a whole number from 2 to {2**40}, got {self.eval_tokens}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,7 @@ class EvalText:
     path: Path
     sha256: str
     windows: tuple[tuple[int, ...], ...]
+    tokens_sha256: str = ""  # of the windows' token ids: another tokenizer, another evaluation
 
     @property
     def predicted(self) -> int:
@@ -69,6 +70,7 @@ def load_texts(settings: EvalSettings, tokenizer_dir: Path) -> list[EvalText]:
     from gpumerge import fsutil
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # one line per problem: transformers' own warnings would add more
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as exc:  # transformers raises many kinds for a missing or broken tokenizer
@@ -87,7 +89,8 @@ def load_texts(settings: EvalSettings, tokenizer_dir: Path) -> list[EvalText]:
         if name in names:
             raise SpecError(f"{what}: two texts are named {name}; their columns in the results would be one")
         names.add(name)
-        out.append(EvalText(name, Path(path), hashlib.sha256(raw).hexdigest(), windows))
+        out.append(EvalText(name, Path(path), hashlib.sha256(raw).hexdigest(), windows,
+                            hashlib.sha256(repr(windows).encode()).hexdigest()))
     return out
 
 
@@ -118,7 +121,15 @@ def perplexity(model, texts: list[EvalText], *, batch: int, device: str) -> Scor
                     logp = torch.log_softmax(logits, dim=-1)
                     picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
                     nll -= float(picked.double().sum())
-            per_file[text.name] = math.exp(nll / text.predicted)
+            per_file[text.name] = _exp(nll / text.predicted)
             total_nll += nll
             total_count += text.predicted
-    return Score(math.exp(total_nll / total_count), per_file, total_count)
+    return Score(_exp(total_nll / total_count), per_file, total_count)
+
+
+def _exp(mean_nll: float) -> float:
+    """exp, inf past float64's range (a model that puts ~0 probability on the text), NaN stays NaN."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf

@@ -174,6 +174,12 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
         return RunsState()
     if not entries:
         return RunsState()
+    for name in RUNS_FILES:
+        path = runs / name
+        if os.path.lexists(path) and not (path.is_file() and not path.is_symlink()) and not (
+                path.is_symlink() and name != "results.jsonl"):
+            raise OutputError(f"--output_dir {runs}: {path} is in the way of the sweep's own {name} (it is not a "
+                              "regular file); remove it")
     old = _old_record(runs)
     old_names = _old_names(old, runs)
     dirs = {e.name for e in entries if e.is_dir(follow_symlinks=False)}
@@ -207,7 +213,7 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
                 raise OutputError(f"--overwrite would replace {runs / name}, which {problem}; remove it yourself or "
                                   "choose another directory")
     previous = {}
-    for name in (SWEEP_FILE, VARIANTS_FILE):
+    for name in RUNS_FILES:
         if (runs / name).is_file() and not (runs / name).is_symlink():
             previous[name] = (runs / name).read_bytes()
     return RunsState("replace", replace=sorted(d for d in dirs if d in expected),
@@ -268,6 +274,9 @@ def _difference(old: dict, new: dict) -> str:
         return "other inputs (their fingerprints differ)"
     if old.get("output_dtype") != new["output_dtype"] or old.get("max_shard_size") != new["max_shard_size"]:
         return "another output dtype or shard size"
+    if old.get("eval") != new.get("eval"):
+        return ("other evaluation settings (texts, their tokens, --eval-tokens, --seq-len, --eval-dtype or the "
+                "device kind)" if old.get("eval") and new.get("eval") else "one is scored and the other is not")
     return "other variants"
 
 

@@ -412,6 +412,9 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                                                                                             aliases)},
                                        inputs=inputs)
                 wrote_records = True
+                if now.action == "replace":  # the earlier sweep's results go with it (put back if this run fails)
+                    for name in RUNS_FILES[2:]:
+                        (runs / name).unlink(missing_ok=True)
             table = best = None
             if scoring:
                 rows, kept = _score(scoring, variants, plans, signatures, aliases, a, b, runs=runs,
@@ -446,12 +449,16 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     from gpumerge.sweep_eval import eval_record
 
     keep = str(args.keep).strip().lower()
-    if keep != "all" and not (keep.isdigit() and 1 <= int(keep) <= MAX_VARIANTS):
-        raise SpecError(f"--keep must be a number of variants (1 or more) or all, got {shown(args.keep)}")
+    if keep != "all" and not (keep.isascii() and keep.isdigit() and 1 <= int(keep) <= MAX_VARIANTS):
+        raise SpecError(f"--keep must be a number of variants from 1 to {MAX_VARIANTS}, or all; got "
+                        f"{shown(args.keep)}")
     limit = a.config.get("max_position_embeddings")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
+        raise SpecError(f"model 1's config.json gives max_position_embeddings {shown(limit)}: a window of at least "
+                        "2 tokens is needed to score perplexity")
     seq_len = args.seq_len
     if seq_len is None:  # 512, or the model's own window when it is shorter
-        seq_len = min(512, limit) if isinstance(limit, int) and limit >= 2 else 512
+        seq_len = min(512, limit) if limit is not None else 512
     settings = EvalSettings(tuple(args.eval_text), eval_tokens=args.eval_tokens, seq_len=seq_len,
                             batch=args.eval_batch)
     if isinstance(limit, int) and settings.seq_len > limit:
@@ -531,9 +538,14 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     finally:
         if bar is not None:
             bar.close()
-    kept = [r.name for r in ranked([r for r in rows if not r.baseline])][:scoring["keep"]]
-    for row in rows:
-        row.kept = row.name in kept
+    broken = [r.name for r in rows if not math.isfinite(r.perplexity)]
+    if broken:
+        notice(f"{len(broken)} row(s) scored NaN or infinite perplexity (a blend out of the eval dtype's range?): "
+               + ", ".join(broken[:6]) + (", ..." if len(broken) > 6 else "") + "; ranked last, never kept")
+    kept = [r.name for r in ranked([r for r in rows if not r.baseline and math.isfinite(r.perplexity)])]
+    kept = kept[:scoring["keep"]]
+    for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
+        row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
     return rows, kept
 
 

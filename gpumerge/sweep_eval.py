@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from gpumerge.signals import GUARD, Interrupted
 
 RESULTS_JSONL = "results.jsonl"
 BASELINES = ("model_1", "model_2")
+_MAX_RESULTS_BYTES = 256 * 2**20  # results.jsonl: ~300 bytes a row
 _MARGIN_BYTES = 512 * 2**20  # what the forward pass and the rest of the process need beyond the weights, on a CPU
 
 
@@ -49,7 +51,8 @@ class Row:
 
 def eval_record(settings, texts, *, out_dtype: str, eval_dtype: str, device_kind: str) -> dict:
     """What decides a score besides the weights: part of the sweep's identity and of every row's key."""
-    return {"texts": [{"name": t.name, "sha256": t.sha256} for t in texts], "eval_tokens": settings.eval_tokens,
+    return {"texts": [{"name": t.name, "sha256": t.sha256, "tokens_sha256": t.tokens_sha256} for t in texts],
+            "eval_tokens": settings.eval_tokens,
             "seq_len": settings.seq_len, "eval_dtype": eval_dtype, "output_dtype": out_dtype, "attention": "sdpa",
             "device": device_kind, "definition": "gpumerge-perplexity-1"}
 
@@ -207,26 +210,41 @@ def _scratch(job) -> bool:
 
 def load_done(path: Path) -> dict[str, dict]:
     """The rows already scored (results.jsonl), by key; a torn last line (a crash mid-write) is ignored."""
+    from gpumerge import fsutil
+
     done = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not (path.exists() or path.is_symlink()):
         return done
-    for line in text.splitlines():
+    raw = fsutil.read_regular(path, max_bytes=_MAX_RESULTS_BYTES, what=f"--output_dir: {path}", error=OutputError)
+    for line in raw.decode("utf-8", "replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(row, dict) and isinstance(row.get("key"), str):
+        if isinstance(row, dict) and isinstance(row.get("key"), str) and _valid(row):
             done[row["key"]] = row
     return done
 
 
+def _valid(row: dict) -> bool:
+    """A row as append_row writes it; anything else (a hand edit, a torn line) is scored again."""
+    numbers = [row.get("perplexity"), row.get("blend_s"), row.get("eval_s")]
+    per_file = row.get("per_file")
+    return (all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
+            and (row["perplexity"] >= 1 or math.isnan(row["perplexity"]))
+            and isinstance(row.get("tokens"), int) and not isinstance(row.get("tokens"), bool)
+            and isinstance(per_file, dict) and all(isinstance(v, (int, float)) for v in per_file.values()))
+
+
 def append_row(path: Path, row: Row) -> None:
     """One line per scored row, appended and flushed to disk at once: a crash loses at most the row in progress."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
-        os.write(fd, (json.dumps(row.as_dict()) + "\n").encode())
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OutputError(f"--output_dir: {path} is not a regular file; remove it")
+        torn = info.st_size > 0 and os.pread(fd, 1, info.st_size - 1) != b"\n"  # a crash mid-line: start afresh
+        os.write(fd, (("\n" if torn else "") + json.dumps(row.as_dict()) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -291,7 +309,9 @@ def _fill(row: Row, done: dict) -> None:
 
 
 def ranked(rows: list[Row]) -> list[Row]:
-    return sorted(rows, key=lambda r: (r.perplexity, r.name))
+    """Lowest perplexity first; a NaN or infinite one (a blend that overflowed) last, never best."""
+    return sorted(rows, key=lambda r: (not math.isfinite(r.perplexity), r.perplexity if math.isfinite(
+        r.perplexity) else 0.0, r.name))
 
 
 def budget_for_inputs(device: str, model_bytes: int, max_memory) -> int | None:

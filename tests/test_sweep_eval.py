@@ -177,3 +177,65 @@ def test_bad_evaluations_are_one_line_errors(extra, needle, pair, trained, tmp_p
                            tmp_path / "runs", "--quiet", "--grid", "gradient_end=0.5,1", *extra, capsys=capsys)
     assert_one_line_error(code, err, needle.replace("MISSING", "missing.txt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]
+
+
+def test_non_finite_scores_rank_last_and_are_never_best():
+    from gpumerge.sweep_eval import Row, ranked
+
+    rows = [Row("nan", {}, "k1", perplexity=math.nan), Row("b", {}, "k2", perplexity=9.0),
+            Row("inf", {}, "k3", perplexity=math.inf), Row("a", {}, "k4", perplexity=3.0)]
+    assert [r.name for r in ranked(rows)] == ["a", "b", "inf", "nan"]
+
+
+def stopped_run(pair, trained, runs, capsys, monkeypatch, stop_after: int, *extra):
+    argv = ("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir", runs, "--quiet",
+            "--grid", "gradient_end=0:1:3", *eval_flags(trained, files=texts(trained)[1:]), *extra)
+    monkeypatch.setenv("GPUMERGE_TEST_STOP_AFTER", str(stop_after))
+    code, _, err = run_cli(*argv, capsys=capsys)
+    monkeypatch.delenv("GPUMERGE_TEST_STOP_AFTER")
+    assert code == 130, err
+    return argv
+
+
+def test_a_torn_results_line_costs_only_that_row(pair, trained, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    argv = stopped_run(pair, trained, runs, capsys, monkeypatch, 2)
+    results = runs / "results.jsonl"
+    results.write_bytes(results.read_bytes()[:-40])  # a crash in the middle of writing the second row
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 0, err
+    keys, torn = [], 0
+    for line in results.read_text().splitlines():
+        try:
+            keys.append(json.loads(line)["key"])
+        except ValueError:
+            torn += 1
+    assert torn == 1  # the fragment stays on a line of its own; the next row starts a new line
+    assert len(set(keys)) == len(keys) == 5  # model_1 kept, model_2 (torn) and the 3 variants scored once each
+
+
+def test_a_results_file_that_is_not_a_regular_file_is_refused(pair, trained, tmp_path, capsys, monkeypatch):
+    import os
+
+    runs = tmp_path / "runs"
+    argv = stopped_run(pair, trained, runs, capsys, monkeypatch, 1)
+    (runs / "results.jsonl").unlink()
+    os.mkfifo(runs / "results.jsonl")
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert_one_line_error(code, err, "results.jsonl is in the way")
+
+
+def test_another_tokenizer_is_another_evaluation(pair, trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    mine = tmp_path / "model_1"
+    shutil.copytree(pair[0], mine)
+    runs = tmp_path / "runs"
+    argv = list(stopped_run((mine, pair[1]), trained, runs, capsys, monkeypatch, 1))
+    data = json.loads((mine / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[40:42]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # the same text, other token ids
+    (mine / "tokenizer.json").write_text(json.dumps(data))
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert_one_line_error(code, err, "holds another sweep (other evaluation settings")
