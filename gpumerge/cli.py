@@ -74,15 +74,19 @@ def _merge_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> Non
     _flag(parser, "debug", action="store_true", help="show tracebacks")
 
 
+def _quiet_and_debug(parser: argparse.ArgumentParser, quiet_help: str) -> argparse.ArgumentParser:
+    _flag(parser, "quiet", action="store_true", help=quiet_help)
+    _flag(parser, "debug", action="store_true", help="show tracebacks")
+    return parser
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "demo":
         parser = _Parser(prog="gpumerge demo", description="Build two small Llama checkpoints locally, merge them, "
                          "check that transformers loads the result, and print where it is.")
         _flag(parser, "workdir", type=Path, default=None, metavar="DIR",
               help="where to build the demo (default: a new temporary directory)")
-        _flag(parser, "quiet", action="store_true", help="no progress bar or notices")
-        _flag(parser, "debug", action="store_true", help="show tracebacks")
-        return parser
+        return _quiet_and_debug(parser, "no progress bar or notices")
     if command == "verify":
         parser = _Parser(prog="gpumerge verify", description="Check that a directory is exactly the merge its record "
                          "claims: shards and index, checksums.sha256, and (with the inputs: the recorded ones, or "
@@ -93,9 +97,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _flag(parser, "model_path1", metavar="PATH", help="model 1, when not where the record says")
         _flag(parser, "model_path2", metavar="PATH", help="model 2, when not where the record says")
         _flag(parser, "full", action="store_true", help="recompute every tensor, not a sample")
-        _flag(parser, "quiet", action="store_true", help="print only the problems")
-        _flag(parser, "debug", action="store_true", help="show tracebacks")
-        return parser
+        return _quiet_and_debug(parser, "print only the problems")
     if command == "sweep":
         parser = _Parser(prog="gpumerge sweep", description="Many merges of one pair from one read of the inputs: "
                          "every variant of a grid (or of a settings file) written to OUTPUT_DIR/NAME/ exactly as "
