@@ -118,11 +118,12 @@ def shard_header(path: Path) -> tuple[int, dict] | None:
     return (8 + length, header) if isinstance(header, dict) else None
 
 
-def variant_record(directory: Path) -> dict | None:
-    """The gpumerge merge record in a directory's first shard (safetensors metadata, key ``gpumerge``), or None."""
+def variant_record(directory: Path, *, shard: str | None = None, follow_links: bool = False) -> dict | None:
+    """The gpumerge merge record in a directory's first shard (or ``shard``; safetensors metadata, key
+    ``gpumerge``), or None."""
     try:
-        shards = sorted(e.name for e in os.scandir(directory) if e.name.endswith(".safetensors")
-                        and e.is_file(follow_symlinks=False))
+        shards = [shard] if shard else sorted(e.name for e in os.scandir(directory) if e.name.endswith(".safetensors")
+                                              and e.is_file(follow_symlinks=follow_links))
     except OSError:
         return None
     found = shard_header(directory / shards[0]) if shards else None

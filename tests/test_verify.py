@@ -93,7 +93,7 @@ def test_a_flipped_header_byte_and_a_missing_shard_fail(merged, tmp_path, capsys
     raw[at + 1:at + 4] = b"I16"
     shard.write_bytes(bytes(raw))
     code, _, err = verified(out, capsys)
-    assert code == 1 and "the tensors differ from what the recorded settings make" in err, err
+    assert code == 1 and "the tensors or their layout differ from what the recorded settings make" in err, err
     shard.unlink()
     code, _, err = verified(out, capsys)
     assert code == 1 and shard.name in err and len(err.splitlines()) == 1, err
@@ -109,9 +109,9 @@ def test_a_wrong_checksum_fails(merged, tmp_path, capsys):
 
 
 def test_inputs_that_are_not_the_recorded_ones_fail(merged, models, capsys):
-    code, _, err = verified(merged, capsys, "--model_path2", models["wide"])
+    code, _, err = verified(merged, capsys, "--model_path1", models["fp16_a"], "--model_path2", models["wide"])
     assert code == 1 and "model 2 at" in err and "is not the recorded input" in err, err
-    code, _, err = verified(merged, capsys, "--model_path2", models["tied_b"])
+    code, _, err = verified(merged, capsys, "--model_path1", models["fp16_a"], "--model_path2", models["tied_b"])
     assert code == 1 and "model 2 at" in err and "is not the recorded input" in err, err
 
 
@@ -146,3 +146,58 @@ def test_shards_are_read_back_before_the_output_is_put_in_place(pair, tmp_path, 
     code, _, err = run_cli(*merge_args(*pair, tmp_path / "out"), capsys=capsys)
     assert_one_line_error(code, err, "read back before it is put in place, is wrong")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_beside_the_weights_are_checked_too(merged, tmp_path, capsys):
+    out = copy_of(merged, tmp_path)
+    (out / "checksums.sha256").unlink()
+    (out / "modeling_evil.py").write_text("import os\n")
+    config = json.loads((out / "config.json").read_text())
+    config["rope_theta"] = 1.0
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "gpumerge_recipe.yaml").write_text((out / "gpumerge_recipe.yaml").read_text().replace("0.2", "0.3"))
+    code, _, err = verified(out, capsys)
+    assert code == 1, err
+    assert "holds files the merge does not write: modeling_evil.py" in err
+    assert "config.json is not what the merge writes" in err
+    assert "gpumerge_recipe.yaml is missing or does not hold the recorded settings" in err
+
+
+def test_without_the_inputs_full_is_a_failure_and_the_default_says_so(pair, tmp_path, capsys):
+    a, b = (shutil.copytree(p, tmp_path / name) for p, name in zip(pair, ("a", "b")))
+    out = tmp_path / "out"
+    assert run_cli(*merge_args(a, b, out, "--checksums"))[0] == 0
+    shutil.rmtree(b)  # the recorded model 2 is gone
+    code, text, err = verified(out, capsys)
+    assert code == 0 and "nothing was recomputed" in text, err
+    code, _, err = verified(out, capsys, "--full")
+    assert code == 1 and "the inputs are not here: nothing was recomputed" in err, err
+    code, _, err = verified(out, capsys, "--full", "--model_path1", a, "--model_path2", tmp_path / "nowhere")
+    assert code == 1 and "cannot recompute it" in err, err
+    code, text, err = verified(out, capsys, "--full", "--model_path1", a, "--model_path2", pair[1])
+    assert code == 0 and "every " in text, err
+
+
+def test_a_sweep_is_checked_against_its_record(pair, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir", runs,
+                           "--grid", "gradient_end=0,0.5,1", "--quiet", capsys=capsys)
+    assert code == 0, err
+    (runs / "ge0").rename(tmp_path / "ge0")
+    (runs / "ge1").rename(runs / "ge0")
+    (tmp_path / "ge0").rename(runs / "ge1")  # two variants swapped
+    shutil.rmtree(runs / "ge0.5")
+    code, _, err = verified(runs, capsys)
+    assert code == 1, err
+    assert f"{runs}: variant ge0.5 is missing" in err
+    assert f"{runs / 'ge0'}: its recorded settings are not those sweep.json gives this variant" in err
+
+
+def test_a_checksums_file_that_is_a_fifo_never_hangs(merged, tmp_path, capsys):
+    import os
+
+    out = copy_of(merged, tmp_path)
+    (out / "checksums.sha256").unlink()
+    os.mkfifo(out / "checksums.sha256")
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "checksums.sha256 cannot be read" in err, err
