@@ -520,7 +520,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     if budget is None:
         budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"])
     model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
-                          budget_bytes=budget, notice=notice)
+                          budget_bytes=budget, notice=notice, max_memory=scoring["max_memory"])
     _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
     bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
     best = [math.inf, ""]

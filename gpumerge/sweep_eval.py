@@ -68,7 +68,7 @@ class ResidentModel:
     """Model 1's architecture with the merge's output values as parameters; variants blended into it in place."""
 
     def __init__(self, a, b, plans: list, *, device: str, eval_dtype: str, budget_bytes: int | None,
-                 notice: Callable[[str], None]) -> None:
+                 notice: Callable[[str], None], max_memory=None) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -103,7 +103,9 @@ class ResidentModel:
                 self.resident[name] = (self._read(a, name), self._read(b, name, rows=True))
         else:
             notice(f"the inputs of the blended tensors ({need / 2**30:.2f} GiB) do not fit beside the model "
-                   f"({budget_bytes / 2**30:.2f} GiB free for them): each variant reads them again from disk")
+                   f"({budget_bytes / 2**30:.2f} GiB free for them): each variant streams them again from disk "
+                   "through the merge's pipeline")
+        self.max_memory = max_memory
         self._wide = None
 
     # -- reading --
@@ -161,11 +163,14 @@ class ResidentModel:
         """The variant's values for every tensor some variant blends (the others never change)."""
         from gpumerge.pipeline import blend_values
 
+        if self.blended and not self.resident:
+            self._stream(plan)
+            return
         jobs = {job.name: job for job in plan.jobs}
         for name in self.blended:
             GUARD.poll()
             job = jobs[name]
-            a, b = self.resident.get(name) or (self._read(self.a, name), self._read(self.b, name, rows=True))
+            a, b = self.resident[name]
             param = self.params[name].data
             out = param.view(-1) if _same_dtype(param, job) and param.is_contiguous() else self._out(job)
             span = job.blend_numel
@@ -175,6 +180,27 @@ class ResidentModel:
                 out[span:].copy_(a[span:])
             if out.data_ptr() != param.data_ptr():
                 self._set(name, out)
+
+    def _stream(self, plan) -> None:
+        """The variant's tensors that some variant blends, read and blended by the merge's pipelined engine, each
+        piece landing in its parameter instead of a shard (_ParamSink): memory stays the engine's ring."""
+        from gpumerge.copier import Copier
+        from gpumerge.devices import probe_budget
+        from gpumerge.pipeline import PipelinedEngine
+        from gpumerge.plan import MergePlan, ShardPlan, batch_capacity, make_batches
+
+        union = set(self.blended)
+        shards = tuple(ShardPlan(s.filename, tuple(j for j in s.jobs if j.name in union), s.data_bytes)
+                       for s in plan.shards)
+        part = MergePlan(plan.spec, plan.num_layers, plan.window, plan.layer_t, plan.out_dtype, shards,
+                         plan.notices)
+        sinks = [_ParamSink(shard.jobs, self.params) for shard in shards]
+        budget = probe_budget([self.device], dict(self.max_memory) if self.max_memory else None)
+        capacity = batch_capacity([self.device], budget)
+        batches = make_batches(part, budget, devices=[self.device])
+        copier = Copier(part, self.a, sinks).start()
+        engine = PipelinedEngine(self.a, self.b, devices=[self.device], capacity=capacity)
+        engine.run(part, batches, sinks, copier)
 
     def _scratch(self, n: int):
         import torch
@@ -191,6 +217,41 @@ class ResidentModel:
 
 
 _FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+class _ParamSink:
+    """Stands where a ShardWriter stands in the pipeline: bytes written at a shard offset land in the parameter of
+    the tensor there (cast to the forward pass's dtype), on the model's device."""
+
+    def __init__(self, jobs, params: dict) -> None:
+        self.jobs = sorted(jobs, key=lambda job: job.offset)
+        self.starts = [job.offset for job in self.jobs]
+        self.params = params
+
+    def pwrite(self, data: memoryview, offset: int, *, absolute: bool = False) -> None:
+        import bisect
+
+        import torch
+
+        from gpumerge.checkpoint import ITEMSIZE
+        from gpumerge.kernels.dtypes import torch_dtype
+
+        job = self.jobs[bisect.bisect_right(self.starts, offset) - 1]
+        size = ITEMSIZE[job.out_dtype]
+        first = (offset - job.offset) // size
+        values = torch.frombuffer(bytearray(data), dtype=torch_dtype(job.out_dtype))
+        self.params[job.name].data.view(-1)[first:first + values.numel()].copy_(values)
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
+        chunk = 16 * 2**20
+        for start in range(0, nbytes, chunk):
+            data = os.pread(src_fd, min(chunk, nbytes - start), src_offset + start)
+            if not data:
+                raise OutputError("an input file ended while its tensor was read")
+            self.pwrite(memoryview(data), offset + start)
+
+    def close(self) -> None:
+        pass
 
 
 def _same_dtype(param, job) -> bool:
