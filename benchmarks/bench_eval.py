@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from bench_cpu import gpumerge_exe, remove, run_quiet  # noqa: E402
+from bench_cpu import gpumerge_exe, remove  # noqa: E402
 from make_pair import PairShape, ensure_pair  # noqa: E402
 
 DATA = HERE / "data"

@@ -332,7 +332,8 @@ def sweep_rows(ctx: Context) -> Iterator[Row]:
     on_cpu = sweep(a, b, ctx.work / "sweep_cpu", device="cpu", count=8)
     shutil.rmtree(ctx.work / "sweep_cpu", ignore_errors=True)
     yield ("(6b) the same sweep with --device cpu on this machine", f"{on_cpu.elapsed_s:.2f} s = "
-           f"{on_cpu.elapsed_s / floor:.2f}x floor; {ctx.device} speed-up {on_cpu.elapsed_s / on_device.elapsed_s:.2f}x",
+           f"{on_cpu.elapsed_s / floor:.2f}x floor; {ctx.device} speed-up "
+           f"{on_cpu.elapsed_s / on_device.elapsed_s:.2f}x",
            "information")
     merge(a, b, ctx.work / "single", device="cpu", gradient_end=float(chosen["gradient_end"]))
     want = output_bytes(ctx.work / "single")
@@ -409,7 +410,6 @@ def eval_rows(ctx: Context) -> Iterator[Row]:
     per_variant = blend_s + eval_s
     yield ("(7c) 100 variants extrapolated: 100 x (blend + evaluation)", f"{100 * per_variant:.0f} s "
            f"({100 * per_variant / 60:.1f} min; {per_variant:.2f} s per variant)", "< 300 s")
-    del model, inputs
 
 
 SECTIONS: dict[str, tuple[int, Callable[[Context], Iterator[Row]]]] = {

@@ -135,7 +135,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _flag(parser, "plot", type=Path, default=None, metavar="FILE.png", help="draw each model's share per layer")
         return parser
     parser = _Parser(prog="gpumerge", description="Blend the decoder blocks of two checkpoints along a gradient "
-                     "(BlockMerge Gradient), streaming, exact, atomic. Subcommands: plan, demo.")
+                     "(BlockMerge Gradient), streaming, exact, atomic. Subcommands: plan, sweep, verify, demo.")
     _merge_flags(parser)
     parser.add_argument("--version", action="version", version=f"gpumerge {_version()}")
     _flag(parser, "report", type=Path, default=None, metavar="FILE.json",

@@ -20,8 +20,8 @@ from gpumerge.spec import (MAX_RECIPE_DEPTH, MAX_RECIPE_ITEMS, LayerGradientsRec
 
 # Keys of gpumerge's recipe format: the original YAML edition's (model_path1, model_path2, output_model_path,
 # max_shard_size, operations) plus every command-line setting, so a merge's record can be re-run as it is.
-RECIPE_KEYS = ("mergekit", "model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype", "device", "method",
-               "gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
+RECIPE_KEYS = ("mergekit", "model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype", "device",
+               "method", "gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
                "no_layers", "filter", "custom_filter", "operations", "layer_gradients", "max_memory")
 OPERATION_KEYS = ("operation", "filter", "gradient_values", "layer_only", "no_layers")
 MERGEKIT_MARKERS = ("merge_method", "slices", "models")

@@ -59,7 +59,8 @@ def sweep_record(variants, plans, signatures, aliases, columns, a, b, *, retirin
         "version": version(),
         "sweep": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
         "inputs": [{"role": role, "path": path, "resolved": str(ckpt.root), "fingerprint": ckpt.fingerprint()}
-                   for role, path, ckpt in (("model_path1", spec.model_path1, a), ("model_path2", spec.model_path2, b))],
+                   for role, path, ckpt in (("model_path1", spec.model_path1, a),
+                                            ("model_path2", spec.model_path2, b))],
         "output_dtype": plans[0].out_dtype_name,
         "max_shard_size": spec.max_shard_size,
         "swept": columns,

@@ -7,7 +7,8 @@ import pytest
 from conftest import REPO, build, run_cli
 
 EXAMPLES = REPO / "examples"
-RECIPES = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".yaml", ".yml") and p.name != "sweep_variants.yaml")
+RECIPES = sorted(p.name for p in EXAMPLES.iterdir()
+                 if p.suffix in (".yaml", ".yml") and p.name != "sweep_variants.yaml")
 
 
 @pytest.fixture(scope="module")

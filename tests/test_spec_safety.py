@@ -17,7 +17,8 @@ from test_cli_errors import assert_one_line_error, merge_args
 from gpumerge import devices
 from gpumerge.errors import SpecError
 from gpumerge.recipes import load_yaml, recipe_loader
-from gpumerge.spec import MAX_LAYER_NUMBER, MAX_SIZE_BYTES, MIN_DEVICE_BUDGET_BYTES, MergeSpec, parse_max_memory, parse_size
+from gpumerge.spec import (MAX_LAYER_NUMBER, MAX_SIZE_BYTES, MIN_DEVICE_BUDGET_BYTES, MergeSpec, parse_max_memory,
+                           parse_size)
 
 BIG = "1" + "0" * 400  # a 401-digit integer
 
