@@ -94,7 +94,7 @@ def probe_budget(devices: list[str], max_memory: Mapping[int | str, int] | None 
     unknown = [k for k in given if k != "cpu" and f"cuda:{k}" not in devices]
     if unknown:
         raise unused_budget_error(unknown, devices)
-    probed: dict[int | str, int] = {"cpu": _available_ram()}
+    probed: dict[int | str, int] = {"cpu": available_ram()}
     for device in devices:  # only the chosen GPUs: probing all (accelerate's get_max_memory) would make a
         if device != "cpu" and _budget_key(device) not in given:  # context on each, and fail on a broken one
             probed[_budget_key(device)] = _free_gpu_bytes(device)
@@ -142,7 +142,7 @@ def _free_gpu_bytes(device: str) -> int:
                         "leave it out with --device") from exc
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
     """Available RAM without importing accelerate/psutil on the CPU path (what they report, from sysconf)."""
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -374,8 +374,8 @@ def check_space(out: Path, nbytes: int, margin_bytes: int = 64 * 2**20, *, what:
     parent = _existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < nbytes + margin_bytes:
-        raise OutputError(f"not enough disk space for {what} at {parent}: it needs {_size(nbytes)} plus a "
-                          f"margin of {_size(margin_bytes)}, and {_size(free)} are free")
+        raise OutputError(f"not enough disk space for {what} at {parent}: it needs {size_text(nbytes)} plus a "
+                          f"margin of {size_text(margin_bytes)}, and {size_text(free)} are free")
 
 
 class OutputLock:
@@ -459,7 +459,7 @@ class OutputDir:
 
     def __enter__(self) -> "OutputDir":
         try:
-            self._make_parents()
+            make_parents(self.out, self._created)
             self._lock.acquire()
             if self._recover_stale() and not self.overwrite:
                 raise OutputError(f"an earlier run was interrupted while replacing {self.out}; its previous contents "
@@ -474,15 +474,6 @@ class OutputDir:
     def __exit__(self, *exc) -> None:
         self._cleanup()
 
-    def _make_parents(self) -> None:
-        missing = []
-        parent = self.out.parent
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        for directory in reversed(missing):
-            directory.mkdir()
-            self._created.append(directory)
 
     def _recover_stale(self) -> bool:
         """Remove partial outputs; put back an OUT that the two-rename fallback had moved aside. True if it did.
@@ -585,11 +576,7 @@ class OutputDir:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             self._lock.release()
             if not self.finalized:
-                for directory in reversed(self._created):
-                    try:
-                        directory.rmdir()
-                    except OSError:
-                        break
+                remove_made(self._created)
 
 
 def _alive(pid: int) -> bool:
@@ -602,7 +589,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _size(nbytes: int) -> str:
+def make_parents(path: Path, created: list[Path] | None = None) -> list[Path]:
+    """Create the missing directories above ``path``, each added to ``created`` as it is made (so that a failure
+    half-way still knows what to remove); returns ``created``, outermost first (for remove_made)."""
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    created = [] if created is None else created
+    for directory in reversed(missing):
+        directory.mkdir()
+        created.append(directory)
+    return created
+
+
+def remove_made(created: list[Path]) -> None:
+    """Remove the directories a run made (make_parents), innermost first, as long as they are empty again."""
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except OSError:
+            break
+
+
+def size_text(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 

@@ -194,23 +194,29 @@ def slerp_prepass_many(plans: list[MergePlan], a: Checkpoint, b: Checkpoint, *,
                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[MergePlan]:
     """slerp_prepass for a sweep's plans: each tensor pair's sums are read and computed once (per input rounding),
     whatever the number of variants that slerp it; each variant's coefficients follow from its own t."""
+    sums: dict = {}
+    return [plan.with_jobs(with_slerp_coefficients(plan.jobs, a, b, sums=sums, chunk_elements=chunk_elements))
+            for plan in plans]
+
+
+def with_slerp_coefficients(jobs, a: Checkpoint, b: Checkpoint, *, sums: dict | None = None,
+                            chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> dict[str, TensorJob]:
+    """The slerp jobs among ``jobs`` with their coefficients, by name. ``sums`` keeps each tensor pair's sums (per
+    input rounding) across calls, so that they are read and computed once."""
     from dataclasses import replace
 
     from gpumerge.kernels.slerp import coefficients
 
-    sums: dict[tuple[str, str | None], object] = {}
-    out = []
-    for plan in plans:
-        updated: dict[str, TensorJob] = {}
-        for job in plan.jobs:
-            if job.blended and job.method == "slerp":
-                key = (job.name, job.load_dtype)
-                if key not in sums:
-                    sums[key] = _slerp_sums(job, a, b, chunk_elements)
-                found = sums[key]
-                updated[job.name] = replace(job, coef=coefficients(found.aa, found.bb, found.ab, job.t))
-        out.append(plan.with_jobs(updated))
-    return out
+    sums = {} if sums is None else sums
+    updated: dict[str, TensorJob] = {}
+    for job in jobs:
+        if job.blended and job.method == "slerp":
+            key = (job.name, job.load_dtype)
+            if key not in sums:
+                sums[key] = _slerp_sums(job, a, b, chunk_elements)
+            found = sums[key]
+            updated[job.name] = replace(job, coef=coefficients(found.aa, found.bb, found.ab, job.t))
+    return updated
 
 
 def _slerp_sums(job: TensorJob, a: Checkpoint, b: Checkpoint, chunk_elements: int):

@@ -79,11 +79,11 @@ def variants_csv(variants, columns: list[str], aliases: dict) -> bytes:
     table.writerow(["name", *columns])
     for variant in variants:
         if variant.name not in aliases:
-            table.writerow([variant.name, *(_cell(variant.values.get(column)) for column in columns)])
+            table.writerow([variant.name, *(csv_cell(variant.values.get(column)) for column in columns)])
     return out.getvalue().encode()
 
 
-def _cell(value) -> str:
+def csv_cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):

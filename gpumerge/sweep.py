@@ -14,14 +14,15 @@ skips the variants already complete; a different sweep is refused unless --overw
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
+import sys
 import time
 from contextlib import ExitStack
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,8 +65,11 @@ class SweepResult:
 
     @property
     def summary(self) -> str:
-        parts = [f"wrote {len(self.written)} variant(s) ({_size(self.bytes_written)}) in {self.elapsed_s:.1f} s; "
-                 f"{_size(self.bytes_read)} of the inputs read once for the blends, {_size(self.bytes_copied)} of "
+        from gpumerge.outdir import size_text
+
+        parts = [f"wrote {len(self.written)} variant(s) ({size_text(self.bytes_written)}) in {self.elapsed_s:.1f} "
+                 f"s; {size_text(self.bytes_read)} of the inputs read once for the blends, "
+                 f"{size_text(self.bytes_copied)} of "
                  "unchanged tensors copied file to file"
                  if self.written else "nothing to write"]
         if self.complete:
@@ -77,10 +81,6 @@ class SweepResult:
                                                                       list(self.aliases.items())[:4])
                          + (", ..." if len(self.aliases) > 4 else ""))
         return f"gpumerge: sweep at {self.runs}: " + "; ".join(parts)
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 # ---- variants -----------------------------------------------------------------------------------------------------
@@ -349,7 +349,8 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
     from gpumerge import runs as runs_dir
     from gpumerge import writer
     from gpumerge.merge import check_open_files, open_pair, preflight
-    from gpumerge.outdir import Inputs, OutputLock, canonical, check_output_path, check_space
+    from gpumerge.outdir import (Inputs, OutputLock, canonical, check_output_path, check_space, make_parents,
+                                 remove_made)
 
     began = time.perf_counter()
     variants, columns = variants_from_args(args)
@@ -391,12 +392,13 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         preflight(plans[0], a, b, more=tuple(plans[1:]))
         GUARD.poll()
 
-        created = _make_parents(runs)
+        created: list[Path] = []  # RUNS's parents (and RUNS) as this run makes them
         lock = OutputLock(runs, flag="--output_dir")
         done = False
         wrote_records = False
         finalized: list[str] = []  # the variants this run put in place
         try:
+            make_parents(runs, created)
             lock.acquire()
             GUARD.poll()
             state[0] = runs_dir.judge_runs(runs, record, expected, overwrite=overwrite)  # again, under the lock
@@ -417,11 +419,13 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                         (runs / name).unlink(missing_ok=True)
             table = best = None
             if scoring:
-                rows, kept = _score(scoring, variants, plans, signatures, aliases, a, b, runs=runs,
-                                    progress_factory=progress_factory, notice=notice)
-                pending = [(v, p) for v, p in distinct if v.name in kept and v.name not in now.complete]
+                rows, kept, scored = _score(scoring, variants, plans, signatures, aliases, a, b, runs=runs,
+                                            progress_factory=progress_factory, notice=notice)
+                # the plans as scored: slerp coefficients already there, their tensors not read a second time
+                pending = [(v, scored[v.name]) for v, _ in distinct if v.name in kept and v.name not in now.complete]
             stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, replace=now.replace,
                                     finalized=finalized, said_devices=scoring is not None,
+                                    slerp_ready=scoring is not None,
                                     checksums=bool(getattr(args, "checksums", False)),
                                     progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
                                     simulate_staging=simulate_staging)
@@ -434,7 +438,8 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                 _undo_records(runs, state[0], inputs)
             lock.release()
             if not done:
-                _remove_created(created)
+                with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
+                    remove_made(created)
     return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(state[0].complete), aliases,
                        time.perf_counter() - began, *stats, table=table or "", best=best)
 
@@ -492,7 +497,8 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
 
 
 def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: Path, progress_factory, notice):
-    """Every row scored (or taken from results.jsonl); returns (rows, names of the variants to keep)."""
+    """Every row scored (or taken from results.jsonl); returns (rows, names of the variants to keep, the variants'
+    plans by name with their slerp coefficients)."""
     from gpumerge.sweep_eval import (RESULTS_JSONL, ResidentModel, Row, budget_for_inputs, check_fits, ranked,
                                      row_key, score_rows)
 
@@ -546,7 +552,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     kept = kept[:scoring["keep"]]
     for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
         row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
-    return rows, kept
+    return rows, kept, by_name
 
 
 def _preload_matplotlib() -> None:
@@ -589,19 +595,6 @@ def _results(scoring: dict, rows, columns, record, *, runs: Path, inputs) -> tup
     return table_text(rows, columns), best
 
 
-def _make_parents(runs: Path) -> list[Path]:
-    missing = []
-    parent = runs.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    created = []
-    for directory in reversed(missing):
-        directory.mkdir()
-        created.append(directory)
-    return created
-
-
 def _undo_records(runs: Path, state, inputs) -> None:
     """A run that completed no variant: a new sweep's records go, a replaced sweep's come back."""
     from gpumerge.runs import SWEEP_FILE, VARIANTS_FILE, write_records
@@ -617,21 +610,12 @@ def _undo_records(runs: Path, state, inputs) -> None:
             pass
 
 
-def _remove_created(created: list[Path]) -> None:
-    """RUNS and its parents, when this run made them and they are empty again (after the lock file is gone)."""
-    with GUARD.critical():
-        for directory in reversed(created):
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-
-
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
                     batch_bytes, replace: list[str] = (), finalized: list[str] | None = None,
                     simulate_staging: bool = False, said_devices: bool = False,
-                    checksums: bool = False) -> tuple[int, int, int]:
+                    checksums: bool = False, slerp_ready: bool = False) -> tuple[int, int, int]:
     """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
+    ``slerp_ready``: the plans already carry their slerp coefficients (an evaluated sweep computed them).
     Returns (input bytes read for the blends, bytes written, bytes of those copied file to file)."""
     from gpumerge import writer
     from gpumerge.copier import Copier
@@ -648,13 +632,13 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
                                                  notice=notice, flag="--output_dir")) for v, _ in pending]
         GUARD.poll()
         plans = [p for _, p in pending]
-        if any(job.method == "slerp" for plan in plans for job in plan.jobs):
+        if not slerp_ready and any(job.method == "slerp" for plan in plans for job in plan.jobs):
             from gpumerge.pipeline import slerp_prepass_many
 
             plans = slerp_prepass_many(plans, a, b)
         records = [merge_record(dataclasses.replace(v.spec, output_model_path=runs / v.name), plan, a, b)
                    for (v, _), plan in zip(pending, plans)]
-        importing = _import_torch_in_background() if "torch" not in __import__("sys").modules else None
+        importing = _import_torch_in_background() if "torch" not in sys.modules else None
         if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
             _await(importing)
         devices, device_notice = resolve_devices(spec.device)

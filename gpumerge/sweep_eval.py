@@ -243,12 +243,9 @@ class _ParamSink:
         self.params[job.name].data.view(-1)[first:first + values.numel()].copy_(values)
 
     def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
-        chunk = 16 * 2**20
-        for start in range(0, nbytes, chunk):
-            data = os.pread(src_fd, min(chunk, nbytes - start), src_offset + start)
-            if not data:
-                raise OutputError("an input file ended while its tensor was read")
-            self.pwrite(memoryview(data), offset + start)
+        from gpumerge.writer import copy_by_reads
+
+        copy_by_reads(src_fd, src_offset, nbytes, lambda data, start: self.pwrite(data, offset + start))
 
     def close(self) -> None:
         pass
@@ -325,7 +322,7 @@ def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, set
     done = load_done(results)
     stop = _stop_after()
     scored = 0
-    state = "a"
+    state = "a"  # what the parameters hold: model 1 ("a", as built), model 2 ("b"), or a variant
     for row in rows:
         GUARD.poll()
         if row.key in done:
@@ -337,14 +334,15 @@ def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, set
         if row.name == "model_2":
             model.set_all("b")
             state = "b"
-        else:
-            if state == "b":
+        elif row.name == "model_1":
+            if state != "a":
                 model.set_all("a")
                 state = "a"
-            if row.name != "model_1":
-                model.apply(plans[row.name])
-            elif model.blended:
+        else:
+            if state == "b":  # apply sets only the tensors some variant blends: the rest must be model 1's again
                 model.set_all("a")
+            model.apply(plans[row.name])
+            state = "variant"
         model.synchronize()
         row.blend_s = time.perf_counter() - began
         began = time.perf_counter()
@@ -375,33 +373,30 @@ def ranked(rows: list[Row]) -> list[Row]:
         r.perplexity) else 0.0, r.name))
 
 
+def _free_bytes(device: str) -> int:
+    """The available RAM for the CPU, the free memory of a GPU."""
+    if device == "cpu":
+        from gpumerge.devices import available_ram
+
+        return available_ram()
+    import torch
+
+    return torch.cuda.mem_get_info(device)[0]
+
+
 def budget_for_inputs(device: str, model_bytes: int, max_memory) -> int | None:
     """Bytes the blended tensors' inputs may take beside the model: --max_memory for the device, else the GPU's free
     memory or the available RAM, less the model (not loaded yet) and a margin."""
-    from gpumerge.devices import _available_ram
-
     given = dict(max_memory or {})
     key = "cpu" if device == "cpu" else int(device.split(":")[1]) if ":" in device else 0
     if key in given:
         return given[key]
-    if device == "cpu":
-        return max(0, _available_ram() - model_bytes - _MARGIN_BYTES)
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(0, free - model_bytes - _MARGIN_BYTES)
+    return max(0, _free_bytes(device) - model_bytes - _MARGIN_BYTES)
 
 
 def check_fits(device: str, model_bytes: int) -> None:
     """The model itself must fit on the device: one line with the bytes needed and available."""
-    from gpumerge.devices import _available_ram
-
-    if device == "cpu":
-        free = _available_ram()
-    else:
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(device)
+    free = _free_bytes(device)
     if model_bytes + _MARGIN_BYTES > free:
         raise OutputError(f"--eval-text: the model to score needs {model_bytes / 2**30:.2f} GiB (plus "
                           f"{_MARGIN_BYTES / 2**30:.1f} GiB for the forward pass) on {device}, and "
@@ -418,14 +413,14 @@ def results_csv(rows: list[Row], columns: list[str], texts) -> bytes:
     import csv
     import io
 
-    from gpumerge.runs import _cell
+    from gpumerge.runs import csv_cell
 
     per_file = [f"perplexity:{t.name}" for t in texts] if len(texts) > 1 else []
     out = io.StringIO()
     table = csv.writer(out, lineterminator="\n")
     table.writerow(["rank", "name", *columns, "perplexity", *per_file, "tokens", "blend_s", "eval_s", "kept"])
     for rank, row in enumerate(ranked(rows), 1):
-        table.writerow([rank, row.name, *(_cell(row.values.get(c)) for c in columns), repr(row.perplexity),
+        table.writerow([rank, row.name, *(csv_cell(row.values.get(c)) for c in columns), repr(row.perplexity),
                         *(repr(row.per_file[t.name]) for t in texts if per_file), row.tokens,
                         repr(round(row.blend_s, 6)), repr(round(row.eval_s, 6)), "true" if row.kept else "false"])
     return out.getvalue().encode()
@@ -453,9 +448,9 @@ def table_text(rows: list[Row], columns: list[str]) -> str:
 
 
 def _short(value) -> str:
-    from gpumerge.runs import _cell
+    from gpumerge.runs import csv_cell
 
-    text = _cell(value)
+    text = csv_cell(value)
     return text if len(text) <= 24 else text[:21] + "..."
 
 

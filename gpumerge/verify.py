@@ -243,7 +243,11 @@ def _recompute(report: Report, out: Path, merged, record: dict, path1, path2, fu
         if not _same_layout(report, plan, merged):
             return
         _check_files(report, out, plan, record, a)
-        jobs = _with_slerp_coefficients(plan.jobs if full else sample(plan.jobs), a, b)
+        from gpumerge.pipeline import with_slerp_coefficients
+
+        jobs = plan.jobs if full else sample(plan.jobs)
+        updated = with_slerp_coefficients(jobs, a, b)
+        jobs = [updated.get(job.name, job) for job in jobs]
         blended = copied = 0
         for job in jobs:
             problem = _compare(job, a, b, merged)
@@ -312,21 +316,6 @@ def sample(jobs) -> list:
     keep = {job.name for job in jobs if hashlib.sha256(job.name.encode()).digest()[0] % _SAMPLE_EVERY == 0}
     keep |= {job.name for job in blended[:1] + blended[-1:]}
     return [job for job in jobs if job.name in keep]
-
-
-def _with_slerp_coefficients(jobs, a, b):
-    from dataclasses import replace
-
-    from gpumerge.kernels.slerp import coefficients
-    from gpumerge.pipeline import DEFAULT_CHUNK_ELEMENTS, _slerp_sums
-
-    out = []
-    for job in jobs:
-        if job.blended and job.method == "slerp":
-            sums = _slerp_sums(job, a, b, DEFAULT_CHUNK_ELEMENTS)
-            job = replace(job, coef=coefficients(sums.aa, sums.bb, sums.ab, job.t))
-        out.append(job)
-    return out
 
 
 def _compare(job, a, b, merged) -> str | None:

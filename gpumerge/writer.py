@@ -73,17 +73,24 @@ class ShardWriter:
             done += got
 
     def _copy_slow(self, src_fd: int, src_offset: int, nbytes: int, position: int) -> None:
-        step = 16 * 2**20
-        for start in range(0, nbytes, step):
-            data = os.pread(src_fd, min(step, nbytes - start), src_offset + start)
-            if not data:
-                raise OutputError("input file ended while copying")
-            self.pwrite(memoryview(data), position + start, absolute=True)
+        copy_by_reads(src_fd, src_offset, nbytes, lambda data, start: self.pwrite(data, position + start,
+                                                                                  absolute=True))
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def copy_by_reads(src_fd: int, src_offset: int, nbytes: int, write) -> None:
+    """``nbytes`` from ``src_fd`` in plain reads of 16 MiB, each handed to ``write(data, start)`` (``start`` counted
+    from the first byte): where copy_file_range cannot, and for sinks that are not files."""
+    step = 16 * 2**20
+    for start in range(0, nbytes, step):
+        data = os.pread(src_fd, min(step, nbytes - start), src_offset + start)
+        if not data:
+            raise OutputError("input file ended while copying")
+        write(memoryview(data), start)
 
 
 def open_writers(plan: MergePlan, directory: Path, metadata: dict[str, str]) -> list[ShardWriter]:

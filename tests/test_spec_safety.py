@@ -298,7 +298,7 @@ def test_spec_checks_its_budget():
 
 
 def test_probed_budget_never_falls_below_the_minimum(monkeypatch):
-    monkeypatch.setattr(devices, "_available_ram", lambda: 2**20)
+    monkeypatch.setattr(devices, "available_ram", lambda: 2**20)
     assert devices.probe_budget(["cpu"]) == {"cpu": MIN_DEVICE_BUDGET_BYTES}
 
 
