@@ -484,3 +484,51 @@ def test_ctrl_c_leaves_no_partial_variant(pause_at, pair, tmp_path):
         assert f"interrupted (SIGINT); every variant was already complete in {runs}" in stderr
         assert leftover == ["ge0", "ge0.5", "ge1", "sweep.json", "variants.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == (["runs"] if runs.exists() else [])
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("symlink", "is a symbolic link"),
+    ("symlink_to_input", "is a symbolic link"),
+    ("fifo", "exists and is not a directory"),
+    ("dotdot_into_input", "input directory of model 1"),
+    ("parent_of_inputs", "overlaps the input directory of model 1"),
+    ("cwd", "the current directory"),
+])
+def test_output_dir_paths_are_checked_before_any_work(where, needle, pair, tmp_path, capsys, monkeypatch):
+    import os
+
+    a, _ = pair
+    runs = {"symlink": tmp_path / "link", "symlink_to_input": tmp_path / "link", "fifo": tmp_path / "fifo",
+            "dotdot_into_input": a / ".." / a.name / "runs", "parent_of_inputs": a.parent, "cwd": Path(".")}[where]
+    if where == "symlink":
+        (tmp_path / "target").mkdir()
+        runs.symlink_to(tmp_path / "target")
+    if where == "symlink_to_input":
+        runs.symlink_to(a)
+    if where == "fifo":
+        os.mkfifo(runs)
+    if where == "cwd":
+        monkeypatch.chdir(tmp_path)
+    before = snapshot([tmp_path]) if where not in ("parent_of_inputs", "dotdot_into_input") else None
+    code, _, err = run_cli(*sweep_args(*pair, runs, "--grid", "gradient_end=0,1"), capsys=capsys)
+    assert_one_line_error(code, err, needle)
+    if before is not None:
+        assert snapshot([tmp_path]) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink_to_directory", "dev_zero"])
+def test_a_settings_path_that_is_not_a_regular_file_is_refused(kind, pair, tmp_path, capsys):
+    import os
+
+    settings = tmp_path / "variants.yaml"
+    if kind == "fifo":
+        os.mkfifo(settings)
+    elif kind == "directory":
+        settings.mkdir()
+    elif kind == "symlink_to_directory":
+        settings.symlink_to(pair[0])
+    else:
+        settings = Path("/dev/zero")
+    code, _, err = run_cli(*sweep_args(*pair, tmp_path / "runs", "--settings", settings), capsys=capsys)
+    assert_one_line_error(code, err, f"--settings {settings}")
+    assert not (tmp_path / "runs").exists()

@@ -239,3 +239,23 @@ def test_another_tokenizer_is_another_evaluation(pair, trained, tmp_path, capsys
     (mine / "tokenizer.json").write_text(json.dumps(data))
     code, _, err = run_cli(*argv, capsys=capsys)
     assert_one_line_error(code, err, "holds another sweep (other evaluation settings")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink_to_shard", "dev_zero"])
+def test_an_eval_text_that_is_not_a_text_file_is_refused(kind, pair, tmp_path, capsys):
+    import os
+
+    text = tmp_path / "text.txt"
+    if kind == "fifo":
+        os.mkfifo(text)
+    elif kind == "directory":
+        text.mkdir()
+    elif kind == "symlink_to_shard":
+        text.symlink_to(next(pair[0].glob("*.safetensors")))
+    else:
+        text = Path("/dev/zero")
+    code, _, err = run_cli("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir",
+                           tmp_path / "runs", "--quiet", "--grid", "gradient_end=0.5,1", "--eval-text", text,
+                           capsys=capsys)
+    assert_one_line_error(code, err, f"--eval-text {text}")
+    assert not (tmp_path / "runs").exists()
