@@ -85,6 +85,21 @@ def paused_sweep(argv, tmp_path: Path, point: str) -> tuple[subprocess.Popen, Pa
     return proc, marker
 
 
+def not_a_file(kind: str, path: Path, *, link_to: Path) -> Path:
+    """``path`` made a FIFO, a directory or a link (to ``link_to``); or /dev/zero: what a file flag must refuse."""
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind.startswith("symlink"):
+        path.symlink_to(link_to)
+    else:
+        return Path("/dev/zero")
+    return path
+
+
 def variant_dirs(runs: Path) -> list[str]:
     return sorted(p.name for p in runs.iterdir() if p.is_dir())
 
@@ -518,17 +533,7 @@ def test_output_dir_paths_are_checked_before_any_work(where, needle, pair, tmp_p
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "symlink_to_directory", "dev_zero"])
 def test_a_settings_path_that_is_not_a_regular_file_is_refused(kind, pair, tmp_path, capsys):
-    import os
-
-    settings = tmp_path / "variants.yaml"
-    if kind == "fifo":
-        os.mkfifo(settings)
-    elif kind == "directory":
-        settings.mkdir()
-    elif kind == "symlink_to_directory":
-        settings.symlink_to(pair[0])
-    else:
-        settings = Path("/dev/zero")
+    settings = not_a_file(kind, tmp_path / "variants.yaml", link_to=pair[0])
     code, _, err = run_cli(*sweep_args(*pair, tmp_path / "runs", "--settings", settings), capsys=capsys)
     assert_one_line_error(code, err, f"--settings {settings}")
     assert not (tmp_path / "runs").exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 from test_cli_errors import assert_one_line_error
-from test_sweep import assert_same_model, in_process_sweep, single_merge
+from test_sweep import assert_same_model, in_process_sweep, not_a_file, single_merge
 
 SEQ = 64
 TOKENS = 700  # per text: 10 full windows and a short last one of 60 tokens
@@ -243,17 +243,7 @@ def test_another_tokenizer_is_another_evaluation(pair, trained, tmp_path, capsys
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "symlink_to_shard", "dev_zero"])
 def test_an_eval_text_that_is_not_a_text_file_is_refused(kind, pair, tmp_path, capsys):
-    import os
-
-    text = tmp_path / "text.txt"
-    if kind == "fifo":
-        os.mkfifo(text)
-    elif kind == "directory":
-        text.mkdir()
-    elif kind == "symlink_to_shard":
-        text.symlink_to(next(pair[0].glob("*.safetensors")))
-    else:
-        text = Path("/dev/zero")
+    text = not_a_file(kind, tmp_path / "text.txt", link_to=next(pair[0].glob("*.safetensors")))
     code, _, err = run_cli("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir",
                            tmp_path / "runs", "--quiet", "--grid", "gradient_end=0.5,1", "--eval-text", text,
                            capsys=capsys)
