@@ -1,23 +1,34 @@
-"""Model 1's canonical tensor order (its architecture's state_dict order) and its tied names, without weights.
+"""Model 1's tensor order for the recipes that count positions (--gradient_values, YAML operations), and its tied
+names, without weights.
 
-Only position-based recipes (--gradient_values, YAML operations) need this, as the original counted positions
-over ``model.state_dict()``. transformers is imported here and nowhere on the plain merge path.
+The original counted positions over ``model.state_dict()``: "architecture" rebuilds that order on the meta device
+with transformers (imported here and nowhere on the plain merge path). "names" is a natural sort of the stored
+names, for architectures transformers does not know; it is used only when asked for (``--tensor_order names``),
+never as a silent fallback, because another order moves every ``t`` and gives other bytes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from gpumerge.errors import SpecError
 from gpumerge.schedule import is_block_buffer, natural_key
 
+Order = tuple[list[str], dict[str, str]]  # (names in order, {absent tied name: stored name})
 
-def canonical_order(model_dir: Path, stored: list[str]) -> tuple[list[str], dict[str, str], str | None]:
-    """(names in state_dict order, {absent tied name: stored name}, a notice when falling back to a natural sort).
 
-    The architecture is built on the meta device (accelerate.init_empty_weights), so no memory is used. When
-    transformers does not know the architecture, or its names are not the stored ones, the stored names are
-    sorted naturally (layer numbers numeric) and a tied lm_head is inferred from the config.
-    """
+def tensor_order(a, how: str) -> Order:
+    """Model 1's (``a``, a Checkpoint) order ``how`` ("architecture" or "names"), or a SpecError that says why it
+    cannot be had."""
+    if how == "names":
+        return names_order(list(a.tensors), a.config)
+    return canonical_order(a.root, list(a.tensors))
+
+
+def canonical_order(model_dir: Path, stored: list[str]) -> Order:
+    """Names in the architecture's state_dict order (built on the meta device with accelerate.init_empty_weights:
+    no memory used) and {absent tied name: stored name}; a SpecError when transformers cannot build the
+    architecture or its names are not the stored ones."""
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -32,33 +43,39 @@ def canonical_order(model_dir: Path, stored: list[str]) -> tuple[list[str], dict
         groups: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(param), []).append(name)
-    except Exception as exc:  # unknown architecture, missing transformers, remote code: fall back, say so
-        return _fallback(model_dir, stored, f"transformers cannot build this architecture ({type(exc).__name__})")
+    except Exception as exc:  # unknown architecture, a broken transformers install, remote code: the user decides
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 160 else detail[:detail.rfind(" ", 0, 160)] + " ..."
+        raise _unavailable(f"transformers cannot build its architecture ({type(exc).__name__}: {detail})") from None
     # Rotary caches old checkpoints store (rotary_emb.inv_freq) are non-persistent buffers today: not positions,
     # and copied from model 1; any other stored name the architecture lacks means it is not this architecture.
     missing = [name for name in stored if name not in order and not is_block_buffer(name)]
     if missing:
-        return _fallback(model_dir, stored, f"{len(missing)} stored tensor(s) are not in the architecture's "
-                                            f"state_dict (e.g. {missing[0]})")
+        raise _unavailable(f"{len(missing)} stored tensor(s) are not in the architecture's state_dict (e.g. "
+                           f"{missing[0]})")
     tied = {}
     for names in groups.values():
         kept = [n for n in names if n in stored]
         for name in names:
             if name not in stored and kept:
                 tied[name] = kept[0]
-    return order, tied, None
+    return order, tied
 
 
-def _fallback(model_dir: Path, stored: list[str], why: str) -> tuple[list[str], dict[str, str], str]:
-    import json
+def _unavailable(why: str) -> SpecError:
+    return SpecError(f"the recipe counts tensor positions in model 1's architecture order, which cannot be had "
+                     f"here: {why}. Fix that, or pass --tensor_order names (tensor_order: names in a recipe) to "
+                     "count over a natural sort of the tensor names instead, which gives other bytes")
 
+
+def names_order(stored: list[str], config: dict) -> Order:
+    """A natural sort of the stored names (layer numbers numeric), with a tied lm_head inferred from the config."""
     order = sorted(stored, key=natural_key)
     tied = {}
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if config.get("tie_word_embeddings", True) and "lm_head.weight" not in stored:
         embed = next((n for n in order if n.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight"))),
                      None)
         if embed is not None:
             order.append("lm_head.weight")
             tied["lm_head.weight"] = embed
-    return order, tied, f"{why}; counting positions over a natural sort of the names instead"
+    return order, tied

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 from pathlib import Path
 
 from gpumerge.errors import GpumergeError, SpecError
-from gpumerge.spec import (DTYPE_CHOICES, MergeSpec, OperationsRecipe, TensorOperation, parse_device, parse_dtype,
-                           parse_gradient_values, parse_max_memory, parse_size)
+from gpumerge.spec import (DTYPE_CHOICES, MergeSpec, OperationsRecipe, TensorOperation, check_tensor_order,
+                           parse_device, parse_dtype, parse_gradient_values, parse_max_memory, parse_size)
 
 COMMANDS = ("merge", "plan", "demo", "sweep", "verify")
 
@@ -52,6 +53,10 @@ def _merge_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> Non
     _flag(parser, "no_layers", action="store_true", default=None, help='with --gradient_values: names without "layer"')
     parser.add_argument("--custom_filter", "--custom-filter", "--filter", dest="custom_filter", metavar="SUBSTRING",
                         help="with --gradient_values: only names containing SUBSTRING")
+    _flag(parser, "tensor_order", metavar="ORDER",
+          help="with --gradient_values or an operations recipe: count tensor positions in model 1's architecture "
+               "order (default, built with transformers; an error when it cannot be had) or over a natural sort of "
+               "the tensor names (names), for architectures transformers does not know")
     _flag(parser, "method", metavar="METHOD", help="lerp (default) or slerp (per-tensor spherical interpolation)")
     _flag(parser, "max_shard_size", metavar="SIZE",
           help='largest output shard: "2000MiB", "2GB", "500MB", "300KB" or bytes (default 2000MiB)')
@@ -202,6 +207,12 @@ def spec_from_args(args: argparse.Namespace, *, output_required: bool = True,
                         "give --gradient_values too")
     if window and settings.get("recipe") is not None:
         raise SpecError(f"{', '.join(window)} cannot change the recipe in --config (it has no layer window)")
+    if "tensor_order" in given:
+        if not isinstance(settings.get("recipe"), OperationsRecipe):
+            raise SpecError("--tensor_order says how --gradient_values (or an operations recipe) counts tensor "
+                            "positions; give one of those too")
+        settings["recipe"] = dataclasses.replace(settings["recipe"], tensor_order=check_tensor_order(
+            given["tensor_order"]))
     for key, value in given.items():  # the command line wins over the recipe
         if key in _WINDOW_FLAGS or key in ("model_path1", "model_path2", "output_model_path", "max_shard_size",
                                            "dtype", "device", "method", "max_memory"):

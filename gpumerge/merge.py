@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import shlex
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpumerge.checkpoint import Checkpoint
-from gpumerge.errors import IncompatibleCheckpointsError, OutputError
+from gpumerge.errors import IncompatibleCheckpointsError, OutputError, SpecError
 from gpumerge.plan import MergePlan, make_plan, ring_depth_of, t_groups
 from gpumerge.signals import GUARD
 from gpumerge.spec import MergeSpec
@@ -58,28 +59,36 @@ def open_pair(spec: MergeSpec) -> tuple[Checkpoint, Checkpoint]:
 
 
 def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callable[[str], None],
-               orders: dict | None = None) -> MergePlan:
-    """make_plan, with model 1's canonical tensor order for the recipes that count tensor positions (kept in
-    ``orders`` when given: a sweep plans many variants and builds the architecture once)."""
+               orders: dict | None = None, recorded_order: dict | None = None) -> MergePlan:
+    """make_plan, with model 1's tensor order for the recipes that count tensor positions: the recipe's
+    ``tensor_order`` (a SpecError when it cannot be had, never a silent other order), or ``recorded_order``, the
+    order a merge record kept (verify recomputes with it, whatever this environment's transformers gives). A sweep
+    plans many variants and passes ``orders``, so that each order is built once."""
     from gpumerge.spec import OperationsRecipe
 
-    order = tied = None
+    order = tied = kept = None
     if isinstance(spec.recipe, OperationsRecipe):
-        from gpumerge.architecture import canonical_order
-
-        if orders is None or "order" not in orders:
-            found = canonical_order(a.root, list(a.tensors))
-            if orders is not None:
-                orders["order"] = found
+        if recorded_order is not None:
+            order, tied = list(recorded_order["names"]), dict(recorded_order["tied"])
+            kept = dict(recorded_order)
         else:
-            found = orders["order"]
-        order, tied, fallback = found
-        if fallback:
-            notice(fallback)
+            from gpumerge.architecture import tensor_order
+
+            how = spec.recipe.tensor_order
+            cache = orders if orders is not None else {}
+            if how not in cache:
+                try:
+                    cache[how] = tensor_order(a, how)
+                except SpecError as exc:
+                    cache[how] = exc
+            if isinstance(cache[how], SpecError):
+                raise cache[how]
+            order, tied = cache[how]
+            kept = {"source": how, "names": list(order), "tied": dict(tied)}
     plan = make_plan(a, b, spec, order=order, tied=tied)
     for line in spec.notices + plan.notices:
         notice(line)
-    return plan
+    return dataclasses.replace(plan, tensor_order=kept) if kept is not None else plan
 
 
 def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint) -> dict:
@@ -107,6 +116,7 @@ def merge_record(spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Checkpoint)
         "layer_t": {str(layer): t for layer, t in plan.layer_t.items()},
         "t_groups": [[row.layer, row.group, row.t_min, row.t_max] for row in t_groups(plan)],
         "command": shlex.join(command),
+        **({"tensor_order": plan.tensor_order} if plan.tensor_order is not None else {}),
     }
 
 

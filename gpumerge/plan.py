@@ -6,6 +6,7 @@ written here, so planning a 70B merge takes milliseconds and can be tested with 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ class MergePlan:
     out_dtype: str  # safetensors code of float outputs
     shards: tuple[ShardPlan, ...]
     notices: tuple[str, ...] = field(default=())
+    # position-based recipes: the order their positions were counted in, as the merge record keeps it
+    # ({"source": "architecture" | "names" | "record", "names": [...], "tied": {...}}); None for other recipes
+    tensor_order: dict | None = None
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -120,7 +124,7 @@ class MergePlan:
             return self
         shards = tuple(ShardPlan(s.filename, tuple(updated.get(j.name, j) for j in s.jobs), s.data_bytes)
                        for s in self.shards)
-        return MergePlan(self.spec, self.num_layers, self.window, self.layer_t, self.out_dtype, shards, self.notices)
+        return dataclasses.replace(self, shards=shards)
 
 
 _EMBEDDING_RE = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings|lm_head|embed_out)\.weight$")

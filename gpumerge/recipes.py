@@ -8,13 +8,14 @@ spec <- schedule/rules <- mergekit <- recipes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
 from gpumerge.errors import SpecError
 from gpumerge.mergekit import parse_mergekit
 from gpumerge.spec import (MAX_RECIPE_DEPTH, MAX_RECIPE_ITEMS, LayerGradientsRecipe, OperationsRecipe, TensorOperation,
-                           parse_gradient_values, shown, shown_names)
+                           check_tensor_order, parse_gradient_values, shown, shown_names)
 
 # ---- YAML recipes ---------------------------------------------------------------------------------------------
 
@@ -22,7 +23,7 @@ from gpumerge.spec import (MAX_RECIPE_DEPTH, MAX_RECIPE_ITEMS, LayerGradientsRec
 # max_shard_size, operations) plus every command-line setting, so a merge's record can be re-run as it is.
 RECIPE_KEYS = ("mergekit", "model_path1", "model_path2", "output_model_path", "max_shard_size", "dtype", "device",
                "method", "gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
-               "no_layers", "filter", "custom_filter", "operations", "layer_gradients", "max_memory")
+               "no_layers", "filter", "custom_filter", "operations", "layer_gradients", "max_memory", "tensor_order")
 OPERATION_KEYS = ("operation", "filter", "gradient_values", "layer_only", "no_layers")
 MERGEKIT_MARKERS = ("merge_method", "slices", "models")
 
@@ -214,6 +215,12 @@ def parse_recipe(data: dict, *, source: str) -> dict:
         out["recipe"] = LayerGradientsRecipe(tuple(
             (_module_key(key, source=source), parse_gradient_values(value, what=f"{source}: layer_gradients.{key}"))
             for key, value in modules.items()))
+    if "tensor_order" in data:
+        if not isinstance(out.get("recipe"), OperationsRecipe):
+            raise SpecError(f"{source}: tensor_order says how gradient_values and operations count tensor positions; "
+                            "this recipe has neither")
+        out["recipe"] = dataclasses.replace(out["recipe"], tensor_order=check_tensor_order(
+            data["tensor_order"], what=f"{source}: tensor_order"))
     if notices:
         out["notices"] = tuple(notices)
     return out

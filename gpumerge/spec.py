@@ -223,12 +223,32 @@ class TensorOperation:
         return {k: v for k, v in out.items() if v not in (None, False)}
 
 
+# The orders position-based recipes count tensors in: "architecture" (model 1's architecture's state_dict order,
+# built on the meta device with transformers; the original's model.state_dict()) or "names" (a natural sort of
+# the stored names, for architectures transformers does not know). The order is part of the result: other orders
+# give other bytes, so one is never swapped for the other without the user asking.
+TENSOR_ORDERS = ("architecture", "names")
+
+
+def check_tensor_order(value, *, what: str = "--tensor_order") -> str:
+    if value not in TENSOR_ORDERS:
+        raise SpecError(f"{what} {shown(value)} is not one of {', '.join(TENSOR_ORDERS)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class OperationsRecipe:
     operations: tuple[TensorOperation, ...]
+    tensor_order: str = "architecture"
+
+    def __post_init__(self) -> None:
+        check_tensor_order(self.tensor_order, what="tensor_order")
 
     def as_dict(self) -> dict:
-        return {"operations": [op.as_dict() for op in self.operations]}
+        out: dict = {"operations": [op.as_dict() for op in self.operations]}
+        if self.tensor_order != "architecture":  # the default stays implicit, as in records made before it existed
+            out["tensor_order"] = self.tensor_order
+        return out
 
 
 @dataclass(frozen=True, slots=True)

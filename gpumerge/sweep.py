@@ -37,7 +37,7 @@ MAX_VARIANTS = 100_000  # --max-variants' own bound: the variants are planned (a
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", re.ASCII)
 # The settings that say how to blend: a settings file's entries set them, never the command line.
 _BLEND_FLAGS = ("gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
-                "no_layers", "custom_filter", "method")
+                "no_layers", "custom_filter", "method", "tensor_order")
 # Settings one sweep has one value of: the command line's, never a settings-file entry's.
 _FIXED_KEYS = ("output_model_path", "device", "max_memory")
 

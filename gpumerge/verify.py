@@ -236,7 +236,7 @@ def _recompute(report: Report, out: Path, merged, record: dict, path1, path2, fu
             report.problems += others
             return
         try:
-            plan = plan_merge(spec, a, b, notice=lambda line: None)
+            plan = plan_merge(spec, a, b, notice=lambda line: None, recorded_order=_recorded_order(record))
         except GpumergeError as exc:
             report.problems.append(f"its recorded settings cannot be planned again: {exc}")
             return
@@ -307,6 +307,19 @@ def _spec(record: dict, paths: list[str]):
     args = build_parser("merge").parse_args(["--model_path1", paths[0], "--model_path2", paths[1], "--quiet"])
     return spec_from_args(args, output_required=False, recipe=(parse_recipe(settings, source="the merge record"),
                                                                "the merge record"))
+
+
+def _recorded_order(record: dict) -> dict | None:
+    """The tensor order a position-based recipe counted in, as the record keeps it (None: not recorded, as in
+    records made before it was; then the recipe's own order is built again)."""
+    kept = record.get("tensor_order")
+    if kept is None:
+        return None
+    names, tied = (kept.get("names"), kept.get("tied")) if isinstance(kept, dict) else (None, None)
+    if (not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(tied, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items())):
+        raise SpecError("the merge record's tensor_order is not a list of names with a map of tied names")
+    return {"source": kept.get("source"), "names": names, "tied": tied}
 
 
 def sample(jobs) -> list:

@@ -3,8 +3,11 @@ its kernels (kept in the top-level kernels/ folder) and the benchmark scripts, w
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO, source_env
 
@@ -50,3 +53,66 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
         assert f"| section {section} time |" in table
     assert table.count("| equal |") == 9  # one row per blend path
     assert "skipped" in (tmp_path / "out" / "pytest_cuda.log").read_text()
+
+
+# A stand-in for the PyPI package `kernels` (Hugging Face's hub kernels, which transformers 5 imports while loading
+# any model configuration): any name transformers asks it for is a do-nothing class, and FAKE marks it as ours.
+_FAKE_KERNELS = '''
+FAKE = True
+
+
+class _Anything:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return args[0] if len(args) == 1 and callable(args[0]) else self
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _Anything
+'''
+
+
+def _fake_kernels_site(root) -> str:
+    """A site directory holding a distribution named `kernels` at the version transformers asks for."""
+    from transformers.utils import import_utils
+
+    version = getattr(import_utils, "KERNELS_MIN_VERSION", "0.19.1")
+    site = root / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text(_FAKE_KERNELS)
+    info = site / f"kernels-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
+    (info / "RECORD").write_text("")
+    return str(site)
+
+
+@pytest.mark.parametrize("root_on_path", [False, True], ids=["cwd-only", "PYTHONPATH=."])
+def test_an_installed_kernels_package_wins_over_the_checkouts_folder(tmp_path, root_on_path):
+    """From the repository root (its folder kernels/ right there on sys.path), `import kernels` is the installed
+    distribution, and transformers' model configuration imports (it imports kernels on the way)."""
+    site = _fake_kernels_site(tmp_path)
+    path = [".", site] if root_on_path else [site]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    code = ("import kernels, transformers.integrations.hub_kernels as hub; "
+            "from transformers.models.llama.configuration_llama import LlamaConfig; LlamaConfig(); "
+            "import gpumerge.kernels.lerp as lerp; "
+            "print(kernels.__file__); print(getattr(kernels, 'FAKE', False)); print(lerp.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    kernels_file, fake, lerp_file = proc.stdout.split()
+    assert kernels_file == str(tmp_path / "site" / "kernels" / "__init__.py")
+    assert fake == "True"
+    assert lerp_file == str(REPO / "kernels" / "lerp.py")
+
+
+def test_the_top_level_kernels_folder_is_no_regular_package():
+    """A regular package named kernels at the root would shadow the installed one wherever the root is on the path
+    (python -m from the root, PYTHONPATH=.): the folder holds modules only, reached as gpumerge.kernels."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    assert sorted(p.name for p in (REPO / "kernels").glob("*.py"))

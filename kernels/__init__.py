@@ -1,1 +1,0 @@
-"""The math on tensors (installed as ``gpumerge.kernels``; never ``import kernels``, a PyPI name)."""
