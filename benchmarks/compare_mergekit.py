@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
           "a huge ulp count")
     for name, info in details.items():
         print(f"- {name}: {json.dumps(info)}")
-    return 0
+    failed = [row[0] for row in rows if row[-1].startswith(("FAILED", "DIFFERS"))]
+    if failed:
+        print(f"compare_mergekit: {len(failed)} case(s) failed or differ: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

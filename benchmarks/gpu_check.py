@@ -427,6 +427,7 @@ class Table:
 
     def __init__(self, out: Path | None) -> None:
         self.path = out / "table.md" if out else None
+        self.failures: list[str] = []  # rows that say a section failed or the bytes differ: the script's exit code
 
     def line(self, text: str) -> None:
         print(text, flush=True)
@@ -435,6 +436,8 @@ class Table:
                 fh.write(text + "\n")
 
     def row(self, check: str, result: str, goal: str) -> None:
+        if "FAILED" in result or "DIFFERENT" in result:
+            self.failures.append(check)
         self.line(f"| {check} | {result} | {goal} |")
 
 
@@ -484,6 +487,9 @@ def main() -> int:
         run_section(section, ctx, table)
     table.row("total", f"{time.perf_counter() - began:.0f} s", f"<= {sum(b for b, _ in SECTIONS.values())} s")
     shutil.rmtree(args.work, ignore_errors=True)
+    if table.failures:
+        print(f"gpu_check: {len(table.failures)} row(s) failed: {', '.join(table.failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

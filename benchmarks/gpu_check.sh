@@ -8,8 +8,9 @@
 # 2. benchmarks/gpu_check.py [SECTION ...] (budgets in its doc: bytes 60, kernel 30, e2e 200, pinned 20, sweep 90, eval 90 s)
 #                                                               -> OUTDIR/table.md, OUTDIR/gpu_check.log
 # The default set stays under 9 minutes on one H200, data generation included (run single sections to rerun in the same
-# 15 minutes). Each step has a hard timeout; a failing step does not stop the next. --cpu-dry-run runs it all on the
-# CPU with tiny data (the CUDA tests then skip): how the command is proved without a GPU.
+# 15 minutes). Each step has a hard timeout; a failing step does not stop the next, and the script exits 1 when any
+# failed. --cpu-dry-run runs it all on the CPU with tiny data (the CUDA tests then skip): how the command is proved
+# without a GPU.
 set -uo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 OUTDIR [--cpu-dry-run] [SECTION ...]" >&2
@@ -29,9 +30,16 @@ cat "$out/machine.txt"
 
 began=$(date +%s)
 timeout 90 "$python" -m pytest -q -m cuda -p no:cacheprovider tests > "$out/pytest_cuda.log" 2>&1
-echo "pytest -m cuda: exit $? in $(( $(date +%s) - began )) s (budget 90 s); tail of $out/pytest_cuda.log:"
+tests_rc=$?
+echo "pytest -m cuda: exit $tests_rc in $(( $(date +%s) - began )) s (budget 90 s); tail of $out/pytest_cuda.log:"
 tail -n 5 "$out/pytest_cuda.log"
 
 timeout 540 "$python" benchmarks/gpu_check.py --out "$out" "$@" 2> "$out/gpu_check.log"
-echo "gpu_check.py: exit $? (table in $out/table.md, errors in $out/gpu_check.log)"
+check_rc=$?
+echo "gpu_check.py: exit $check_rc (table in $out/table.md, errors in $out/gpu_check.log)"
 echo "total $(( $(date +%s) - began )) s"
+# Non-zero when either step failed (a failed section, bytes that differ, a timeout), so a caller sees it.
+if [ "$tests_rc" -ne 0 ] || [ "$check_rc" -ne 0 ]; then
+  echo "gpu_check.sh: FAILED (pytest -m cuda exit $tests_rc, gpu_check.py exit $check_rc)" >&2
+  exit 1
+fi

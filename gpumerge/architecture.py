@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpumerge.errors import SpecError
+from gpumerge.errors import SpecError, brief
 from gpumerge.schedule import is_block_buffer, natural_key
 
 Order = tuple[list[str], dict[str, str]]  # (names in order, {absent tied name: stored name})
@@ -44,9 +44,8 @@ def canonical_order(model_dir: Path, stored: list[str]) -> Order:
         for name, param in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(param), []).append(name)
     except Exception as exc:  # unknown architecture, a broken transformers install, remote code: the user decides
-        detail = " ".join(str(exc).split())
-        detail = detail if len(detail) <= 160 else detail[:detail.rfind(" ", 0, 160)] + " ..."
-        raise _unavailable(f"transformers cannot build its architecture ({type(exc).__name__}: {detail})") from None
+        raise _unavailable(f"transformers cannot build its architecture ({type(exc).__name__}: "
+                           f"{brief(exc, limit=160)})") from None
     # Rotary caches old checkpoints store (rotary_emb.inv_freq) are non-persistent buffers today: not positions,
     # and copied from model 1; any other stored name the architecture lacks means it is not this architecture.
     missing = [name for name in stored if name not in order and not is_block_buffer(name)]

@@ -127,9 +127,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _flag(parser, "eval_tokens", type=int, metavar="N", help="at most N tokens from each text")
         _flag(parser, "seq_len", type=int, metavar="N", help="tokens per window (default 512, or model 1's "
               "max_position_embeddings when that is less)")
-        _flag(parser, "eval_batch", type=int, default=4, metavar="B", help="windows per forward pass (default 4)")
-        _flag(parser, "keep", default="1", metavar="K", help="how many of the best variants to write: a number or "
-              "all (default 1)")
+        _flag(parser, "eval_batch", type=int, metavar="B", help="windows per forward pass (default 4)")
+        _flag(parser, "keep", metavar="K", help="how many of the best variants to write: a number, all, or 0 to "
+              "score only (default 1)")
         _flag(parser, "no_baselines", action="store_true", help="do not score model 1 and model 2 themselves")
         _flag(parser, "eval_dtype", metavar="DTYPE", help="the forward pass's dtype (default: float32 on a CPU, the "
               "output dtype on a GPU)")

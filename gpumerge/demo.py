@@ -122,16 +122,15 @@ def run_demo(*, workdir: Path | None, quiet: bool) -> int:
 
     root = _demo_root(workdir)
     try:
-        return _demo(root, say=say)
-    except BaseException:
-        if workdir is None:  # our own temporary directory: nothing of a failed or interrupted demo is left
+        return _demo(root, say=say, kept=workdir is not None)
+    finally:
+        if workdir is None:  # our own temporary directory: nothing is left behind (--workdir keeps the models)
             import shutil
 
             shutil.rmtree(root, ignore_errors=True)
-        raise
 
 
-def _demo(root: Path, *, say) -> int:
+def _demo(root: Path, *, say, kept: bool) -> int:
     from gpumerge.merge import run_merge
     from gpumerge.spec import MergeSpec
 
@@ -169,6 +168,7 @@ def _demo(root: Path, *, say) -> int:
     GUARD.poll()
     say(f"it generates (random weights, so words at random): {tok.decode(generated[0])!r}")
     t_list = ", ".join(f"{layer}:{t:.3g}" for layer, t in result.plan.layer_t.items())
-    print(f"merged model: {result.output}  ({len(result.plan.shards)} shards, t per layer {t_list}; "
-          f"merge took {elapsed:.2f} s)")
+    where = (f"merged model: {result.output}" if kept else
+             "merged model checked and removed with its temporary directory (--workdir DIR keeps it)")
+    print(f"{where}  ({len(result.plan.shards)} shards, t per layer {t_list}; merge took {elapsed:.2f} s)")
     return 0

@@ -51,7 +51,7 @@ def resolve_devices(flag: str) -> tuple[list[str], str | None]:
     if flag == "auto":
         if count:
             return [f"cuda:{i}" for i in range(count)], None
-        return ["cpu"], "no CUDA device found; merging on the CPU"
+        return ["cpu"], "no CUDA device found; the merge runs on the CPU"
     if count == 0:
         raise _no_cuda(flag)
     if flag == "cuda":

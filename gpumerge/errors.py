@@ -19,3 +19,13 @@ class IncompatibleCheckpointsError(GpumergeError):
 
 class OutputError(GpumergeError):
     """The output location is unusable, or the output would be wrong (overflow)."""
+
+
+def brief(text: object, *, limit: int = 200) -> str:
+    """Another library's message for one of ours: on one line, and cut at a word boundary (``...`` marks the cut),
+    never mid-word."""
+    words = " ".join(str(text).split())
+    if len(words) <= limit:
+        return words
+    cut = words.rfind(" ", 0, limit + 1)
+    return (words[:cut] if cut > limit // 2 else words[:limit]).rstrip(" ,;:(") + " ..."

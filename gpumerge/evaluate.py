@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpumerge.errors import SpecError
+from gpumerge.errors import SpecError, brief
 
 MAX_TEXT_BYTES = 256 * 2**20  # an evaluation text is a few MB; past this it is a mistake (or /dev/zero)
 
@@ -75,7 +75,7 @@ def load_texts(settings: EvalSettings, tokenizer_dir: Path) -> list[EvalText]:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as exc:  # transformers raises many kinds for a missing or broken tokenizer
         raise SpecError(f"--eval-text needs model 1's tokenizer, and {tokenizer_dir} has none that transformers can "
-                        f"load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+                        f"load ({type(exc).__name__}: {brief(exc, limit=300)})") from None
     out, names = [], set()
     for path in settings.texts:
         what = f"--eval-text {path}"

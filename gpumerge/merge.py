@@ -86,7 +86,10 @@ def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callabl
             order, tied = cache[how]
             kept = {"source": how, "names": list(order), "tied": dict(tied)}
     plan = make_plan(a, b, spec, order=order, tied=tied)
-    for line in spec.notices + plan.notices:
+    from gpumerge.writer import missing_tokenizer
+
+    tokenizer = missing_tokenizer(a.root, label=a.label)
+    for line in spec.notices + plan.notices + ((tokenizer,) if tokenizer else ()):
         notice(line)
     return dataclasses.replace(plan, tensor_order=kept) if kept is not None else plan
 

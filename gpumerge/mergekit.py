@@ -72,7 +72,8 @@ class MergekitRecipe:
             position = s.layer_end
         if position != num_layers:
             raise SpecError(f"mergekit slices cover layers 0..{position - 1}, model 1 has {num_layers}: only slices "
-                            "covering every layer are supported")
+                            "covering every layer are supported; edit the config's layer_range to end at "
+                            f"{num_layers} (layer_range: [0, {num_layers}] for one slice)")
         load_main = self.dtype
         rules = {}
         for name, info in a.tensors.items():

@@ -319,7 +319,7 @@ def t_groups(plan: MergePlan) -> list[GroupRow]:
             jobs = [j for js in jobs_by_group.values() for j in js]
             rows.append(GroupRow(layer, "(all)", min(ts), max(ts), len(jobs), sum(j.nbytes for j in jobs)))
             continue
-        for group, jobs in jobs_by_group.items():
+        for group, jobs in sorted(jobs_by_group.items()):  # the same row order in every block
             t = [j.t for j in jobs]
             rows.append(GroupRow(layer, group, min(t), max(t), len(jobs), sum(j.nbytes for j in jobs)))
     for (layer, group), jobs in groups.items():

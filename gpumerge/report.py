@@ -53,8 +53,8 @@ def describe_plan(spec: MergeSpec, *, plot: Path | None, out: TextIO, notice) ->
         plan = plan_merge(spec, a, b, notice=notice)
         checked = check_before_merge(spec, a, b, plan)
         device_notice = plan_devices(spec, plan)[1]
-        if device_notice:
-            notice(device_notice)
+        if device_notice:  # nothing is merged here: say what a merge would do
+            notice(device_notice.replace("the merge runs", "a merge would run"))
         if plot is not None:
             if plot.suffix.lstrip(".").lower() not in PLOT_FORMATS:
                 raise SpecError(f"--plot {plot}: give a {', '.join('.' + f for f in PLOT_FORMATS)} file name")
@@ -118,7 +118,8 @@ def plot_shares(plan: MergePlan, target) -> None:
         raise SpecError("--plot needs matplotlib: pip install matplotlib") from exc
     rows = [r for r in t_groups(plan) if r.layer is not None]
     layers = list(range(max(plan.num_layers, 1 + max((r.layer for r in rows), default=0))))
-    fig, ax = plt.subplots(figsize=(max(6.0, len(layers) * 0.3), 3.5))
+    width_in = max(6.0, len(layers) * 0.3)
+    fig, ax = plt.subplots(figsize=(width_in, 3.5))
     if all(r.group == "(all)" for r in rows):
         by_layer = {r.layer: r.t_max for r in rows}
         share2 = [by_layer.get(i, 0.0) for i in layers]
@@ -133,12 +134,20 @@ def plot_shares(plan: MergePlan, target) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=group)
         ax.set_ylabel("model 2's share (t)")
     ax.set_xlabel("decoder block")
-    ax.set_title(f"gpumerge: {recipe_line(plan)}, {plan.spec.blend_method}", fontsize=9)
-    ax.legend(loc="best", fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are whole numbers
+    import textwrap
+
+    # the title wrapped to the axes' width (about 13 characters an inch at 9 points), never cut at the edge; the
+    # legend beside the axes, where it covers no bar and no line
+    title = f"gpumerge: {recipe_line(plan)}, {plan.spec.blend_method}"
+    ax.set_title(textwrap.fill(title, width=int(width_in * 13)), fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0)
     fig.tight_layout()
     try:
         with target.open() as fh:
-            fig.savefig(fh, dpi=100, format=target.path.suffix.lstrip(".").lower())
+            fig.savefig(fh, dpi=100, format=target.path.suffix.lstrip(".").lower(), bbox_inches="tight")
         target.commit()
     except OSError as exc:
         raise SpecError(f"--plot {target.path}: cannot write the picture ({exc.strerror})") from exc

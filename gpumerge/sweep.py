@@ -145,8 +145,12 @@ def _as_flag(value):
 
 def grid_names(points: list[dict], swept: list[GridAxis]) -> list[str]:
     """``gs0.25-ge0.75``: each swept setting's short name and value; ``v001``, ``v002``, ... for every variant
-    when such names would not be unique, safe directory names, or short."""
-    names = ["-".join(_name_part(axis, point[axis.key]) for axis in swept) for point in points]
+    when such names would not be unique, safe directory names, or short. A number that is short as it is keeps its
+    digits (0.25); a long one (linspace's 0.6000000000000001, 0.41414141414141414) is named by the shortest decimal
+    within a tenth of the axis's smallest step (ge0.6, ge0.414), so the names stay distinct; the exact values are in
+    the columns."""
+    tolerance = {axis.key: _tolerance(axis.values) for axis in swept}
+    names = ["-".join(_name_part(axis, point[axis.key], tolerance[axis.key]) for axis in swept) for point in points]
     folded = [name.casefold() for name in names]
     if (len(set(folded)) == len(names) and all(NAME_RE.fullmatch(n) for n in names)
             and not set(folded) & set(RESERVED_NAMES + RUNS_FILES)):
@@ -159,19 +163,35 @@ def numbered(count: int) -> list[str]:
     return [f"v{i + 1:0{width}d}" for i in range(count)]
 
 
-def _name_part(axis: GridAxis, value) -> str:
+def _numbers(value) -> list[float]:
+    if isinstance(value, tuple):
+        return [v for part in value for v in _numbers(part)]
+    return [value] if isinstance(value, float) else []
+
+
+def _tolerance(values) -> float:
+    """A tenth of the smallest gap between the axis's numbers (0 when it has fewer than two)."""
+    numbers = sorted({v for value in values for v in _numbers(value)})
+    gaps = [b - a for a, b in zip(numbers, numbers[1:])]
+    return min(gaps) / 10 if gaps else 0.0
+
+
+def _name_part(axis: GridAxis, value, tolerance: float = 0.0) -> str:
     if axis.key == "method":
         return str(value)
     if isinstance(value, bool):
         return axis.short + ("1" if value else "0")
-    return axis.short + _name_value(value)
+    return axis.short + _name_value(value, tolerance)
 
 
-def _name_value(value) -> str:
+def _name_value(value, tolerance: float = 0.0) -> str:
     if isinstance(value, tuple):
-        return "_".join(_name_value(v) for v in value)
+        return "_".join(_name_value(v, tolerance) for v in value)
     if isinstance(value, float):
         text = repr(value)
+        if float(f"{value:.6g}") != value:  # a long number: the shortest decimal within the tolerance
+            text = next(t for t in (f"{value:.{d}g}" for d in range(1, 18))
+                        if abs(float(t) - value) <= tolerance or float(t) == value)
         return text[:-2] if text.endswith(".0") else text
     return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))
 
@@ -353,6 +373,7 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                                  remove_made)
 
     began = time.perf_counter()
+    _check_eval_flags(args)
     variants, columns = variants_from_args(args)
     base = variants[0].spec
     a, b = open_pair(base)
@@ -446,6 +467,16 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
 
 # ---- an evaluated sweep ----------------------------------------------------------------------------------------
 
+_EVAL_FLAGS = ("eval_tokens", "seq_len", "eval_batch", "keep", "no_baselines", "eval_dtype")
+
+
+def _check_eval_flags(args) -> None:
+    """The scoring flags mean nothing without --eval-text: refused, never silently ignored."""
+    given = [k for k in _EVAL_FLAGS if getattr(args, k, None) is not None and getattr(args, k) is not False]
+    if given and not getattr(args, "eval_text", None):
+        raise SpecError(f"--{given[0].replace('_', '-')} sets how variants are scored; give --eval-text FILE too "
+                        "(without it every variant is written and none is scored)")
+
 def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     """The evaluation's settings checked, the texts tokenized, the device and dtype chosen: before any work."""
     from gpumerge.devices import resolve_devices
@@ -453,10 +484,10 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     from gpumerge.spec import parse_dtype
     from gpumerge.sweep_eval import eval_record
 
-    keep = str(args.keep).strip().lower()
-    if keep != "all" and not (keep.isascii() and keep.isdigit() and 1 <= int(keep) <= MAX_VARIANTS):
-        raise SpecError(f"--keep must be a number of variants from 1 to {MAX_VARIANTS}, or all; got "
-                        f"{shown(args.keep)}")
+    keep = str(args.keep if args.keep is not None else 1).strip().lower()
+    if keep != "all" and not (keep.isascii() and keep.isdigit() and 0 <= int(keep) <= MAX_VARIANTS):
+        raise SpecError(f"--keep must be a number of variants from 0 (score only, write no model) to {MAX_VARIANTS}, "
+                        f"or all; got {shown(args.keep)}")
     limit = a.config.get("max_position_embeddings")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
         raise SpecError(f"model 1's config.json gives max_position_embeddings {shown(limit)}: a window of at least "
@@ -465,7 +496,7 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     if seq_len is None:  # 512, or the model's own window when it is shorter
         seq_len = min(512, limit) if limit is not None else 512
     settings = EvalSettings(tuple(args.eval_text), eval_tokens=args.eval_tokens, seq_len=seq_len,
-                            batch=args.eval_batch)
+                            batch=args.eval_batch if args.eval_batch is not None else 4)
     if isinstance(limit, int) and settings.seq_len > limit:
         raise SpecError(f"--seq-len {settings.seq_len} is beyond model 1's max_position_embeddings ({limit}); give "
                         f"--seq-len {limit} or less")
@@ -510,7 +541,8 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     by_name = {}
     for variant, plan, signature in zip(variants, plans, signatures):
         if variant.name not in aliases:
-            rows.append(Row(variant.name, variant.values, row_key(fingerprints, signature, scoring["record"])))
+            rows.append(Row(variant.name, variant.values, row_key(fingerprints, signature, scoring["record"]),
+                            model_1_itself=all(job.t == 0 for job in plan.jobs if job.blended)))
             by_name[variant.name] = plan
     if any(job.method == "slerp" for plan in by_name.values() for job in plan.jobs):
         from gpumerge.pipeline import slerp_prepass_many
@@ -574,7 +606,7 @@ def _results(scoring: dict, rows, columns, record, *, runs: Path, inputs) -> tup
     """results.csv, results.json and sweep.png in RUNS (each atomically); the ranked table and the best name."""
     from gpumerge.outdir import AtomicFile
     from gpumerge.runs import write_records
-    from gpumerge.sweep_eval import plot, ranked, results_csv, results_json, table_text
+    from gpumerge.sweep_eval import plot, results_csv, results_json, table_text, verdict
 
     texts = scoring["texts"]
     eval_settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,
@@ -591,8 +623,9 @@ def _results(scoring: dict, rows, columns, record, *, runs: Path, inputs) -> tup
         except BaseException:
             picture.discard()
             raise
-    best = next((r.name for r in ranked(rows) if not r.baseline), None)
-    return table_text(rows, columns), best
+    outcome = verdict(rows)
+    best = outcome["best"] or "none"
+    return table_text(rows, columns), best + (f" ({outcome['note']})" if outcome["note"] else "")
 
 
 def _undo_records(runs: Path, state, inputs) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gpumerge.errors import OutputError, SpecError
+from gpumerge.errors import OutputError, SpecError, brief
 from gpumerge.signals import GUARD, Interrupted
 
 RESULTS_JSONL = "results.jsonl"
@@ -43,6 +43,7 @@ class Row:
     eval_s: float = 0.0
     baseline: bool = False
     kept: bool = False
+    model_1_itself: bool = False  # a variant whose t is 0 everywhere: model 1's weights, not a blend
 
     def as_dict(self) -> dict:
         return {"key": self.key, "name": self.name, "perplexity": self.perplexity, "per_file": self.per_file,
@@ -84,7 +85,7 @@ class ResidentModel:
             model = AutoModelForCausalLM.from_pretrained(a.root, dtype=self.eval_dtype, attn_implementation="sdpa")
         except Exception as exc:  # transformers raises many kinds for an architecture it cannot build
             raise SpecError(f"--eval-text: transformers cannot build model 1 ({a.root}) to score it: "
-                            f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+                            f"{type(exc).__name__}: {brief(exc)}") from None
         self.model = model.to(device).eval()
         params = dict(self.model.named_parameters(remove_duplicate=False))
         missing = [name for name, job in self.layout.items() if job.out_dtype in _FLOATS and name not in params]
@@ -418,19 +419,41 @@ def results_csv(rows: list[Row], columns: list[str], texts) -> bytes:
     per_file = [f"perplexity:{t.name}" for t in texts] if len(texts) > 1 else []
     out = io.StringIO()
     table = csv.writer(out, lineterminator="\n")
-    table.writerow(["rank", "name", *columns, "perplexity", *per_file, "tokens", "blend_s", "eval_s", "kept"])
+    table.writerow(["rank", "name", *columns, "perplexity", *per_file, "tokens", "blend_s", "eval_s", "kept",
+                    "model_1_itself"])
     for rank, row in enumerate(ranked(rows), 1):
         table.writerow([rank, row.name, *(csv_cell(row.values.get(c)) for c in columns), repr(row.perplexity),
                         *(repr(row.per_file[t.name]) for t in texts if per_file), row.tokens,
-                        repr(round(row.blend_s, 6)), repr(round(row.eval_s, 6)), "true" if row.kept else "false"])
+                        repr(round(row.blend_s, 6)), repr(round(row.eval_s, 6)), "true" if row.kept else "false",
+                        "true" if row.model_1_itself else "false"])
     return out.getvalue().encode()
+
+
+def verdict(rows: list[Row]) -> dict:
+    """The sweep's outcome: the best variant (None when none scored a finite perplexity), whether it beat model 1
+    (None without the baselines), whether it is model 1 itself, and a sentence that says so."""
+    best = next((r for r in ranked(rows) if not r.baseline and math.isfinite(r.perplexity)), None)
+    model_1 = next((r for r in rows if r.name == "model_1" and r.baseline and math.isfinite(r.perplexity)), None)
+    if best is None:
+        return {"best": None, "beats_model_1": None, "model_1_itself": False,
+                "note": "no variant scored a finite perplexity; there is no best"}
+    beats = None if model_1 is None else best.perplexity < model_1.perplexity
+    note = None
+    if best.model_1_itself:
+        note = f"the best variant, {best.name}, is model 1 itself (t = 0 everywhere): no blend beat model 1"
+        beats = False
+    elif beats is False:
+        note = (f"no blend beat model 1 (model_1 {model_1.perplexity:.4f}; the best variant, {best.name}, "
+                f"{best.perplexity:.4f})")
+    return {"best": best.name, "beats_model_1": beats, "model_1_itself": best.model_1_itself, "note": note}
 
 
 def results_json(rows: list[Row], columns: list[str], record: dict, eval_settings: dict) -> bytes:
     data = {"tool": "gpumerge", "inputs": record["inputs"], "sweep": record["sweep"], "eval": eval_settings,
-            "swept": columns,
+            "swept": columns, "verdict": verdict(rows),
             "rows": [{"rank": rank, "name": row.name, "values": row.values, "baseline": row.baseline,
-                      **row.as_dict(), "kept": row.kept} for rank, row in enumerate(ranked(rows), 1)]}
+                      **row.as_dict(), "kept": row.kept, "model_1_itself": row.model_1_itself}
+                     for rank, row in enumerate(ranked(rows), 1)]}
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
@@ -476,16 +499,33 @@ def plot(rows: list[Row], columns: list[str], file) -> None:
         grid = [[math.nan] * len(xs) for _ in ys]
         for r in variants:
             grid[ys.index(r.values[columns[1]])][xs.index(r.values[columns[0]])] = r.perplexity
-        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r")
+        # the colour range takes in the parents too, so that each has its place on the scale
+        finite = [r.perplexity for r in rows if math.isfinite(r.perplexity)]
+        low, high = (min(finite), max(finite)) if finite else (None, None)
+        margin = (high - low) * 0.03 if finite else 0  # a line at either end stays visible
+        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r",
+                          vmin=low - margin if finite else None, vmax=high + margin if finite else None)
         ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
         ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
         ax.set_xlabel(columns[0])
         ax.set_ylabel(columns[1])
-        fig.colorbar(image, ax=ax, label="perplexity")
+        bar = fig.colorbar(image, ax=ax, label="perplexity")
+        from matplotlib.lines import Line2D
+
+        handles = []
+        for r, colour in zip([r for r in rows if r.baseline and math.isfinite(r.perplexity)], ("red", "darkorange")):
+            # the parents as reference lines on the colour scale, named in a legend below the map
+            bar.ax.axhline(r.perplexity, color=colour, linewidth=2.5)
+            handles.append(Line2D([], [], color=colour, linewidth=2.5, label=f"{r.name} ({r.perplexity:.3f})"))
+        if handles:
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(handles),
+                      fontsize=8, frameon=False, title="on the colour scale", title_fontsize=8)
+        ax.set_title("perplexity of each variant", fontsize=9)
     else:
         best = ranked(variants)[:20]
         ax.barh([r.name for r in best][::-1], [r.perplexity for r in best][::-1], label="variants")
         ax.set_xlabel("perplexity")
+        ax.set_ylabel(f"variant (the best {len(best)})")
     if not (len(columns) == 2 and len(numeric) == 2):
         for r in rows:
             if r.baseline:
@@ -493,11 +533,7 @@ def plot(rows: list[Row], columns: list[str], file) -> None:
                 draw(r.perplexity, linestyle="--", color="gray" if r.name == "model_1" else "black",
                      label=f"{r.name} ({r.perplexity:.3f})")
         ax.set_ylabel(ax.get_ylabel() or "perplexity")
-        ax.legend(fontsize=8)
-    else:
-        base = ", ".join(f"{r.name} {r.perplexity:.3f}" for r in rows if r.baseline)
-        if base:
-            ax.set_title(base, fontsize=9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(file, format="png")
+    fig.savefig(file, format="png", bbox_inches="tight")
     plt.close(fig)

@@ -255,7 +255,7 @@ def _recompute(report: Report, out: Path, merged, record: dict, path1, path2, fu
                 report.problems.append(problem)
             blended += job.blended
             copied += not job.blended
-        report.notes.append(f"{'every' if full else 'a sample of'} {blended} blended and {copied} other tensors "
+        report.notes.append(f"{'all' if full else 'a sample of'} {blended} blended and {copied} other tensors "
                             "recomputed bit for bit")
 
 

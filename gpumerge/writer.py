@@ -186,6 +186,23 @@ def copy_aux_files(model_dir: Path, directory: Path, out_dtype_name: str, config
     return copied
 
 
+# Files that hold a tokenizer's vocabulary (tokenizers' tokenizer.json, sentencepiece's tokenizer.model, GPT-2 BPE's
+# vocab.json, WordPiece's vocab.txt, tiktoken's tokenizer.model/.tiktoken): a model directory without any of them
+# cannot be used as it is.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
+
+
+def missing_tokenizer(model_dir: Path, *, label: str) -> str | None:
+    """A notice when model 1 (whose aux files the merge copies) has no tokenizer: the output will have none."""
+    try:
+        if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+            return None
+    except OSError:
+        return None
+    return (f"{label} {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so the merge has none "
+            "either and cannot be used as it is: copy the base model's tokenizer files into the output")
+
+
 def aux_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.iterdir()
                if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))

@@ -52,3 +52,11 @@ def test_sweep_settings_example(pair32, tmp_path, capsys):
                            "--settings", EXAMPLES / "sweep_variants.yaml", "--quiet", capsys=capsys)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["attn-mlp", "gentle", "per-module"]
+
+
+def test_the_slerp_example_on_other_models_says_to_edit_layer_range(models, capsys):
+    """The slerp example's slices are for 32-block models; on the 5-block test pair the message says what to do."""
+    code, _, err = run_cli("plan", "--config", EXAMPLES / "mergekit_slerp.yml", "--model_path1", models["fp16_a"],
+                           "--model_path2", models["fp16_b"], capsys=capsys)
+    assert code == 2 and "edit the config's layer_range to end at 5" in err and "layer_range: [0, 5]" in err
+    assert len(err.strip().splitlines()) == 1

@@ -46,3 +46,13 @@ def test_demo_builds_merges_and_checks(tmp_path, capsys):
     assert code == 0, err
     assert str(tmp_path / "demo" / "merged") in stdout
     assert (tmp_path / "demo" / "merged" / "tokenizer.json").exists()
+
+
+def test_demo_without_a_workdir_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp makes the demo's directory
+    code, stdout, err = run_cli("demo", "--quiet", capsys=capsys)
+    assert code == 0, err
+    assert "checked and removed" in stdout and "--workdir" in stdout
+    assert list(tmp_path.iterdir()) == []

@@ -49,7 +49,7 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "out" / "table.md").read_text()
     assert "FAILED" not in table and "DIFFERENT" not in table, table
-    for section in ("bytes", "kernel", "e2e", "pinned"):
+    for section in ("bytes", "kernel", "e2e", "pinned", "sweep", "eval"):
         assert f"| section {section} time |" in table
     assert table.count("| equal |") == 9  # one row per blend path
     assert "skipped" in (tmp_path / "out" / "pytest_cuda.log").read_text()
@@ -116,3 +116,30 @@ def test_the_top_level_kernels_folder_is_no_regular_package():
     (python -m from the root, PYTHONPATH=.): the folder holds modules only, reached as gpumerge.kernels."""
     assert not (REPO / "kernels" / "__init__.py").exists()
     assert sorted(p.name for p in (REPO / "kernels").glob("*.py"))
+
+
+def test_a_failing_section_makes_the_gpu_check_fail(tmp_path, monkeypatch):
+    """A section that raises is a FAILED row and exit 1 (the rows of the others still there), and gpu_check.sh
+    passes a failure on, so a caller never reads a broken run as a good one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+
+    def boom(ctx):
+        yield ("a row before the failure", "fine", "")
+        raise RuntimeError("this section broke")
+
+    monkeypatch.setitem(module.SECTIONS, "boom", (1, boom))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--cpu-dry-run", "--work", str(tmp_path / "work"), "--out",
+                                      str(tmp_path / "out"), "pinned", "boom"])
+    assert module.main() == 1
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| a row before the failure | fine |" in table and "FAILED" in table and "this section broke" in table
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "sh"), "--cpu-dry-run",
+                           "nosuch"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=source_env(PYTHON=sys.executable))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "gpu_check.sh: FAILED" in proc.stderr

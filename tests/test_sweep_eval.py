@@ -87,7 +87,7 @@ def test_scores_equal_an_independent_computation_and_the_kept_model_is_its_merge
     table = results(runs)
     assert list(table[0]) == ["rank", "name", "gradient_start", "gradient_end", "perplexity",
                               "perplexity:eval_code.txt", "perplexity:eval_prose.txt", "tokens", "blend_s", "eval_s",
-                              "kept"]
+                              "kept", "model_1_itself"]
     rows = {r["name"]: r for r in table}
     assert set(rows) == {"model_1", "model_2", "gs0-ge0.5", "gs0-ge1", "gs0.5-ge0.5", "gs0.5-ge1"}
     assert [float(r["perplexity"]) for r in table] == sorted(float(r["perplexity"]) for r in table)
@@ -163,7 +163,12 @@ def test_another_eval_setting_into_the_same_runs_is_refused(pair, trained, tmp_p
 
 @pytest.mark.parametrize("extra, needle", [
     (("--eval-text", "TEXT", "--seq-len", "100000"), "beyond model 1's max_position_embeddings"),
-    (("--eval-text", "TEXT", "--keep", "0"), "--keep must be"),
+    (("--eval-text", "TEXT", "--keep", "-1"), "--keep must be"),
+    (("--eval-text", "TEXT", "--keep", "abc"), "--keep must be"),
+    (("--keep", "2"), "--keep sets how variants are scored; give --eval-text"),
+    (("--seq-len", "0"), "--seq-len sets how variants are scored"),
+    (("--eval-batch", "8"), "--eval-batch sets how"),
+    (("--no-baselines",), "--no-baselines sets how"),
     (("--eval-text", "TEXT", "--seq-len", "1"), "--seq-len must be"),
     (("--eval-text", "TEXT", "--eval-dtype", "int8"), "--eval-dtype 'int8' is not one of"),
     (("--eval-text", "MISSING"), "MISSING"),
@@ -249,3 +254,35 @@ def test_an_eval_text_that_is_not_a_text_file_is_refused(kind, pair, tmp_path, c
                            capsys=capsys)
     assert_one_line_error(code, err, f"--eval-text {text}")
     assert not (tmp_path / "runs").exists()
+
+
+def test_score_only_and_a_best_that_is_model_1_itself(pair, trained, tmp_path, capsys):
+    """--keep 0 scores and plots and writes no model; a variant with t = 0 everywhere is model 1's weights, and
+    when it is the best the summary and results.json say that no blend beat model 1."""
+    runs = tmp_path / "runs"
+    code, out, err = run_cli("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir", runs,
+                             "--quiet", "--grid", "gradient_end=0", "--keep", "0", *eval_flags(trained),
+                             capsys=capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in runs.iterdir()) == ["results.csv", "results.json", "results.jsonl", "sweep.json",
+                                                      "sweep.png", "variants.csv"]
+    rows = {r["name"]: r for r in results(runs)}
+    assert rows["ge0"]["model_1_itself"] == "true" and rows["ge0"]["kept"] == "false"
+    assert rows["model_1"]["model_1_itself"] == "false"
+    assert float(rows["ge0"]["perplexity"]) == float(rows["model_1"]["perplexity"])  # the same weights
+    verdict = json.loads((runs / "results.json").read_text())["verdict"]
+    assert verdict["best"] == "ge0" and verdict["model_1_itself"] is True and verdict["beats_model_1"] is False
+    assert "is model 1 itself (t = 0 everywhere): no blend beat model 1" in out
+
+
+def test_the_verdict_names_no_best_without_a_finite_score_and_says_when_model_1_won():
+    from gpumerge.sweep_eval import Row, verdict
+
+    rows = [Row("model_1", {}, "k1", 10.0, baseline=True), Row("a", {}, "k2", math.nan),
+            Row("b", {}, "k3", math.inf)]
+    assert verdict(rows)["best"] is None and "no variant" in verdict(rows)["note"]
+    rows.append(Row("c", {}, "k4", 11.0))
+    outcome = verdict(rows)
+    assert outcome["best"] == "c" and outcome["beats_model_1"] is False and "no blend beat model 1" in outcome["note"]
+    rows.append(Row("d", {}, "k5", 9.0))
+    assert verdict(rows) == {"best": "d", "beats_model_1": True, "model_1_itself": False, "note": None}
