@@ -11,6 +11,11 @@
   run cut short finishes the job). Only the earlier sweep's own variant directories (named in its sweep.json, holding
   a gpumerge merge record and nothing but model files) are ever replaced or removed; anything else in RUNS makes
   --overwrite refuse.
+- The record files (sweep.json, variants.csv and an evaluated sweep's results) change only together, and only once
+  the run has produced what they describe: a run works in RUNS/.gpumerge-sweep.pending/ (its scored rows, then the
+  new record files), writes a COMMIT marker there when the set is complete, and then renames each file into place.
+  A run killed before the marker leaves the earlier records as they were (the next run of the same sweep reuses the
+  scored rows); one killed after it has its commit finished by the next run, whatever that run is.
 """
 
 from __future__ import annotations
@@ -20,16 +25,22 @@ import hashlib
 import io
 import json
 import os
+import re
+import secrets
 import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpumerge.errors import GpumergeError, OutputError
-from gpumerge.signals import GUARD
+from gpumerge.signals import GUARD, test_pause
 
 SWEEP_FILE = "sweep.json"
 VARIANTS_FILE = "variants.csv"
+PENDING_DIR = ".gpumerge-sweep.pending"  # a run's working directory inside RUNS (no variant name starts with '.')
+_COMMIT = "COMMIT"
+_IDENTITY = "identity.json"
+_MAX_MARKER_BYTES = 2**16
 # Files a sweep keeps in RUNS beside its variants (the evaluated sweep's results too): no variant may be named so.
 RUNS_FILES = (SWEEP_FILE, VARIANTS_FILE, "results.csv", "results.json", "results.jsonl", "sweep.png")
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
@@ -162,7 +173,7 @@ class RunsState:
     complete: list[str] = field(default_factory=list)  # variants already done: skipped
     replace: list[str] = field(default_factory=list)  # the earlier sweep's variants a new one is swapped in over
     retire: list[str] = field(default_factory=list)  # the earlier sweep's variants to remove once all are done
-    previous: dict[str, bytes] = field(default_factory=dict)  # its records, put back if nothing new completes
+    history: str | None = None  # the earlier sweep's history mark (resume: this sweep's own)
 
 
 def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrite: bool) -> RunsState:
@@ -171,11 +182,11 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
     from gpumerge.outdir import is_working_name
 
     try:
-        entries = list(os.scandir(runs))
+        entries = [e for e in os.scandir(runs) if e.name != PENDING_DIR]
     except FileNotFoundError:
         return RunsState()
-    if not entries:
-        return RunsState()
+    if not entries or (all(is_working_name(e.name) for e in entries) and not os.path.lexists(runs / SWEEP_FILE)):
+        return RunsState()  # empty, or only what a killed first run left (its working files, no records yet)
     for name in RUNS_FILES:
         path = runs / name
         if os.path.lexists(path) and not (path.is_file() and not path.is_symlink()) and not (
@@ -184,7 +195,8 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
                               "regular file); remove it")
     old = _old_record(runs)
     old_names = _old_names(old, runs)
-    dirs = {e.name for e in entries if e.is_dir(follow_symlinks=False)}
+    # working names (a killed run's partial variants) are never variants: not kept, replaced or retired
+    dirs = {e.name for e in entries if e.is_dir(follow_symlinks=False) and not is_working_name(e.name)}
     unrelated = sorted(e.name for e in entries if not (
         (e.name in RUNS_FILES and e.is_file(follow_symlinks=False)) or is_working_name(e.name)
         or (e.name in dirs and (e.name in old_names or e.name in expected))))
@@ -203,7 +215,7 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
                                   "--overwrite to write the sweep again")
             complete.append(name)
         retire = [n for n in old.get("retiring", []) if n in dirs and n not in expected and _ours(runs / n)]
-        return RunsState("resume", complete=complete, retire=retire)
+        return RunsState("resume", complete=complete, retire=retire, history=_history(old))
     if unrelated:
         raise OutputError(f"--overwrite would replace {runs}, which holds entries that are not its sweep's ("
                           + ", ".join(unrelated[:4]) + (", ..." if len(unrelated) > 4 else "")
@@ -214,12 +226,13 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
             if problem:
                 raise OutputError(f"--overwrite would replace {runs / name}, which {problem}; remove it yourself or "
                                   "choose another directory")
-    previous = {}
-    for name in RUNS_FILES:
-        if (runs / name).is_file() and not (runs / name).is_symlink():
-            previous[name] = (runs / name).read_bytes()
     return RunsState("replace", replace=sorted(d for d in dirs if d in expected),
-                     retire=sorted(d for d in dirs if d not in expected), previous=previous)
+                     retire=sorted(d for d in dirs if d not in expected))
+
+
+def _history(record: dict) -> str | None:
+    mark = record.get("history")
+    return mark if isinstance(mark, str) and re.fullmatch(r"[0-9a-f]{32}", mark) else None
 
 
 def _old_record(runs: Path) -> dict:
@@ -284,6 +297,123 @@ def _difference(old: dict, new: dict) -> str:
 
 # ---- changes to RUNS -----------------------------------------------------------------------------------------------
 
+def recover(runs: Path, *, notice) -> None:
+    """Under RUNS's lock, before RUNS is judged: a commit that a killed run had begun (its COMMIT marker written) is
+    finished, so the records are the complete new set; a pending directory without the marker stays for the run
+    that can use it (the same sweep again reuses its scored rows)."""
+    path = runs / PENDING_DIR
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise OutputError(f"--output_dir {runs}: {path} is in the way of the sweep's working directory (it is not "
+                          "one gpumerge made); remove it")
+    if os.path.lexists(path / _COMMIT):
+        with GUARD.critical():
+            _apply_commit(runs)
+        notice(f"an earlier run into {runs} was stopped while putting its records in place; that is finished now")
+
+
+def commit_begun(runs: Path) -> bool:
+    """A killed run's commit waits in RUNS (its marker is written): recover() finishes it, under the lock."""
+    return os.path.lexists(runs / PENDING_DIR / _COMMIT)
+
+
+def start_pending(runs: Path, sweep_id: str, history: str | None) -> tuple[Path, str]:
+    """This run's working directory and history mark: the earlier run's directory is kept when it is this sweep's
+    with the same history (its scored rows are reused), else made anew; a new history mark when there is none."""
+    path = runs / PENDING_DIR
+    identity = _pending_identity(path)
+    if identity is not None and identity.get("sweep") == sweep_id and (history is None
+                                                                       or identity.get("history") == history):
+        return path, identity["history"]
+    history = history or secrets.token_hex(16)
+    with GUARD.critical():
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+        path.mkdir()
+        _write_synced(path / _IDENTITY, (json.dumps({"sweep": sweep_id, "history": history}) + "\n").encode())
+    return path, history
+
+
+def _pending_identity(path: Path) -> dict | None:
+    from gpumerge import fsutil
+
+    try:
+        raw = fsutil.read_regular(path / _IDENTITY, max_bytes=_MAX_MARKER_BYTES, what=_IDENTITY, error=OutputError)
+        found = fsutil.load_json(raw, what=_IDENTITY, error=OutputError)
+    except (GpumergeError, OSError):
+        return None
+    if isinstance(found, dict) and isinstance(found.get("sweep"), str) and _history(found):
+        return found
+    return None
+
+
+def commit_records(runs: Path, files: dict[str, bytes], *, remove: tuple[str, ...] = ()) -> None:
+    """The new record files, all or none: written into the pending directory, the COMMIT marker, then each renamed
+    into RUNS (and ``remove``, record files the new set lacks, unlinked). Signals wait; a SIGKILL after the
+    marker leaves the rest to the next run's recover()."""
+    assert set(files) | set(remove) <= set(RUNS_FILES)
+    path = runs / PENDING_DIR
+    with GUARD.critical():
+        path.mkdir(exist_ok=True)
+        staged = path / "commit"
+        if os.path.lexists(staged):
+            shutil.rmtree(staged)
+        staged.mkdir()
+        for name, data in files.items():
+            _write_synced(staged / name, data)
+        _fsync_dir(staged)
+        marker = (json.dumps({"files": sorted(files), "remove": sorted(set(remove) - set(files))}) + "\n").encode()
+        _write_synced(path / (_COMMIT + ".tmp"), marker)
+        os.replace(path / (_COMMIT + ".tmp"), path / _COMMIT)
+        _fsync_dir(path)
+        test_pause("records")
+        _apply_commit(runs)
+
+
+def _apply_commit(runs: Path) -> None:
+    """Finish a commit whose marker is written: every staged file renamed into RUNS, the dropped ones removed, the
+    pending directory gone. Each step can be done again, so a run killed midway is finished by the next."""
+    from gpumerge import fsutil
+
+    path = runs / PENDING_DIR
+    marker = fsutil.load_json(fsutil.read_regular(path / _COMMIT, max_bytes=_MAX_MARKER_BYTES, what=_COMMIT,
+                                                  error=OutputError), what=str(path / _COMMIT), error=OutputError)
+    names = marker.get("files") if isinstance(marker, dict) else None
+    remove = marker.get("remove") if isinstance(marker, dict) else None
+    if not (isinstance(names, list) and isinstance(remove, list) and set(names) | set(remove) <= set(RUNS_FILES)):
+        raise OutputError(f"--output_dir {runs}: {path / _COMMIT} is not a gpumerge commit marker; remove {path}")
+    for name in names:
+        staged = path / "commit" / name
+        if os.path.lexists(staged):
+            os.replace(staged, runs / name)  # replaces a link at the name, never what it points to
+    for name in remove:
+        target = runs / name
+        if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
+            target.unlink()
+    _fsync_dir(runs)
+    shutil.rmtree(path)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_records(runs: Path, files: dict[str, bytes], *, inputs) -> None:
     from gpumerge.outdir import AtomicFile
 
@@ -295,6 +425,22 @@ def write_records(runs: Path, files: dict[str, bytes], *, inputs) -> None:
         except BaseException:
             out.discard()
             raise
+
+
+def tidy_locks(runs: Path, names) -> None:
+    """The lock files a killed run left beside variants that are complete: each taken and let go (which removes
+    it); one another run holds is left alone."""
+    from gpumerge.outdir import OutputLock
+
+    for name in names:
+        lock = OutputLock(runs / name, flag="--output_dir")
+        if not os.path.lexists(lock.path):
+            continue
+        try:
+            lock.acquire()
+        except (GpumergeError, OSError):
+            continue
+        lock.release()
 
 
 def retire(runs: Path, names: list[str], *, notice) -> None:

@@ -145,7 +145,8 @@ def test_pause(point: str, cancelled=None) -> None:
     reaching POINT writes FILE.POINT and waits until that file is removed (or ``cancelled()`` is true, or 60 s pass),
     so that a test can land signals while a tiny merge is really in flight. Points: ``write`` (the writer thread,
     after the first batch), ``finalize`` (just before the output is renamed into place), ``cleanup`` (while a failed
-    or interrupted run removes its partial output)."""
+    or interrupted run removes its partial output), ``score`` (an evaluated sweep, after each row is logged),
+    ``records`` (a sweep's new record files staged and their commit marker written, before they are renamed)."""
     base = os.environ.get("GPUMERGE_TEST_PAUSE")
     if not base or point not in os.environ.get("GPUMERGE_TEST_PAUSE_AT", "").split(","):
         return

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import re
+import secrets
 import sys
 import time
 from contextlib import ExitStack
@@ -400,7 +401,8 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         state = [runs_dir.RunsState()]
 
         def existing(path: Path) -> None:
-            state[0] = runs_dir.judge_runs(path, record, expected, overwrite=overwrite)
+            if not runs_dir.commit_begun(path):  # else judged under the lock, once that commit is finished
+                state[0] = runs_dir.judge_runs(path, record, expected, overwrite=overwrite)
 
         runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
                                  existing=existing)
@@ -416,47 +418,49 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         created: list[Path] = []  # RUNS's parents (and RUNS) as this run makes them
         lock = OutputLock(runs, flag="--output_dir")
         done = False
-        wrote_records = False
-        finalized: list[str] = []  # the variants this run put in place
+        table = best = None
         try:
             make_parents(runs, created)
             lock.acquire()
             GUARD.poll()
+            if runs.exists():
+                runs_dir.recover(runs, notice=notice)  # a commit a killed run had begun is finished first
             state[0] = runs_dir.judge_runs(runs, record, expected, overwrite=overwrite)  # again, under the lock
             now = state[0]
             pending = [(v, p) for v, p in distinct if v.name not in now.complete]
             if not runs.exists():
                 runs.mkdir()
                 created.append(runs)
-            if now.action != "resume":
-                record["retiring"] = now.retire
-                runs_dir.write_records(runs, {runs_dir.SWEEP_FILE: (json.dumps(record, indent=2) + "\n").encode(),
-                                              runs_dir.VARIANTS_FILE: runs_dir.variants_csv(variants, columns,
-                                                                                            aliases)},
-                                       inputs=inputs)
-                wrote_records = True
-                if now.action == "replace":  # the earlier sweep's results go with it (put back if this run fails)
-                    for name in RUNS_FILES[2:]:
-                        (runs / name).unlink(missing_ok=True)
-            table = best = None
+            # The record files are made now and put in place only with the variants they describe (one commit):
+            # until then RUNS keeps the earlier sweep's records as they were.
+            record["retiring"] = now.retire
+            files: dict[str, bytes] = {}
             if scoring:
+                work, record["history"] = runs_dir.start_pending(runs, record["sweep"], now.history)
                 rows, kept, scored = _score(scoring, variants, plans, signatures, aliases, a, b, runs=runs,
+                                            work=work, resume=now.action == "resume", history=record["history"],
                                             progress_factory=progress_factory, notice=notice)
                 # the plans as scored: slerp coefficients already there, their tensors not read a second time
                 pending = [(v, scored[v.name]) for v, _ in distinct if v.name in kept and v.name not in now.complete]
+                table, best, files = _results(scoring, rows, columns, record)
+            else:
+                record["history"] = now.history or secrets.token_hex(16)
+            files[runs_dir.SWEEP_FILE] = (json.dumps(record, indent=2) + "\n").encode()
+            files[runs_dir.VARIANTS_FILE] = runs_dir.variants_csv(variants, columns, aliases)
+            remove = tuple(name for name in RUNS_FILES if name not in files)
+
+            def commit() -> None:
+                runs_dir.commit_records(runs, files, remove=remove)
+
             stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, replace=now.replace,
-                                    finalized=finalized, said_devices=scoring is not None,
-                                    slerp_ready=scoring is not None,
+                                    said_devices=scoring is not None, slerp_ready=scoring is not None,
                                     checksums=bool(getattr(args, "checksums", False)),
                                     progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
-                                    simulate_staging=simulate_staging)
-            if scoring:
-                table, best = _results(scoring, rows, columns, record, runs=runs, inputs=inputs)
+                                    simulate_staging=simulate_staging, on_finalized=commit)
             done = True
+            runs_dir.tidy_locks(runs, now.complete)
             runs_dir.retire(runs, now.retire, notice=notice)
         finally:
-            if not done and wrote_records and not finalized and not (runs / "results.jsonl").exists():
-                _undo_records(runs, state[0], inputs)
             lock.release()
             if not done:
                 with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
@@ -527,11 +531,14 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
             "max_memory": base.max_memory, "plot": plot}
 
 
-def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: Path, progress_factory, notice):
-    """Every row scored (or taken from results.jsonl); returns (rows, names of the variants to keep, the variants'
-    plans by name with their slerp coefficients)."""
-    from gpumerge.sweep_eval import (RESULTS_JSONL, ResidentModel, Row, budget_for_inputs, check_fits, ranked,
-                                     row_key, score_rows)
+def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: Path, work: Path, resume: bool,
+           history: str, progress_factory, notice):
+    """Every row scored, or taken from this sweep's committed results.jsonl (``resume``) or from the rows an
+    interrupted run of it scored (``work``, the pending directory: new rows are appended there); rows without this
+    directory's history mark are scored again. Returns (rows, names of the variants to keep, the variants' plans by
+    name with their slerp coefficients)."""
+    from gpumerge.sweep_eval import (RESULTS_JSONL, ResidentModel, Row, budget_for_inputs, check_fits, load_done,
+                                     ranked, row_key, score_rows)
 
     fingerprints = [a.fingerprint(), b.fingerprint()]
     rows = []
@@ -571,8 +578,10 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
             bar.bar.set_postfix_str(f"best {best[1]} {best[0]:.4f}" if best[1] else "", refresh=False)
 
     try:
-        score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=runs / RESULTS_JSONL,
-                   progress=advance)
+        done = load_done(runs / RESULTS_JSONL, history) if resume else {}
+        done.update(load_done(work / RESULTS_JSONL, history))
+        score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=work / RESULTS_JSONL,
+                   done=done, history=history, progress=advance)
     finally:
         if bar is not None:
             bar.close()
@@ -602,52 +611,35 @@ def _preload_matplotlib() -> None:
     threading.Thread(target=load, name="gpumerge-import-matplotlib", daemon=True).start()
 
 
-def _results(scoring: dict, rows, columns, record, *, runs: Path, inputs) -> tuple[str, str | None]:
-    """results.csv, results.json and sweep.png in RUNS (each atomically); the ranked table and the best name."""
-    from gpumerge.outdir import AtomicFile
-    from gpumerge.runs import write_records
-    from gpumerge.sweep_eval import plot, results_csv, results_json, table_text, verdict
+def _results(scoring: dict, rows, columns, record) -> tuple[str, str, dict[str, bytes]]:
+    """The ranked table, the best name (with what it means), and the results files' bytes: results.jsonl (every row
+    with its history mark), results.csv, results.json and sweep.png, put in place with the sweep's other records."""
+    import io
+
+    from gpumerge.sweep_eval import RESULTS_JSONL, plot, results_csv, results_json, results_lines, table_text, verdict
 
     texts = scoring["texts"]
     eval_settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,
                      "texts": [{"name": t.name, "path": str(t.path), "sha256": t.sha256, "tokens": t.predicted}
                                for t in texts]}
-    write_records(runs, {"results.csv": results_csv(rows, columns, texts),
-                         "results.json": results_json(rows, columns, record, eval_settings)}, inputs=inputs)
+    files = {RESULTS_JSONL: results_lines(rows, record["history"]),
+             "results.csv": results_csv(rows, columns, texts),
+             "results.json": results_json(rows, columns, record, eval_settings)}
     if scoring["plot"]:
-        picture = AtomicFile(runs / "sweep.png", flag="--output_dir", inputs=inputs)
-        try:
-            with picture.open() as handle:
-                plot(rows, columns, handle)
-            picture.commit()
-        except BaseException:
-            picture.discard()
-            raise
+        picture = io.BytesIO()
+        plot(rows, columns, picture)
+        files["sweep.png"] = picture.getvalue()
     outcome = verdict(rows)
     best = outcome["best"] or "none"
-    return table_text(rows, columns), best + (f" ({outcome['note']})" if outcome["note"] else "")
-
-
-def _undo_records(runs: Path, state, inputs) -> None:
-    """A run that completed no variant: a new sweep's records go, a replaced sweep's come back."""
-    from gpumerge.runs import SWEEP_FILE, VARIANTS_FILE, write_records
-
-    with GUARD.critical():
-        try:
-            if state.action == "replace":
-                write_records(runs, state.previous, inputs=inputs)
-            else:
-                for name in (SWEEP_FILE, VARIANTS_FILE):
-                    (runs / name).unlink(missing_ok=True)
-        except OSError:
-            pass
+    return table_text(rows, columns), best + (f" ({outcome['note']})" if outcome["note"] else ""), files
 
 
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
-                    batch_bytes, replace: list[str] = (), finalized: list[str] | None = None,
-                    simulate_staging: bool = False, said_devices: bool = False,
-                    checksums: bool = False, slerp_ready: bool = False) -> tuple[int, int, int]:
-    """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place.
+                    batch_bytes, replace: list[str] = (), simulate_staging: bool = False,
+                    said_devices: bool = False, checksums: bool = False, slerp_ready: bool = False,
+                    on_finalized: Callable[[], None] | None = None) -> tuple[int, int, int]:
+    """The pending variants, each in its hidden directory, from one pass over the inputs; then each put in place,
+    and ``on_finalized`` called (the records' commit) before any signal is let through.
     ``slerp_ready``: the plans already carry their slerp coefficients (an evaluated sweep computed them).
     Returns (input bytes read for the blends, bytes written, bytes of those copied file to file)."""
     from gpumerge import writer
@@ -658,6 +650,9 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
     from gpumerge.plan import batch_capacity, needs_device, shared_jobs, sweep_batches
 
     if not pending:
+        if on_finalized is not None:
+            with GUARD.critical():
+                on_finalized()
         return 0, 0, 0
     spec = pending[0][0].spec
     with ExitStack() as stack:
@@ -714,9 +709,9 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
         with GUARD.critical():  # every finished variant is put in place, even if a signal arrives meanwhile
             for output in outputs:
                 output.finalize()
-                if finalized is not None:
-                    finalized.append(output.out.name)
                 GUARD.completed_output = None  # a variant, not the sweep: the sweep is complete when all are
+            if on_finalized is not None:
+                on_finalized()
             GUARD.completed_output = runs
     copied = stats.stages["copy"].bytes
     return stats.bytes_read - copied, stats.bytes_written, copied

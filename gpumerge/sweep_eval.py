@@ -13,6 +13,7 @@ fit they are read again for each variant (the run says so).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpumerge.errors import OutputError, SpecError, brief
-from gpumerge.signals import GUARD, Interrupted
+from gpumerge.signals import GUARD, Interrupted, test_pause
 
 RESULTS_JSONL = "results.jsonl"
 BASELINES = ("model_1", "model_2")
@@ -267,8 +268,15 @@ def _scratch(job) -> bool:
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
-def load_done(path: Path) -> dict[str, dict]:
-    """The rows already scored (results.jsonl), by key; a torn last line (a crash mid-write) is ignored."""
+def _mark(row: dict, history: str) -> str:
+    """A row's history mark: an HMAC of its fields under the sweep directory's history key (sweep.json)."""
+    body = json.dumps({k: v for k, v in row.items() if k != "mark"}, sort_keys=True).encode()
+    return hmac.new(bytes.fromhex(history), body, hashlib.sha256).hexdigest()[:32]
+
+
+def load_done(path: Path, history: str) -> dict[str, dict]:
+    """The rows already scored in this directory's history (a results.jsonl), by key. A row without the history's
+    mark (copied from elsewhere, edited by hand) or torn (a crash mid-write) is ignored: it is scored again."""
     from gpumerge import fsutil
 
     done = {}
@@ -280,7 +288,8 @@ def load_done(path: Path) -> dict[str, dict]:
             row = json.loads(line)
         except (ValueError, RecursionError):
             continue
-        if isinstance(row, dict) and isinstance(row.get("key"), str) and _valid(row):
+        if (isinstance(row, dict) and isinstance(row.get("key"), str) and _valid(row)
+                and hmac.compare_digest(str(row.get("mark")), _mark(row, history))):
             done[row["key"]] = row
     return done
 
@@ -292,10 +301,22 @@ def _valid(row: dict) -> bool:
     return (all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
             and (row["perplexity"] >= 1 or math.isnan(row["perplexity"]))
             and isinstance(row.get("tokens"), int) and not isinstance(row.get("tokens"), bool)
-            and isinstance(per_file, dict) and all(isinstance(v, (int, float)) for v in per_file.values()))
+            and isinstance(per_file, dict) and bool(per_file)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in per_file.values()))
 
 
-def append_row(path: Path, row: Row) -> None:
+def _line(row: Row, history: str) -> str:
+    data = row.as_dict()
+    data["mark"] = _mark(data, history)
+    return json.dumps(data) + "\n"
+
+
+def results_lines(rows: list[Row], history: str) -> bytes:
+    """results.jsonl as the sweep's records keep it: every row, marked."""
+    return "".join(_line(row, history) for row in rows).encode()
+
+
+def append_row(path: Path, row: Row, history: str) -> None:
     """One line per scored row, appended and flushed to disk at once: a crash loses at most the row in progress."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
@@ -303,7 +324,7 @@ def append_row(path: Path, row: Row) -> None:
         if not stat.S_ISREG(info.st_mode):
             raise OutputError(f"--output_dir: {path} is not a regular file; remove it")
         torn = info.st_size > 0 and os.pread(fd, 1, info.st_size - 1) != b"\n"  # a crash mid-line: start afresh
-        os.write(fd, (("\n" if torn else "") + json.dumps(row.as_dict()) + "\n").encode())
+        os.write(fd, (("\n" if torn else "") + _line(row, history)).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -316,11 +337,11 @@ def _stop_after() -> int | None:
 
 
 def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, settings, results: Path,
-               progress=None) -> None:
-    """Score every row not yet in results.jsonl, in order; each result appended as soon as it is known."""
+               done: dict[str, dict], history: str, progress=None) -> None:
+    """Score every row not yet ``done`` (by key), in order; each result appended to ``results`` as soon as it is
+    known."""
     from gpumerge.evaluate import perplexity
 
-    done = load_done(results)
     stop = _stop_after()
     scored = 0
     state = "a"  # what the parameters hold: model 1 ("a", as built), model 2 ("b"), or a variant
@@ -350,7 +371,8 @@ def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, set
         score = perplexity(model.model, texts, batch=settings.batch, device=model.device)
         row.eval_s = time.perf_counter() - began
         row.perplexity, row.per_file, row.tokens = score.perplexity, score.per_file, score.tokens
-        append_row(results, row)
+        append_row(results, row, history)
+        test_pause("score")
         scored += 1
         if progress:
             progress(row)
@@ -362,7 +384,7 @@ def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, set
 
 def _fill(row: Row, done: dict) -> None:
     row.perplexity = float(done["perplexity"])
-    row.per_file = dict(done.get("per_file", {}))
+    row.per_file = dict(done["per_file"])
     row.tokens = int(done.get("tokens", 0))
     row.blend_s = float(done.get("blend_s", 0.0))
     row.eval_s = float(done.get("eval_s", 0.0))

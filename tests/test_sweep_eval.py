@@ -17,6 +17,7 @@ from test_cli_errors import assert_one_line_error
 from test_sweep import assert_same_model, in_process_sweep, not_a_file, single_merge
 
 SEQ = 64
+PENDING = ".gpumerge-sweep.pending"  # an interrupted run's working directory in RUNS
 TOKENS = 700  # per text: 10 full windows and a short last one of 60 tokens
 
 
@@ -139,14 +140,16 @@ def test_resume_scores_only_what_is_missing(pair, trained, tmp_path, capsys, mon
     monkeypatch.setenv("GPUMERGE_TEST_STOP_AFTER", "3")
     code, _, err = run_cli(*argv, capsys=capsys)
     assert code == 130, err
-    lines = (runs / "results.jsonl").read_text().splitlines()
+    # nothing of a run cut short is a record yet: its scored rows wait in its working directory
+    assert [p.name for p in runs.iterdir()] == [PENDING]
+    lines = (runs / PENDING / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    assert sorted(p.name for p in runs.iterdir()) == ["results.jsonl", "sweep.json", "variants.csv"]
     monkeypatch.delenv("GPUMERGE_TEST_STOP_AFTER")
     code, _, err = run_cli(*argv, capsys=capsys)
     assert code == 0, err
     after = (runs / "results.jsonl").read_text().splitlines()
     assert after[:3] == lines and len(after) == 6  # model_1, model_2 and 4 variants, each scored once
+    assert not (runs / PENDING).exists()
     assert len({json.loads(line)["key"] for line in after}) == 6
     assert len(results(runs)) == 6 and "perplexity:eval_code.txt" not in results(runs)[0]
 
@@ -202,21 +205,30 @@ def stopped_run(pair, trained, runs, capsys, monkeypatch, stop_after: int, *extr
     return argv
 
 
-def test_a_torn_results_line_costs_only_that_row(pair, trained, tmp_path, capsys, monkeypatch):
-    runs = tmp_path / "runs"
-    argv = stopped_run(pair, trained, runs, capsys, monkeypatch, 2)
-    results = runs / "results.jsonl"
-    results.write_bytes(results.read_bytes()[:-40])  # a crash in the middle of writing the second row
-    code, _, err = run_cli(*argv, capsys=capsys)
-    assert code == 0, err
+def _keys(path: Path) -> tuple[list[str], int]:
     keys, torn = [], 0
-    for line in results.read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             keys.append(json.loads(line)["key"])
         except ValueError:
             torn += 1
+    return keys, torn
+
+
+def test_a_torn_results_line_costs_only_that_row(pair, trained, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    argv = stopped_run(pair, trained, runs, capsys, monkeypatch, 2)
+    log = runs / PENDING / "results.jsonl"
+    first = _keys(log)[0]
+    log.write_bytes(log.read_bytes()[:-40])  # a crash in the middle of writing the second row
+    stopped_run(pair, trained, runs, capsys, monkeypatch, 1)
+    keys, torn = _keys(log)
     assert torn == 1  # the fragment stays on a line of its own; the next row starts a new line
-    assert len(set(keys)) == len(keys) == 5  # model_1 kept, model_2 (torn) and the 3 variants scored once each
+    assert keys == first  # model_1 kept, model_2 (torn) scored again, and only it
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 0, err
+    keys, torn = _keys(runs / "results.jsonl")
+    assert torn == 0 and len(set(keys)) == len(keys) == 5  # the records hold each row once
 
 
 def test_a_results_file_that_is_not_a_regular_file_is_refused(pair, trained, tmp_path, capsys, monkeypatch):
@@ -224,10 +236,10 @@ def test_a_results_file_that_is_not_a_regular_file_is_refused(pair, trained, tmp
 
     runs = tmp_path / "runs"
     argv = stopped_run(pair, trained, runs, capsys, monkeypatch, 1)
-    (runs / "results.jsonl").unlink()
-    os.mkfifo(runs / "results.jsonl")
+    (runs / PENDING / "results.jsonl").unlink()
+    os.mkfifo(runs / PENDING / "results.jsonl")
     code, _, err = run_cli(*argv, capsys=capsys)
-    assert_one_line_error(code, err, "results.jsonl is in the way")
+    assert_one_line_error(code, err, "results.jsonl: is a FIFO")
 
 
 def test_another_tokenizer_is_another_evaluation(pair, trained, tmp_path, capsys, monkeypatch):
@@ -236,7 +248,10 @@ def test_another_tokenizer_is_another_evaluation(pair, trained, tmp_path, capsys
     mine = tmp_path / "model_1"
     shutil.copytree(pair[0], mine)
     runs = tmp_path / "runs"
-    argv = list(stopped_run((mine, pair[1]), trained, runs, capsys, monkeypatch, 1))
+    argv = ("sweep", "--model_path1", mine, "--model_path2", pair[1], "--output_dir", runs, "--quiet", "--grid",
+            "gradient_end=0.5,1", "--no-baselines", *eval_flags(trained, files=texts(trained)[1:]))
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 0, err
     data = json.loads((mine / "tokenizer.json").read_text())
     vocab = data["model"]["vocab"]
     first, second = sorted(vocab, key=vocab.get)[40:42]
