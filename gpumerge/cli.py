@@ -98,7 +98,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                          "given) a deterministic sample of tensors recomputed bit for bit. Exit 0 when all holds, 1 "
                          "with one line per problem, 2 for bad usage. A sweep's directory is checked variant by "
                          "variant.")
-        parser.add_argument("path", type=Path, metavar="OUT", help="a merge's output, or a sweep's directory")
+        parser.add_argument("path", metavar="OUT", help="a merge's output, or a sweep's directory")
         _flag(parser, "model_path1", metavar="PATH", help="model 1, when not where the record says")
         _flag(parser, "model_path2", metavar="PATH", help="model 2, when not where the record says")
         _flag(parser, "full", action="store_true", help="recompute every tensor, not a sample")

@@ -41,8 +41,8 @@ MODEL_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "spiece.model", "sentencepiece.bpe.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
     "preprocessor_config.json", "processor_config.json", "README.md", "LICENSE*", "USE_POLICY.md", "NOTICE*",
-    ".gitattributes", "gpumerge_recipe.yaml", "checksums.sha256", "configuration_*.py", "modeling_*.py",
-    "tokenization_*.py",
+    ".gitattributes", "gpumerge_recipe.yaml", "gpumerge_digests.json", "checksums.sha256", "configuration_*.py",
+    "modeling_*.py", "tokenization_*.py",
 )
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 _STEM_NAME_BYTES = 40  # hidden sibling names stay far below NAME_MAX whatever the output's name

@@ -148,7 +148,8 @@ def variant_record(directory: Path, *, shard: str | None = None, follow_links: b
 
 
 def is_complete(directory: Path, plan, expected: dict) -> bool:
-    """RUNS/<name>/ is this variant, done: its record says so and every shard of the plan is there, whole."""
+    """RUNS/<name>/ is this variant, done: its record says so, every shard of the plan is there, whole, and every
+    file has the bytes its digests recorded."""
     if directory.is_symlink() or not directory.is_dir():
         return False
     record = variant_record(directory)
@@ -162,7 +163,9 @@ def is_complete(directory: Path, plan, expected: dict) -> bool:
         found = shard_header(directory / shard.filename)
         if found is None or (directory / shard.filename).stat().st_size != found[0] + shard.data_bytes:
             return False
-    return True
+    from gpumerge.digests import check_digests
+
+    return not check_digests(directory, record)[0]  # every byte as written (a flipped byte is not complete)
 
 
 # ---- what to do with RUNS ------------------------------------------------------------------------------------------
@@ -211,8 +214,8 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
                 continue
             if not is_complete(path, plan, want):
                 raise OutputError(f"--output_dir {runs}: {path} is in the way of variant {name}: it is not that "
-                                  "variant, complete (its merge record or shards differ); remove it, or pass "
-                                  "--overwrite to write the sweep again")
+                                  "variant, complete (its merge record, shards or bytes differ from what it "
+                                  "recorded); remove it, or pass --overwrite to write the sweep again")
             complete.append(name)
         retire = [n for n in old.get("retiring", []) if n in dirs and n not in expected and _ours(runs / n)]
         return RunsState("resume", complete=complete, retire=retire, history=_history(old))

@@ -23,9 +23,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpumerge.digests import CHECKSUMS, DIGESTS_FILE
 from gpumerge.errors import GpumergeError, SpecError
 
-CHECKSUMS = "checksums.sha256"
 _HASH_CHUNK = 16 * 2**20
 _MAX_CHECKSUMS_BYTES = 16 * 2**20
 _SAMPLE_EVERY = 8  # the default sample: about one tensor in 8 (by a hash of its name), and the first and last blended
@@ -35,8 +35,12 @@ _LINE = re.compile(r"^(\\?)([0-9a-f]{64}) [ *](.+)$")
 # ---- checksums -----------------------------------------------------------------------------------------------------
 
 def file_sha256(path: Path) -> str:
+    """A regular file's sha256 (links followed); a FIFO or device is a SpecError, never a hang."""
+    from gpumerge import fsutil
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    fd = fsutil.open_regular(path, what=path.name, error=SpecError)
+    with open(fd, "rb", closefd=True) as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -93,10 +97,20 @@ def check_checksums(directory: Path) -> tuple[list[str], int]:
             problems.append(f"{name!r} is listed in {CHECKSUMS} and is not a regular file")
             continue
         checked += 1
-        if file_sha256(path) != found.group(2):
+        try:
+            same = file_sha256(path) == found.group(2)
+        except GpumergeError as exc:
+            problems.append(str(exc))
+            continue
+        if not same:
             problems.append(f"{name}: its sha256 differs from {CHECKSUMS}")
     if checked == 0 and not problems:
         problems.append(f"{CHECKSUMS} lists no file")
+    listed = {(_unescaped(m.group(3)) if m.group(1) else m.group(3)) for m in map(_LINE.match, text.splitlines()) if m}
+    unlisted = sorted(e.name for e in os.scandir(directory) if e.name != CHECKSUMS and e.name not in listed)
+    if unlisted:
+        problems.append(f"{CHECKSUMS} does not list {len(unlisted)} file(s) of the directory: "
+                        + ", ".join(unlisted[:4]) + (", ..." if len(unlisted) > 4 else ""))
     return problems, checked
 
 
@@ -113,14 +127,9 @@ def verify_model(out: Path, *, model_path1: str | None = None, model_path2: str 
                  full: bool = False, expected_settings: dict | None = None) -> Report:
     """``expected_settings``: what a sweep's sweep.json says this variant's settings are."""
     from gpumerge.checkpoint import Checkpoint
+    from gpumerge.digests import check_digests
 
     report = Report(out)
-    if (out / CHECKSUMS).exists() or (out / CHECKSUMS).is_symlink():
-        problems, checked = check_checksums(out)
-        report.problems += problems
-        report.notes.append(f"{checked} checksums checked")
-    else:
-        report.notes.append(f"no {CHECKSUMS}")
     try:
         merged = Checkpoint(str(out), label="the output")
     except GpumergeError as exc:
@@ -128,15 +137,48 @@ def verify_model(out: Path, *, model_path1: str | None = None, model_path2: str 
                                .replace(f"the output {out}", "").lstrip("/: "))
         return report
     with merged:
-        report.notes.append(f"{len(merged.files)} shard(s), {len(merged.tensors)} tensors")
         record = _record(report, out, merged)
         if record is None:
             return report
+        problems, nbytes = check_digests(out, record)
+        report.problems += problems
+        if not problems:
+            report.notes.append(f"every byte of its {len(os.listdir(out))} files ({_size(nbytes)}) against the "
+                                "record")
+        if os.path.lexists(out / CHECKSUMS):
+            problems, checked = check_checksums(out)
+            report.problems += problems
+            report.notes.append(f"{checked} checksums checked")
+        report.notes.append(f"{len(merged.files)} shard(s), {len(merged.tensors)} tensors")
         if expected_settings is not None and _normal(record.get("settings")) != _normal(expected_settings):
             report.problems.append("its recorded settings are not those sweep.json gives this variant")
         _check_card_and_recipe(report, out, record)
         _recompute(report, out, merged, record, model_path1, model_path2, full)
     return report
+
+
+def _size(nbytes: int) -> str:
+    from gpumerge.outdir import size_text
+
+    return size_text(nbytes)
+
+
+def _record_problem(record: dict) -> str | None:
+    """What makes a merge record unusable for the checks below (a hand edit), or None."""
+    inputs = record.get("inputs")
+    if (not isinstance(inputs, list) or len(inputs) != 2
+            or not all(isinstance(i, dict) and isinstance(i.get("fingerprint"), str)
+                       and isinstance(i.get("path"), str) and isinstance(i.get("resolved"), str) for i in inputs)):
+        return "its inputs are not two entries with a path and a fingerprint"
+    if not isinstance(record.get("settings"), dict):
+        return "it has no settings"
+    for key, kind in (("version", str), ("method", str), ("output_dtype", str), ("command", str),
+                      ("t_groups", list)):
+        if not isinstance(record.get(key), kind):
+            return f"its {key} is not a {kind.__name__}"
+    if not all(isinstance(row, list) and len(row) == 4 for row in record["t_groups"]):
+        return "its t_groups are not rows of layer, group, t_min, t_max"
+    return None
 
 
 def _normal(value):
@@ -155,46 +197,63 @@ def _record(report: Report, out: Path, merged) -> dict | None:
         report.problems.append("holds no gpumerge merge record in its shards' metadata: it cannot be checked "
                                "against its recipe")
         return None
+    problem = _record_problem(records[0])
+    if problem:
+        report.problems.append(f"its merge record cannot be used: {problem}")
+        return None
     differ = [name for name, rec in zip(shards, records) if rec != records[0]]
     if differ:
         report.problems.append(f"its shards carry different merge records ({', '.join(differ[:3])} differ from "
                                f"{shards[0]})")
     if len(shards) > 1:
-        import json
+        from gpumerge import fsutil
 
+        name = "model.safetensors.index.json"
         try:
-            index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            report.problems.append(f"model.safetensors.index.json cannot be read ({exc})")
+            index = fsutil.load_json(fsutil.read_regular(out / name, what=name, error=SpecError), what=name,
+                                     error=SpecError)
+        except GpumergeError as exc:
+            report.problems.append(f"{name} cannot be read ({exc})")
         else:
             data = sum(merged.tensors[name].nbytes for name in merged.tensors)
-            if not isinstance(index, dict) or index.get("metadata", {}).get("total_size") != data:
-                report.problems.append(f"model.safetensors.index.json: total_size is not the shards' {data} bytes")
+            metadata = index.get("metadata") if isinstance(index, dict) else None
+            if not isinstance(metadata, dict) or metadata.get("total_size") != data:
+                report.problems.append(f"{name}: total_size is not the shards' {data} bytes")
     return records[0]
+
+
+def _read_bounded(path: Path, max_bytes: int) -> bytes | None:
+    """A file of the output, if it is a regular file of at most ``max_bytes`` (a FIFO, a device, a link to a huge
+    file: None, never a hang or a memory blow-up)."""
+    from gpumerge import fsutil
+
+    try:
+        return fsutil.read_regular(path, max_bytes=max_bytes, what=path.name, error=SpecError)
+    except GpumergeError:
+        return None
 
 
 def _check_card_and_recipe(report: Report, out: Path, record: dict) -> None:
     """README.md and gpumerge_recipe.yaml as the merge writes them from its record."""
     from gpumerge import writer
+    from gpumerge.spec import MAX_RECIPE_BYTES
 
     with tempfile.TemporaryDirectory(prefix="gpumerge-verify-") as scratch:
         writer.write_model_card(Path(scratch), record)
         want = (Path(scratch) / "README.md").read_bytes()
-    try:
-        got = (out / "README.md").read_bytes()
-    except OSError:
-        got = None
+    got = _read_bounded(out / "README.md", len(want))
     if got != want:
-        report.problems.append("README.md is not the model card of its merge record" if got is not None else
-                               "README.md (the model card) is missing")
+        report.problems.append("README.md is not the model card of its merge record" if os.path.lexists(
+            out / "README.md") else "README.md (the model card) is missing")
+    raw = _read_bounded(out / writer.RECIPE_FILE, MAX_RECIPE_BYTES)
     try:
         from gpumerge.recipes import load_yaml
 
-        recipe = load_yaml((out / writer.RECIPE_FILE).read_text(encoding="utf-8"), source=writer.RECIPE_FILE)
-    except (OSError, UnicodeDecodeError, GpumergeError):
+        recipe = load_yaml(raw.decode("utf-8"), source=writer.RECIPE_FILE) if raw is not None else None
+    except (UnicodeDecodeError, GpumergeError):
         recipe = None
-    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
-    if recipe is None or any(_normal(recipe.get(k)) != _normal(v) for k, v in settings.items()):
+    settings = record["settings"]
+    if not isinstance(recipe, dict) or any(_normal(recipe.get(k)) != _normal(v) for k, v in settings.items()):
         report.problems.append(f"{writer.RECIPE_FILE} is missing or does not hold the recorded settings")
 
 
@@ -245,18 +304,21 @@ def _recompute(report: Report, out: Path, merged, record: dict, path1, path2, fu
         _check_files(report, out, plan, record, a)
         from gpumerge.pipeline import with_slerp_coefficients
 
-        jobs = plan.jobs if full else sample(plan.jobs)
-        updated = with_slerp_coefficients(jobs, a, b)
+        # copied tensors are compared with model 1 in full (a read, no math); blends are recomputed, a fixed
+        # sample of them (every one with --full)
+        chosen = {job.name for job in (plan.jobs if full else sample(plan.jobs))}
+        jobs = [job for job in plan.jobs if not job.blended or job.name in chosen]
+        updated = with_slerp_coefficients([job for job in jobs if job.blended], a, b)
         jobs = [updated.get(job.name, job) for job in jobs]
-        blended = copied = 0
         for job in jobs:
             problem = _compare(job, a, b, merged)
             if problem:
                 report.problems.append(problem)
-            blended += job.blended
-            copied += not job.blended
-        report.notes.append(f"{'all' if full else 'a sample of'} {blended} blended and {copied} other tensors "
-                            "recomputed bit for bit")
+        blends = sum(job.blended for job in plan.jobs)
+        done = sum(job.blended for job in jobs)
+        copied = len(jobs) - done
+        report.notes.append(("all " if done == blends else f"{done} of ") + f"{blends} blends recomputed bit for bit"
+                            + (f"; all {copied} copied tensors compared with model 1's" if copied else ""))
 
 
 def _same_layout(report: Report, plan, merged) -> bool:
@@ -281,15 +343,14 @@ def _check_files(report: Report, out: Path, plan, record: dict, a) -> None:
         writer.write_index(scratch, plan)
         writer.copy_aux_files(a.root, scratch, plan.out_dtype_name, a.config)
         expected = {p.name: p.read_bytes() for p in scratch.iterdir()}
-    allowed = set(expected) | {s.filename for s in plan.shards} | {"README.md", writer.RECIPE_FILE, CHECKSUMS}
+    allowed = set(expected) | {s.filename for s in plan.shards} | {"README.md", writer.RECIPE_FILE, CHECKSUMS,
+                                                                    DIGESTS_FILE}
     for name, want in sorted(expected.items()):
-        try:
-            got = (out / name).read_bytes()
-        except OSError:
-            got = None
+        got = _read_bounded(out / name, len(want))
         if got != want:
-            report.problems.append(f"{name} is {'missing' if got is None else 'not what the merge writes'}"
-                                   + (" (model 1's file, or its config with the output dtype)" if got else ""))
+            missing = not os.path.lexists(out / name)
+            report.problems.append(f"{name} is {'missing' if missing else 'not what the merge writes'}"
+                                   + ("" if missing else " (model 1's file, or its config with the output dtype)"))
     extra = sorted(e.name for e in os.scandir(out) if e.name not in allowed)
     if extra:
         report.problems.append("holds files the merge does not write: " + ", ".join(extra[:4])
@@ -365,24 +426,30 @@ def _compare(job, a, b, merged) -> str | None:
 
 # ---- a path: a model directory, or a sweep's ---------------------------------------------------------------------
 
-def verify(path: Path, *, model_path1=None, model_path2=None, full: bool = False) -> list[Report]:
+def verify(path: Path | str, *, model_path1=None, model_path2=None, full: bool = False) -> list[Report]:
     from gpumerge.runs import SWEEP_FILE
+    from gpumerge.spec import check_home
 
     if (model_path1 is None) != (model_path2 is None):
         raise SpecError("give both --model_path1 and --model_path2, or neither (the record's inputs are used)")
+    if not str(path):
+        raise SpecError("'' is not a directory; give a merge's output or a sweep's directory")
+    check_home(path, what=f"verify {path}")
     path = Path(path).expanduser()
-    if not str(path) or not path.is_dir():
-        raise SpecError(f"{str(path) or repr('')} is not a directory; give a merge's output or a sweep's directory")
+    if not path.is_dir():
+        raise SpecError(f"{path} is not a directory; give a merge's output or a sweep's directory")
     if not (path / SWEEP_FILE).is_file():
         return [verify_model(path, model_path1=model_path1, model_path2=model_path2, full=full)]
     return _verify_sweep(path, model_path1=model_path1, model_path2=model_path2, full=full)
 
 
 def _verify_sweep(runs: Path, *, model_path1, model_path2, full: bool) -> list[Report]:
-    """Each variant sweep.json names, against its entry there; a variant missing from a sweep that writes them all
-    (not an evaluated sweep, which writes the best only) is a problem."""
+    """Each variant sweep.json names, against its entry there. A sweep that writes every variant must hold each
+    one; an evaluated sweep, the kept ones its results.json names. An alias must name a variant of the same rules;
+    nothing may be in RUNS beyond the sweep's own files and variants (a run's working files are noted)."""
     from gpumerge import fsutil
-    from gpumerge.runs import SWEEP_FILE
+    from gpumerge.outdir import is_working_name
+    from gpumerge.runs import PENDING_DIR, RUNS_FILES, SWEEP_FILE
     from gpumerge.sweep import NAME_RE
 
     record = fsutil.load_json(fsutil.read_regular(runs / SWEEP_FILE, what=str(runs / SWEEP_FILE), error=SpecError),
@@ -391,26 +458,67 @@ def _verify_sweep(runs: Path, *, model_path1, model_path2, full: bool) -> list[R
     if not isinstance(entries, list) or not all(isinstance(v, dict) for v in entries):
         raise SpecError(f"{runs / SWEEP_FILE} is not a gpumerge sweep record")
     sweep = Report(runs)
+    by_name = {e.get("name"): e for e in entries}
+    required = _required_variants(sweep, runs, record, entries)
     reports = []
     for entry in entries:
         name = entry.get("name")
-        if entry.get("same_as") is not None:
-            continue
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             sweep.problems.append(f"{SWEEP_FILE} names a variant {name!r} that cannot be a sweep's")
+            continue
+        alias = entry.get("same_as")
+        if alias is not None:
+            target = by_name.get(alias)
+            if (not isinstance(target, dict) or target.get("same_as") is not None
+                    or target.get("rules") != entry.get("rules") or alias == name):
+                sweep.problems.append(f"{SWEEP_FILE}: variant {name} is said to be the same as {alias!r}, which is "
+                                      "not a variant of the same rules")
             continue
         where = runs / name
         if where.is_symlink() or (where.exists() and not where.is_dir()):
             sweep.problems.append(f"{name} is not a directory the sweep wrote (a link, or not a directory)")
         elif not where.exists():
-            if not record.get("eval"):
+            if name in required:
                 sweep.problems.append(f"variant {name} is missing")
         else:
             reports.append(verify_model(where, model_path1=model_path1, model_path2=model_path2, full=full,
                                         expected_settings=entry.get("settings")))
+    listed = {e.get("name") for e in entries if e.get("same_as") is None}
+    working = []
+    for item in sorted(os.listdir(runs)):
+        if item in RUNS_FILES or item in listed:
+            continue
+        if item == PENDING_DIR or is_working_name(item):
+            working.append(item)
+        else:
+            sweep.problems.append(f"holds {item}, which its {SWEEP_FILE} does not name")
+    if working:
+        sweep.notes.append(f"{len(working)} working file(s) of an unfinished or running sweep")
     if not reports and not sweep.problems:
         raise SpecError(f"the sweep in {runs} has no variant written yet")
     return ([sweep] if sweep.problems else []) + reports
+
+
+def _required_variants(sweep: Report, runs: Path, record: dict, entries: list) -> set:
+    """The variants RUNS must hold: all of a sweep that writes every variant; the kept ones (results.json) of an
+    evaluated sweep, whose sweep.json carries its evaluation record."""
+    from gpumerge import fsutil
+
+    names = {e.get("name") for e in entries if e.get("same_as") is None}
+    if "eval" not in record:
+        return names
+    evaluation = record["eval"]
+    if not isinstance(evaluation, dict) or not {"texts", "seq_len", "definition"} <= set(evaluation):
+        sweep.problems.append("sweep.json's eval is not an evaluation record")
+        return names
+    try:
+        results = fsutil.load_json(fsutil.read_regular(runs / "results.json", what="results.json", error=SpecError),
+                                   what="results.json", error=SpecError)
+        rows = results["rows"]
+        return {row["name"] for row in rows if row.get("kept") and not row.get("baseline")}
+    except (GpumergeError, KeyError, TypeError, AttributeError):
+        sweep.problems.append("results.json, which names the kept variants of an evaluated sweep, cannot be read")
+        return names
 
 
 def summary(report: Report) -> str:

@@ -16,7 +16,7 @@ from gpumerge.plan import MergePlan, ShardPlan, t_range_text
 # updated) and README.md (replaced by the merge's model card).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-               "gpumerge_recipe.yaml"}
+               "gpumerge_recipe.yaml", "gpumerge_digests.json", "checksums.sha256"}  # the last three: a merge's own
 RECIPE_FILE = "gpumerge_recipe.yaml"
 
 
@@ -113,13 +113,17 @@ def close_writers(writers: list[ShardWriter]) -> None:
 def finish_model_dir(directory: Path, plan: MergePlan, record: dict, model_dir: Path, config: dict, *,
                      checksums: bool = False) -> list[str]:
     """Everything but the shards: the index, model 1's aux files (config.json with the output dtype), the model card
-    and the recipe; then the finished shards' headers are read back and checked against the plan; with
-    ``checksums``, checksums.sha256 of every file last. Returns the aux files' names."""
+    and the recipe; then the finished shards' headers are read back and checked against the plan; the digests of
+    every file (gpumerge_digests.json); with ``checksums``, checksums.sha256 of every file last. Returns the aux
+    files' names."""
+    from gpumerge.digests import write_digests
+
     check_shards(directory, plan)
     write_index(directory, plan)
     aux = copy_aux_files(model_dir, directory, plan.out_dtype_name, config)
     write_model_card(directory, record)
     write_recipe(directory, record)
+    write_digests(directory, record, checksums=checksums)
     if checksums:
         from gpumerge.verify import write_checksums
 

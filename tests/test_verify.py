@@ -201,3 +201,151 @@ def test_a_checksums_file_that_is_a_fifo_never_hangs(merged, tmp_path, capsys):
     os.mkfifo(out / "checksums.sha256")
     code, _, err = verified(out, capsys)
     assert code == 1 and "checksums.sha256 cannot be read" in err, err
+
+
+# ---- every byte against the record (gpumerge_digests.json) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plain(models, tmp_path_factory) -> Path:
+    """A merge without checksums.sha256: the default verify must still check every byte."""
+    out = tmp_path_factory.mktemp("verify_plain") / "out"
+    assert run_cli(*merge_args(models["fp16_a"], models["fp16_b"], out, "--gradient_start", "0.2"))[0] == 0
+    return out
+
+
+@pytest.mark.parametrize("tensor", ["model.norm.weight", "model.embed_tokens.weight", "lm_head.weight",
+                                    "model.layers.3.mlp.down_proj.weight"])
+def test_the_default_verify_finds_a_flipped_byte_in_any_tensor(tensor, plain, tmp_path, capsys):
+    out = copy_of(plain, tmp_path)
+    code, text, err = verified(out, capsys)
+    assert code == 0, err
+    assert "every byte of its" in text and "against the record" in text
+    assert "blends recomputed bit for bit" in text and "copied tensors compared with model 1's" in text
+    flip_tensor_byte(out, tensor)
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "model.safetensors differs from its recorded digest (a byte changed)" in err, err
+    shutil.rmtree(Path(str(out)))
+    # without the inputs too: the digests need no model to check against
+    out = copy_of(plain, tmp_path)
+    flip_tensor_byte(out, tensor)
+    code, _, err = verified(out, capsys, "--model_path1", tmp_path / "nowhere", "--model_path2", tmp_path / "nope")
+    assert code == 1 and "differs from its recorded digest" in err, err
+
+
+def test_any_file_changed_added_or_removed_fails(plain, tmp_path, capsys):
+    out = copy_of(plain, tmp_path)
+    (out / "tokenizer_config.json").write_text((out / "tokenizer_config.json").read_text() + " ")
+    (out / "notes.txt").write_text("mine")
+    code, _, err = verified(out, capsys, "--model_path1", tmp_path / "a", "--model_path2", tmp_path / "b")
+    assert code == 1, err
+    assert "tokenizer_config.json differs from its recorded digest" in err
+    assert "holds files its digests do not list: notes.txt" in err
+    (out / "gpumerge_digests.json").unlink()
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "gpumerge_digests.json is missing" in err, err
+
+
+def test_a_shortened_or_deleted_checksums_file_fails(merged, tmp_path, capsys):
+    out = copy_of(merged, tmp_path)
+    lines = (out / "checksums.sha256").read_text().splitlines()
+    (out / "checksums.sha256").write_text("\n".join(lines[1:]) + "\n")
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "checksums.sha256 does not list 1 file(s) of the directory" in err, err
+    (out / "checksums.sha256").unlink()
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "checksums.sha256 was written with the merge and is missing" in err, err
+
+
+@pytest.mark.parametrize("name", ["README.md", "gpumerge_recipe.yaml", "tokenizer.json"])
+def test_a_fifo_in_the_output_never_hangs(name, plain, tmp_path, capsys):
+    import os
+
+    out = copy_of(plain, tmp_path)
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    code, _, err = verified(out, capsys)  # pytest's timeout is the hang detector: it returns at once
+    assert code == 1 and name in err, err
+
+
+def test_a_huge_recipe_or_a_link_to_a_huge_file_is_not_read_whole(plain, tmp_path, capsys):
+    out = copy_of(plain, tmp_path)
+    (out / "gpumerge_recipe.yaml").write_text("# padding\n" * 2_000_000)  # 20 MB
+    big = tmp_path / "sparse"
+    with open(big, "wb") as handle:
+        handle.truncate(10 * 2**30)  # 10 GiB, sparse
+    (out / "README.md").unlink()
+    (out / "README.md").symlink_to(big)
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "gpumerge_recipe.yaml is missing or does not hold the recorded settings" in err, err
+    assert "README.md is not the model card of its merge record" in err
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda index: index.__setitem__("metadata", ["x"]), "total_size is not the shards'"),
+    (lambda index: index.__setitem__("metadata", "x"), "total_size is not the shards'"),
+])
+def test_a_malformed_index_is_a_problem_not_a_crash(edit, needle, merged, tmp_path, capsys):
+    out = copy_of(merged, tmp_path)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    edit(index)
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = verified(out, capsys)
+    assert code == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_a_record_with_malformed_inputs_is_a_problem_not_a_crash(plain, tmp_path, capsys):
+    out = copy_of(plain, tmp_path)
+    shard = out / "model.safetensors"
+    raw = bytearray(shard.read_bytes())
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    record = json.loads(header["__metadata__"]["gpumerge"])
+    record["inputs"] = "somewhere"
+    header["__metadata__"]["gpumerge"] = json.dumps(record)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    code, _, err = verified(out, capsys)
+    assert code == 1 and "its merge record cannot be used: its inputs are not two entries" in err, err
+
+
+@pytest.mark.parametrize("path, needle", [("", "'' is not a directory"), ("~nouser_gpumerge/x", "no user named")])
+def test_bad_paths_are_one_line_errors(path, needle, capsys):
+    assert_one_line_error(*verified(path, capsys)[::2], needle)
+
+
+def test_a_sweeps_directory_hides_nothing(pair, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir", runs,
+                           "--grid", "gradient_end=0,0.5,1", "--quiet", capsys=capsys)
+    assert code == 0, err
+    shutil.copytree(runs / "ge1", runs / "extra")  # a directory sweep.json does not name
+    code, _, err = verified(runs, capsys)
+    assert code == 1 and "holds extra, which its sweep.json does not name" in err, err
+    shutil.rmtree(runs / "extra")
+    shutil.rmtree(runs / "ge0.5")
+    record = json.loads((runs / "sweep.json").read_text())
+    for edit in ({"eval": {}}, {"same_as": "ge0"}):
+        changed = json.loads(json.dumps(record))
+        if "eval" in edit:
+            changed["eval"] = {}
+        else:
+            changed["variants"][1]["same_as"] = "ge0"  # ge0.5 said to be ge0: its absence hidden
+        (runs / "sweep.json").write_text(json.dumps(changed))
+        code, _, err = verified(runs, capsys)
+        assert code == 1, (edit, err)
+        assert ("not an evaluation record" in err) if "eval" in edit else (
+            "variant ge0.5 is said to be the same as 'ge0', which is not a variant of the same rules" in err), err
+
+
+def test_resume_takes_a_variant_with_a_flipped_byte_for_incomplete(pair, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = ("sweep", "--model_path1", pair[0], "--model_path2", pair[1], "--output_dir", runs, "--grid",
+            "gradient_end=0,1", "--quiet")
+    assert run_cli(*argv, capsys=capsys)[0] == 0
+    flip_tensor_byte(runs / "ge1", "model.norm.weight")
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert_one_line_error(code, err, "is in the way of variant ge1", "bytes differ from what it recorded")
+    code, _, err = run_cli(*argv, "--overwrite", capsys=capsys)
+    assert code == 0, err
+    assert verified(runs, capsys)[0] == 0

@@ -1,0 +1,119 @@
+"""Every file of an output, digested as the merge writes it: OUT/gpumerge_digests.json lists each file (bar itself
+and checksums.sha256) with its size and xxh3-128, and is tied to the merge record by the record's sha256. `verify`
+checks every byte against it at disk speed, and a sweep's resume takes a variant as complete only when its bytes
+match.
+
+Why a file beside the record rather than inside it: the record sits in every shard's safetensors header, which is
+written before the shard's bytes exist. Why xxh3-128 (the xxhash package): it hashes at ~28 GB/s on one core of the
+2-core CI machine (sha256: 0.8 GB/s), so digesting the shards from the page cache right after they are written
+costs a small part of a merge that is bound by the disk (benchmarks/bench_checksums.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from gpumerge import fsutil
+from gpumerge.errors import GpumergeError, OutputError
+
+DIGESTS_FILE = "gpumerge_digests.json"
+CHECKSUMS = "checksums.sha256"
+ALGORITHM = "xxh3_128"
+_CHUNK = 16 * 2**20
+_MAX_DIGESTS_BYTES = 16 * 2**20  # a few hundred bytes a file
+
+
+def record_sha256(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_digest(path: Path, *, what: str | None = None) -> tuple[int, str]:
+    """(bytes, xxh3-128 hex) of a regular file (links followed), read in bounded chunks; a FIFO or device is an
+    OutputError, never a hang."""
+    import xxhash
+
+    fd = fsutil.open_regular(path, what=what or str(path), error=OutputError)
+    try:
+        digest = xxhash.xxh3_128()
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        total = 0
+        while True:
+            n = os.readv(fd, [buffer])
+            if not n:
+                break
+            digest.update(view[:n])
+            total += n
+        return total, digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _listed(directory: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(directory)
+                  if e.name not in (DIGESTS_FILE, CHECKSUMS) and e.is_file(follow_symlinks=False))
+
+
+def write_digests(directory: Path, record: dict, *, checksums: bool = False) -> None:
+    """OUT/gpumerge_digests.json for every file already in OUT (the shards just written are in the page cache);
+    ``checksums``: a checksums.sha256 follows, and its absence later is a problem."""
+    files = {}
+    for name in _listed(directory):
+        nbytes, digest = file_digest(directory / name)
+        files[name] = {"bytes": nbytes, ALGORITHM: digest}
+    data = {"tool": "gpumerge", "algorithm": ALGORITHM, "record_sha256": record_sha256(record), "files": files,
+            "checksums": checksums}
+    (directory / DIGESTS_FILE).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def read_digests(directory: Path) -> dict:
+    """The digests file, checked for shape; an OutputError says what is wrong with it."""
+    path = directory / DIGESTS_FILE
+    if not os.path.lexists(path):
+        raise OutputError(f"{DIGESTS_FILE} is missing, so its bytes cannot be checked against the record")
+    data = fsutil.load_json(fsutil.read_regular(path, max_bytes=_MAX_DIGESTS_BYTES, what=DIGESTS_FILE,
+                                                error=OutputError), what=DIGESTS_FILE, error=OutputError)
+    files = data.get("files") if isinstance(data, dict) else None
+    if (not isinstance(files, dict) or data.get("algorithm") != ALGORITHM
+            or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get(ALGORITHM), str)
+                       for v in files.values())
+            or not all(isinstance(k, str) and k and "/" not in k and k not in (".", "..") for k in files)):
+        raise OutputError(f"{DIGESTS_FILE} is not a gpumerge digests file")
+    return data
+
+
+def check_digests(directory: Path, record: dict | None, *, names: set[str] | None = None) -> tuple[list[str], int]:
+    """(problems, bytes checked): every file listed has its size and digest, none is missing, and no file is there
+    beyond them (``names``: files also allowed, unlisted); the list belongs to ``record`` when one is given."""
+    try:
+        data = read_digests(directory)
+    except GpumergeError as exc:
+        return [str(exc)], 0
+    problems: list[str] = []
+    if record is not None and data.get("record_sha256") != record_sha256(record):
+        problems.append(f"{DIGESTS_FILE} belongs to another merge record than the shards'")
+    checked = 0
+    for name, want in sorted(data["files"].items()):
+        path = directory / name
+        if not os.path.lexists(path):
+            problems.append(f"{name} is missing (listed in {DIGESTS_FILE})")
+            continue
+        try:
+            nbytes, digest = file_digest(path, what=name)
+        except GpumergeError as exc:
+            problems.append(str(exc))
+            continue
+        checked += nbytes
+        if nbytes != want["bytes"] or digest != want[ALGORITHM]:
+            problems.append(f"{name} differs from its recorded digest (" + (
+                f"{nbytes} bytes, recorded {want['bytes']})" if nbytes != want["bytes"] else "a byte changed)"))
+    if data.get("checksums") is True and not os.path.lexists(directory / CHECKSUMS):
+        problems.append(f"{CHECKSUMS} was written with the merge and is missing")
+    extra = sorted(set(os.listdir(directory)) - set(data["files"]) - {DIGESTS_FILE, CHECKSUMS} - (names or set()))
+    if extra:
+        problems.append("holds files its digests do not list: " + ", ".join(extra[:4])
+                        + (", ..." if len(extra) > 4 else ""))
+    return problems, checked
