@@ -62,12 +62,22 @@ def windows_of(ids: list[int], seq_len: int, eval_tokens: int | None) -> tuple[t
     return tuple(w for w in cut if len(w) >= 2)
 
 
-def load_texts(settings: EvalSettings, tokenizer_dir: Path) -> list[EvalText]:
-    """Every text tokenized on its own with model 1's tokenizer (no special tokens), cut into windows."""
+# Tokenizing a whole text at once takes ~150 bytes of memory per byte of text (measured with a fast tokenizer:
+# 2 MB -> 630 MB, 16 MB -> 2.75 GB): a text is tokenized only as far as --eval-tokens needs, and a whole text that
+# would not fit is refused before any work.
+_TOKENIZE_BYTES_PER_BYTE = 160
+_BYTES_PER_TOKEN = 8  # a first guess of the text a token takes (English and code: 3-5 bytes); grown as needed
+_MARGIN_TOKENS = 64  # tokens beyond the ones kept, so that a cut in the text cannot change them
+
+
+def load_texts(settings: EvalSettings, tokenizer_dir: Path, *, vocab_size: int | None = None,
+               available_bytes: int | None = None) -> list[EvalText]:
+    """Every text tokenized on its own with model 1's tokenizer (no special tokens), cut into windows. With
+    --eval-tokens N only a prefix of the text is tokenized: growing prefixes cut at whitespace until two of them
+    (one twice the other) agree on the first N tokens, then those (the whole text's first N tokens: tokens near a
+    cut may differ, the first N do not). ``vocab_size``: model 1's; a token id at or past it is an error."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from gpumerge import fsutil
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # one line per problem: transformers' own warnings would add more
@@ -79,19 +89,90 @@ def load_texts(settings: EvalSettings, tokenizer_dir: Path) -> list[EvalText]:
     out, names = [], set()
     for path in settings.texts:
         what = f"--eval-text {path}"
-        raw = fsutil.read_regular(Path(path).expanduser(), max_bytes=MAX_TEXT_BYTES, what=what, error=SpecError)
-        text = fsutil.decode_text(raw, what=what, error=SpecError)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        windows = windows_of(list(ids), settings.seq_len, settings.eval_tokens)
+        from gpumerge.spec import check_home
+
+        check_home(path, what=what)
+        digest, ids = _tokenized(tokenizer, Path(path).expanduser(), settings.eval_tokens, what=what,
+                                 available_bytes=available_bytes)
+        windows = windows_of(ids, settings.seq_len, settings.eval_tokens)
         if not windows:
             raise SpecError(f"{what} gives {len(ids)} token(s): at least 2 are needed to predict one")
+        _check_ids(windows, vocab_size, tokenizer_dir, what=what)
         name = Path(path).name
         if name in names:
             raise SpecError(f"{what}: two texts are named {name}; their columns in the results would be one")
         names.add(name)
-        out.append(EvalText(name, Path(path), hashlib.sha256(raw).hexdigest(), windows,
-                            hashlib.sha256(repr(windows).encode()).hexdigest()))
+        out.append(EvalText(name, Path(path), digest, windows, hashlib.sha256(repr(windows).encode()).hexdigest()))
     return out
+
+
+def _tokenized(tokenizer, path: Path, eval_tokens: int | None, *, what: str,
+               available_bytes: int | None) -> tuple[str, list[int]]:
+    """(the file's sha256, its first ``eval_tokens`` token ids, or all of them)."""
+    import os
+
+    from gpumerge import fsutil
+
+    fd = fsutil.open_regular(path, what=what, error=SpecError)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_TEXT_BYTES:
+            raise SpecError(f"{what}: is {size} bytes, more than the {MAX_TEXT_BYTES} bytes an evaluation text can "
+                            "sensibly be; give a shorter text or --eval-tokens N")
+        digest = hashlib.sha256()
+        for start in range(0, size, 2**24):
+            digest.update(os.pread(fd, min(2**24, size - start), start))
+
+        def ids_of(nbytes: int) -> tuple[list[int], bool]:
+            """Token ids of the first ``nbytes`` of the file cut back to whitespace; True when that is all of it."""
+            raw = os.pread(fd, min(nbytes, size), 0)
+            whole = len(raw) >= size
+            if not whole:
+                cut = max(raw.rfind(b"\n"), raw.rfind(b" "))  # never inside a UTF-8 sequence
+                raw = raw[:cut + 1] if cut > 0 else raw
+            _check_memory(len(raw), available_bytes, what=what, whole=whole and eval_tokens is None)
+            text = fsutil.decode_text(raw, what=what, error=SpecError)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"]), whole
+
+        if eval_tokens is None:
+            return digest.hexdigest(), ids_of(size)[0]
+        nbytes = max(4096, (eval_tokens + _MARGIN_TOKENS) * _BYTES_PER_TOKEN)
+        while True:
+            short, whole = ids_of(nbytes)
+            if whole:
+                return digest.hexdigest(), short[:eval_tokens]
+            longer, whole = ids_of(2 * nbytes)
+            if whole or (len(short) >= eval_tokens + _MARGIN_TOKENS and short[:eval_tokens] == longer[:eval_tokens]):
+                return digest.hexdigest(), longer[:eval_tokens]
+            nbytes *= 4
+    finally:
+        os.close(fd)
+
+
+def _check_memory(nbytes: int, available_bytes: int | None, *, what: str, whole: bool) -> None:
+    if available_bytes is None:
+        from gpumerge.devices import available_ram
+
+        available_bytes = available_ram()
+    need = nbytes * _TOKENIZE_BYTES_PER_BYTE
+    if need > available_bytes // 2:
+        more = " give --eval-tokens N (a prefix is tokenized, not the whole text), or" if whole else ""
+        raise SpecError(f"{what}: tokenizing {nbytes / 2**20:.2f} MiB of text takes about {need / 2**20:.0f} MiB "
+                        f"of memory, more than half of the {available_bytes / 2**20:.0f} MiB available;{more} "
+                        "give a shorter text")
+
+
+def _check_ids(windows, vocab_size: int | None, tokenizer_dir: Path, *, what: str) -> None:
+    """Every token id must index model 1's embeddings: a tokenizer that is not the model's is named, not an
+    IndexError in the middle of scoring."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        return
+    beyond = sorted({t for window in windows for t in window if not 0 <= t < vocab_size})
+    if beyond:
+        raise SpecError(f"{what}: model 1's tokenizer ({tokenizer_dir}) gives token id(s) "
+                        f"{', '.join(map(str, beyond[:5]))}{' ...' if len(beyond) > 5 else ''} ({len(beyond)} in "
+                        f"all), beyond the vocab_size {vocab_size} of {tokenizer_dir / 'config.json'}: the "
+                        "tokenizer is not this model's")
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,6 +271,8 @@ def run_merge(spec: MergeSpec, *, notice: Callable[[str], None] = print, progres
             if checked.report is not None:
                 checked.report.discard()
             raise
+    if output.companion_error:  # the merge is done; the report that was asked for is not: say so, exit non-zero
+        raise OutputError(output.companion_error)
     return done
 
 

@@ -163,7 +163,7 @@ def check_output_path(out: Path | str, *, inputs: Inputs, overwrite: bool, flag:
     ``existing`` judges a non-empty OUT instead of the merge's rule (--overwrite, and a model directory): a sweep
     resumes in, or replaces, a directory of its own kind."""
     out = canonical(out, flag=flag)
-    where = _existing_parent(out)
+    where = existing_parent(out)
     name_max = _name_max(where)
     if len(os.fsencode(out.name)) > name_max:
         raise OutputError(f"{flag}: the name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes, more than "
@@ -323,7 +323,7 @@ def _non_empty(directory: Path) -> bool:
         return any(True for _ in entries)
 
 
-def _existing_parent(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -371,7 +371,7 @@ _LOCK_MAX_BYTES = 32  # a lock file holds its holder's pid
 
 def check_space(out: Path, nbytes: int, margin_bytes: int = 64 * 2**20, *, what: str = "the merge") -> None:
     """Room for the merge's ``nbytes`` (and a margin) on OUT's filesystem, before any work."""
-    parent = _existing_parent(out)
+    parent = existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < nbytes + margin_bytes:
         raise OutputError(f"not enough disk space for {what} at {parent}: it needs {size_text(nbytes)} plus a "
@@ -450,6 +450,7 @@ class OutputDir:
         self.notice = notice
         self.tmp: Path | None = None
         self.finalized = False
+        self.companion_error: str | None = None  # the companion (the report) could not be put in place
         self._lock = OutputLock(out, flag=flag)
         self._created: list[Path] = []
 
@@ -486,9 +487,12 @@ class OutputDir:
                 raise OutputError(f"{held[0]}'s {held[1]} is, or is inside, {path}, which is named like gpumerge's "
                                   "hidden working files; rename it or choose another output directory")
         for path in _stale(self.out, ".partial"):
-            shutil.rmtree(path, ignore_errors=True)
+            if not path.is_symlink():  # a link named like our working files is not ours: never followed or moved
+                shutil.rmtree(path, ignore_errors=True)
         restored = False
         for path in _stale(self.out, ".old"):  # only the two-rename fallback leaves these: an earlier OUT, aside
+            if path.is_symlink() or not path.is_dir():
+                continue
             if self.out.exists() or self.out.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -516,10 +520,10 @@ class OutputDir:
             if companion is not None:
                 try:
                     companion.commit()
-                except OSError as exc:
+                except OSError as exc:  # the caller reports it: a file that was asked for and not written
                     companion.discard()
-                    self.notice(f"warning: the merge is complete at {self.out}, but {companion.path} could not be "
-                                f"written ({exc.strerror})")
+                    self.companion_error = (f"the merge is complete at {self.out}, but {companion.path} could not "
+                                            f"be written ({exc.strerror})")
 
     def _place(self) -> bool:
         out, tmp = self.out, self.tmp

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gpumerge.errors import GpumergeError, SpecError
+from gpumerge.errors import GpumergeError, OutputError, SpecError
 from gpumerge.runs import RUNS_FILES
 from gpumerge.signals import GUARD
 from gpumerge.spec import DEFAULT_MAX_VARIANTS, GridAxis, MergeSpec, grid_size, parse_grid, shown
@@ -281,19 +281,25 @@ def _check_name(name, *, where: str) -> None:
 
 # ---- planning -----------------------------------------------------------------------------------------------------
 
-def plan_variants(variants: list[Variant], a, b, *, notice: Callable[[str], None]) -> list:
+def plan_variants(variants: list[Variant], a, b, *, notice: Callable[[str], None],
+                  each: Callable[[int, object], None] | None = None) -> list:
     """Every variant planned with the checks of a single merge (errors name the variant); notices said once. All
-    plans must share one layout: the output dtype, shards and offsets."""
+    plans must share one layout: the output dtype, shards and offsets. ``each(distinct, plan)`` is called after
+    each plan with the number of distinct rule sets so far (a check that can refuse before the rest is planned)."""
     from gpumerge.merge import plan_merge
 
     orders: dict = {}
     notices: dict[str, list[str]] = {}
     plans = []
+    distinct: set[str] = set()
     for variant in variants:
         with _variant_errors(variant.name):
             _check_pair(variant, a, b)
             plans.append(plan_merge(variant.spec, a, b, notice=lambda line: notices.setdefault(line, []).append(
                 variant.name), orders=orders))
+        if each is not None:
+            distinct.add(rules_signature(plans[-1]))
+            each(len(distinct), plans[-1])
     for line, names in notices.items():
         notice(line if len(names) == len(variants) else f"{_listed(names)}: {line}")
     first = plans[0]
@@ -360,6 +366,42 @@ def find_aliases(variants: list[Variant], plans: list) -> tuple[dict[str, str], 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
+def _early_limits(output_dir, a, b) -> Callable[[int, object], None] | None:
+    """For a write-mode sweep into a new or empty RUNS (every distinct variant will be written): refuse as soon as
+    the variants planned so far need more open files or disk space than there are, instead of planning them all
+    first (a 316 x 316 grid takes a minute and gigabytes to plan)."""
+    import os
+    import resource
+    import shutil
+
+    from gpumerge import writer
+    from gpumerge.outdir import existing_parent
+
+    runs = Path(output_dir).expanduser()
+    try:
+        if runs.is_dir() and any(os.scandir(runs)):
+            return None  # a resume: what is complete is known only once every variant is planned
+        free = shutil.disk_usage(existing_parent(runs)).free
+    except (OSError, RuntimeError):
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    aux = writer.aux_bytes(a.root)
+
+    def check(distinct: int, plan) -> None:
+        files = 64 + len(a.files) + len(b.files) + distinct * (len(plan.shards) + 2)
+        if hard != resource.RLIM_INFINITY and files > hard:
+            raise OutputError(f"the sweep has at least {distinct} distinct variants, which need about {files} open "
+                              f"files, and the limit is {hard} (ulimit -n); sweep fewer values or raise the limit")
+        need = distinct * (plan.bytes_written + aux + 2**20 * len(plan.shards))
+        if need > free:
+            from gpumerge.outdir import size_text
+
+            raise OutputError(f"not enough disk space for the sweep at {runs}: its first {distinct} distinct "
+                              f"variants alone need {size_text(need)}, and {size_text(free)} are free; sweep fewer "
+                              "values or choose another directory")
+    return check
+
+
 def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print, progress_factory=None,
               budget: dict[str, int] | None = None, batch_bytes: int | None = None,
               simulate_staging: bool = False, input_budget: int | None = None) -> SweepResult:
@@ -380,7 +422,8 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
     a, b = open_pair(base)
     with a, b:
         GUARD.poll()
-        plans = plan_variants(variants, a, b, notice=notice)
+        plans = plan_variants(variants, a, b, notice=notice,
+                              each=None if args.eval_text else _early_limits(args.output_dir, a, b))
         GUARD.poll()
         aliases, signatures = find_aliases(variants, plans)
         if aliases:
@@ -523,7 +566,7 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     plot = importlib.util.find_spec("matplotlib") is not None
     if not plot:
         notice("sweep.png will not be drawn: matplotlib is not installed (pip install 'gpumerge[plot]')")
-    texts = load_texts(settings, a.root)
+    texts = load_texts(settings, a.root, vocab_size=a.config.get("vocab_size"))
     record = eval_record(settings, texts, out_dtype=plans[0].out_dtype_name, eval_dtype=eval_dtype,
                          device_kind="cpu" if device == "cpu" else "cuda")
     return {"settings": settings, "texts": texts, "device": device, "eval_dtype": eval_dtype, "record": record,
@@ -537,8 +580,8 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     interrupted run of it scored (``work``, the pending directory: new rows are appended there); rows without this
     directory's history mark are scored again. Returns (rows, names of the variants to keep, the variants' plans by
     name with their slerp coefficients)."""
-    from gpumerge.sweep_eval import (RESULTS_JSONL, ResidentModel, Row, budget_for_inputs, check_fits, load_done,
-                                     ranked, row_key, score_rows)
+    from gpumerge.sweep_eval import (RESULTS_JSONL, ResidentModel, Row, budget_for_inputs, check_fits, fit_batch,
+                                     forward_bytes, load_done, ranked, row_key, score_rows)
 
     fingerprints = [a.fingerprint(), b.fingerprint()]
     rows = []
@@ -560,10 +603,17 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
 
     eval_size = torch_dtype(DTYPE_CODES[scoring["eval_dtype"]]).itemsize
     model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32"))
-    check_fits(scoring["device"], model_bytes)
+    settings = scoring["settings"]
+    batch, forward = fit_batch(scoring["device"], model_bytes, a.config, settings, eval_size)
+    if batch != settings.batch:
+        need = forward_bytes(a.config, settings.batch, settings.seq_len, eval_size)
+        notice(f"--eval-batch {settings.batch} would need about {need / 2**30:.1f} GiB for one forward pass beside "
+               f"the model; scoring with --eval-batch {batch} (the scores do not depend on it beyond float noise)")
+        scoring["settings"] = dataclasses.replace(settings, batch=batch)
+    check_fits(scoring["device"], model_bytes, reserve=forward)
     budget = scoring.get("input_budget")
     if budget is None:
-        budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"])
+        budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward)
     model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
                           budget_bytes=budget, notice=notice, max_memory=scoring["max_memory"])
     _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored

@@ -407,25 +407,54 @@ def _free_bytes(device: str) -> int:
     return torch.cuda.mem_get_info(device)[0]
 
 
-def budget_for_inputs(device: str, model_bytes: int, max_memory) -> int | None:
+def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int = _MARGIN_BYTES) -> int | None:
     """Bytes the blended tensors' inputs may take beside the model: --max_memory for the device, else the GPU's free
-    memory or the available RAM, less the model (not loaded yet) and a margin."""
+    memory or the available RAM, less the model (not loaded yet) and what the forward pass needs (``reserve``, at
+    least a margin)."""
     given = dict(max_memory or {})
     key = "cpu" if device == "cpu" else int(device.split(":")[1]) if ":" in device else 0
     if key in given:
         return given[key]
-    return max(0, _free_bytes(device) - model_bytes - _MARGIN_BYTES)
+    return max(0, _free_bytes(device) - model_bytes - max(reserve, _MARGIN_BYTES))
 
 
-def check_fits(device: str, model_bytes: int) -> None:
-    """The model itself must fit on the device: one line with the bytes needed and available."""
+def check_fits(device: str, model_bytes: int, *, reserve: int = _MARGIN_BYTES) -> None:
+    """The model itself and one forward pass (``reserve``) must fit on the device: one line with the bytes needed
+    and available."""
     free = _free_bytes(device)
-    if model_bytes + _MARGIN_BYTES > free:
+    reserve = max(reserve, _MARGIN_BYTES)
+    if model_bytes + reserve > free:
         raise OutputError(f"--eval-text: the model to score needs {model_bytes / 2**30:.2f} GiB (plus "
-                          f"{_MARGIN_BYTES / 2**30:.1f} GiB for the forward pass) on {device}, and "
+                          f"{reserve / 2**30:.1f} GiB for the forward pass) on {device}, and "
                           f"{free / 2**30:.2f} GiB are available; score on a bigger device, or in a narrower "
                           "--eval-dtype")
 
+
+def forward_bytes(config: dict, batch: int, seq_len: int, itemsize: int) -> int:
+    """An estimate of one forward pass's peak memory from the model's shapes: the logits in the eval dtype, their
+    fp32 copy and log-softmax, a block's activations (hidden and MLP widths), and the attention scores (sdpa's math
+    path on a CPU materializes them)."""
+    def number(key: str, default: int) -> int:
+        value = config.get(key, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+    vocab, hidden = number("vocab_size", 32000), number("hidden_size", 4096)
+    inner, heads = number("intermediate_size", 4 * hidden), number("num_attention_heads", 32)
+    tokens = batch * seq_len
+    logits = tokens * vocab * (itemsize + 8)
+    activations = tokens * (8 * hidden + 3 * inner) * max(itemsize, 4)
+    attention = batch * heads * seq_len * seq_len * 4
+    return logits + activations + attention
+
+
+def fit_batch(device: str, model_bytes: int, config: dict, settings, itemsize: int) -> tuple[int, int]:
+    """(--eval-batch, or the largest batch whose forward pass fits beside the model; that pass's estimated bytes).
+    A batch of 1 that does not fit is check_fits' error."""
+    free = _free_bytes(device) - model_bytes
+    batch = settings.batch
+    while batch > 1 and forward_bytes(config, batch, settings.seq_len, itemsize) > free // 2:
+        batch //= 2
+    return batch, forward_bytes(config, batch, settings.seq_len, itemsize)
 
 
 # ---- results -------------------------------------------------------------------------------------------------------

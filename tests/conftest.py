@@ -140,3 +140,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     (m["fp16_a"] / "chat_template.jinja").write_text("{{ messages }}")
     (m["fp16_a"] / "README.md").write_text("model 1's own card")
     return m
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A small real pair (benchmarks/trained_pair.py: a base trained on local text, two fine-tunes), built once."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from trained_pair import build
+
+    return build(tmp_path_factory.mktemp("trained"), quiet=True)

@@ -7,26 +7,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import run_cli
 from test_cli_errors import assert_one_line_error
 from test_sweep import assert_same_model, in_process_sweep, not_a_file, single_merge
 
 SEQ = 64
 PENDING = ".gpumerge-sweep.pending"  # an interrupted run's working directory in RUNS
 TOKENS = 700  # per text: 10 full windows and a short last one of 60 tokens
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from trained_pair import build
-
-    return build(tmp_path_factory.mktemp("trained"), quiet=True)
 
 
 @pytest.fixture
