@@ -3,7 +3,7 @@ then two fine-tunes of it on two different local texts, so that blends land betw
 third text. Random weights would make every perplexity the vocabulary size: rankings, baselines and plots would mean
 nothing.
 
-    python benchmarks/trained_pair.py [--out DIR]      # ~30-60 s on 2 cores; skipped when DIR already holds it
+    python benchmarks/trained_pair.py [--out DIR]      # ~60-85 s on 2 cores; skipped when DIR already holds it
 
 Texts, all from this machine's Python standard library (the same pair wherever the same Python is installed):
   model 1's fine-tune  code: the source of TRAIN_MODULES with docstrings and comments taken out (ast.unparse)

@@ -30,13 +30,16 @@ def record_sha256(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def file_digest(path: Path, *, what: str | None = None) -> tuple[int, str]:
+def file_digest(path: Path, *, what: str | None = None, expected_bytes: int | None = None) -> tuple[int, str]:
     """(bytes, xxh3-128 hex) of a regular file (links followed), read in bounded chunks; a FIFO or device is an
-    OutputError, never a hang."""
+    OutputError, never a hang. A file whose size is not ``expected_bytes`` is not read at all (digest "")."""
     import xxhash
 
     fd = fsutil.open_regular(path, what=what or str(path), error=OutputError)
     try:
+        size = os.fstat(fd).st_size
+        if expected_bytes is not None and size != expected_bytes:
+            return size, ""
         digest = xxhash.xxh3_128()
         buffer = bytearray(_CHUNK)
         view = memoryview(buffer)
@@ -102,7 +105,7 @@ def check_digests(directory: Path, record: dict | None, *, names: set[str] | Non
             problems.append(f"{name} is missing (listed in {DIGESTS_FILE})")
             continue
         try:
-            nbytes, digest = file_digest(path, what=name)
+            nbytes, digest = file_digest(path, what=name, expected_bytes=want["bytes"])
         except GpumergeError as exc:
             problems.append(str(exc))
             continue

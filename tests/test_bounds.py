@@ -15,6 +15,7 @@ from test_sweep import sweep_args
 from gpumerge.evaluate import EvalSettings, load_texts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens", [2, 97, 700, 5000])
 def test_a_prefix_is_tokenized_and_gives_the_whole_texts_first_tokens(tokens, trained):
     from transformers import AutoTokenizer
@@ -28,6 +29,7 @@ def test_a_prefix_is_tokenized_and_gives_the_whole_texts_first_tokens(tokens, tr
                                                    if len(w) >= 2 for t in w]
 
 
+@pytest.mark.slow
 def test_a_text_too_big_to_tokenize_is_refused_before_any_work(trained, tmp_path, capsys):
     from gpumerge.errors import SpecError
 
@@ -40,6 +42,7 @@ def test_a_text_too_big_to_tokenize_is_refused_before_any_work(trained, tmp_path
     assert got.predicted == 63
 
 
+@pytest.mark.slow
 def test_token_ids_beyond_the_models_vocabulary_are_named(trained, tmp_path, capsys):
     import shutil
 
@@ -55,6 +58,7 @@ def test_token_ids_beyond_the_models_vocabulary_are_named(trained, tmp_path, cap
                    vocab_size=100)
 
 
+@pytest.mark.slow
 def test_an_eval_batch_too_big_for_memory_is_cut_with_a_notice(trained, tmp_path, capsys, monkeypatch):
     import re
 

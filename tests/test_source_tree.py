@@ -40,6 +40,7 @@ def test_benchmark_script_runs_from_the_tree(tmp_path):
     assert "--cpu-dry-run" in proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_end_to_end(tmp_path):
     """The prepared GPU command, proved on the CPU: every section runs, every row is there, every blend path gives
     the same bytes through the (simulated) device path and the CPU path."""
@@ -118,6 +119,7 @@ def test_the_top_level_kernels_folder_is_no_regular_package():
     assert sorted(p.name for p in (REPO / "kernels").glob("*.py"))
 
 
+@pytest.mark.slow
 def test_a_failing_section_makes_the_gpu_check_fail(tmp_path, monkeypatch):
     """A section that raises is a FAILED row and exit 1 (the rows of the others still there), and gpu_check.sh
     passes a failure on, so a caller never reads a broken run as a good one."""

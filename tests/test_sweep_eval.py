@@ -19,6 +19,8 @@ SEQ = 64
 PENDING = ".gpumerge-sweep.pending"  # an interrupted run's working directory in RUNS
 TOKENS = 700  # per text: 10 full windows and a short last one of 60 tokens
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def pair(trained):

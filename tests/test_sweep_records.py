@@ -23,6 +23,8 @@ from gpumerge.runs import PENDING_DIR, RUNS_FILES
 OLD = ("--grid", "gradient_end=0,1")
 NEW = ("--grid", "gradient_end=0.5,1")
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def pair(models):
