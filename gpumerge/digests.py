@@ -14,16 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from gpumerge import fsutil
-from gpumerge.errors import GpumergeError, OutputError
+from gpumerge.errors import GpumergeError, OutputError, SpecError
 
 DIGESTS_FILE = "gpumerge_digests.json"
 CHECKSUMS = "checksums.sha256"
 ALGORITHM = "xxh3_128"
 _CHUNK = 16 * 2**20
 _MAX_DIGESTS_BYTES = 16 * 2**20  # a few hundred bytes a file
+_HASH_CHUNK = 16 * 2**20
+_MAX_CHECKSUMS_BYTES = 16 * 2**20
+_LINE = re.compile(r"^(\\?)([0-9a-f]{64}) [ *](.+)$")  # a sha256sum line (a leading backslash: an escaped name)
 
 
 def record_sha256(record: dict) -> str:
@@ -119,4 +123,86 @@ def check_digests(directory: Path, record: dict | None, *, names: set[str] | Non
     if extra:
         problems.append("holds files its digests do not list: " + ", ".join(extra[:4])
                         + (", ..." if len(extra) > 4 else ""))
+    return problems, checked
+
+
+# ---- checksums.sha256 (--checksums) -----------------------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    """A regular file's sha256 (links followed); a FIFO or device is a SpecError, never a hang."""
+    from gpumerge import fsutil
+
+    digest = hashlib.sha256()
+    fd = fsutil.open_regular(path, what=path.name, error=SpecError)
+    with open(fd, "rb", closefd=True) as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _escaped(name: str) -> tuple[str, str]:
+    """sha256sum's escaping of a name holding a backslash or a newline: a leading backslash on the line."""
+    if "\\" not in name and "\n" not in name:
+        return "", name
+    return "\\", name.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _unescaped(name: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), name)
+
+
+def write_checksums(directory: Path) -> None:
+    """OUT/checksums.sha256 in `sha256sum` format, every file of the directory (hashed in parallel: hashlib releases
+    the GIL for large blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(e.name for e in os.scandir(directory) if e.is_file(follow_symlinks=False) and e.name != CHECKSUMS)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(lambda name: file_sha256(directory / name), names))
+    lines = []
+    for digest, name in zip(digests, names):
+        mark, shown = _escaped(name)
+        lines.append(f"{mark}{digest}  {shown}\n")
+    (directory / CHECKSUMS).write_text("".join(lines))
+
+
+def check_checksums(directory: Path) -> tuple[list[str], int]:
+    """(problems, files checked) against checksums.sha256 (links followed: a hub cache's snapshot is links)."""
+    from gpumerge import fsutil
+
+    problems, checked = [], 0
+    try:
+        raw = fsutil.read_regular(directory / CHECKSUMS, max_bytes=_MAX_CHECKSUMS_BYTES, what=CHECKSUMS,
+                                  error=SpecError)
+        text = raw.decode("utf-8")
+    except (GpumergeError, UnicodeDecodeError) as exc:
+        return [f"{CHECKSUMS} cannot be read ({exc})"], 0
+    for number, line in enumerate(text.splitlines(), 1):
+        found = _LINE.match(line)
+        name = _unescaped(found.group(3)) if found and found.group(1) else found.group(3) if found else ""
+        if not found or "/" in name or name in (".", ".."):
+            problems.append(f"{CHECKSUMS} line {number} is not a sha256 and the name of a file in this directory")
+            continue
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{name!r} is listed in {CHECKSUMS} and missing")
+            continue
+        if not path.is_file():
+            problems.append(f"{name!r} is listed in {CHECKSUMS} and is not a regular file")
+            continue
+        checked += 1
+        try:
+            same = file_sha256(path) == found.group(2)
+        except GpumergeError as exc:
+            problems.append(str(exc))
+            continue
+        if not same:
+            problems.append(f"{name}: its sha256 differs from {CHECKSUMS}")
+    if checked == 0 and not problems:
+        problems.append(f"{CHECKSUMS} lists no file")
+    listed = {(_unescaped(m.group(3)) if m.group(1) else m.group(3)) for m in map(_LINE.match, text.splitlines()) if m}
+    unlisted = sorted(e.name for e in os.scandir(directory) if e.name != CHECKSUMS and e.name not in listed)
+    if unlisted:
+        problems.append(f"{CHECKSUMS} does not list {len(unlisted)} file(s) of the directory: "
+                        + ", ".join(unlisted[:4]) + (", ..." if len(unlisted) > 4 else ""))
     return problems, checked

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Callable
 
@@ -19,21 +18,7 @@ from gpumerge.errors import IncompatibleCheckpointsError, OutputError, SpecError
 from gpumerge.plan import MergePlan, make_plan, ring_depth_of, t_groups
 from gpumerge.signals import GUARD
 from gpumerge.spec import MergeSpec
-
-
-def version() -> str:
-    """The installed version; from a plain source tree, pyproject's version marked ``+source``."""
-    try:
-        return importlib_metadata.version("gpumerge")
-    except importlib_metadata.PackageNotFoundError:
-        pass
-    try:
-        import tomllib
-
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"] + "+source"
-    except Exception:  # Python 3.10 (no tomllib), or no pyproject beside the package
-        return "0+unknown"
+from gpumerge.version import version  # noqa: F401 - re-exported: gpumerge.merge.version
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +136,13 @@ class _Import(threading.Thread):
             self.error = exc
 
 
-def _import_torch_in_background() -> _Import:
+def import_torch_in_background() -> _Import:
     thread = _Import()
     thread.start()
     return thread
 
 
-def _await(thread: _Import) -> None:
+def await_import(thread: _Import) -> None:
     """Join the import, a signal stopping the wait at once (never inside the import itself); its error, if any."""
     while thread.is_alive():
         with GUARD.interruptible():
@@ -183,7 +168,7 @@ def check_open_files(a: Checkpoint, b: Checkpoint, *, outputs: int = 0) -> None:
                       "(ulimit -n); raise it")
 
 
-class _LockedProgress:
+class LockedProgress:
     def __init__(self, update: Callable[[int], None] | None) -> None:
         self._update = update
         self._lock = threading.Lock()
@@ -293,15 +278,15 @@ def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Chec
     # Started only now: while torch imports it holds the GIL, and the many small reads above would crawl. On a
     # machine without an NVIDIA driver the device checks below need no torch, so the import overlaps the copy of
     # the unchanged tensors; when CUDA may be there it is awaited here, before any check that needs it.
-    importing = _import_torch_in_background() if "torch" not in sys.modules else None
+    importing = import_torch_in_background() if "torch" not in sys.modules else None
     if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
-        _await(importing)
+        await_import(importing)
     devices, device_notice, budget, capacity, batches = plan_devices(
         spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
     if device_notice:
         notice(device_notice)
     progress = progress_factory(plan.bytes_written) if progress_factory else None
-    advance = _LockedProgress(progress.update if progress else None)
+    advance = LockedProgress(progress.update if progress else None)
     telemetry = Telemetry(devices)
     try:
         if progress is not None:
@@ -312,7 +297,7 @@ def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Chec
             if copier is not None:
                 copier.start()
             if importing is not None:
-                _await(importing)
+                await_import(importing)
             stats = _run_engine(a, b, plan, batches, writers, copier, devices=devices, capacity=capacity,
                                 engine=engine, ring_depth=ring_depth, chunk_elements=chunk_elements,
                                 advance=advance, simulate_staging=simulate_staging)

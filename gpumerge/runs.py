@@ -28,12 +28,12 @@ import os
 import re
 import secrets
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpumerge.errors import GpumergeError, OutputError
 from gpumerge.signals import GUARD, test_pause
+from gpumerge.writer import shard_header
 
 SWEEP_FILE = "sweep.json"
 VARIANTS_FILE = "variants.csv"
@@ -43,7 +43,6 @@ _IDENTITY = "identity.json"
 _MAX_MARKER_BYTES = 2**16
 # Files a sweep keeps in RUNS beside its variants (the evaluated sweep's results too): no variant may be named so.
 RUNS_FILES = (SWEEP_FILE, VARIANTS_FILE, "results.csv", "results.json", "results.jsonl", "sweep.png")
-_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 
 
 # ---- records ------------------------------------------------------------------------------------------------------
@@ -55,7 +54,7 @@ def expected_record(variant, plan, a, b) -> dict:
 
 
 def sweep_record(variants, plans, signatures, aliases, columns, a, b, *, retiring=(), eval=None) -> dict:
-    from gpumerge.merge import version
+    from gpumerge.version import version
 
     spec = variants[0].spec
     identity = {
@@ -104,30 +103,6 @@ def csv_cell(value) -> str:
     if isinstance(value, (tuple, list, dict)):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
-
-
-def shard_header(path: Path) -> tuple[int, dict] | None:
-    """(header bytes with the length prefix, header) of a safetensors file, or None when it is not a whole one."""
-    from gpumerge import fsutil
-
-    try:
-        fd = fsutil.open_regular(path, what=str(path), error=OutputError)
-    except GpumergeError:
-        return None
-    try:
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            return None
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER_BYTES:
-            return None
-        raw = os.pread(fd, length, 8)
-        header = fsutil.load_json(raw, what=str(path), error=OutputError) if len(raw) == length else None
-    except (GpumergeError, OSError):
-        return None
-    finally:
-        os.close(fd)
-    return (8 + length, header) if isinstance(header, dict) else None
 
 
 def variant_record(directory: Path, *, shard: str | None = None, follow_links: bool = False) -> dict | None:
@@ -255,7 +230,7 @@ def _old_record(runs: Path) -> dict:
 
 def _old_names(old: dict, runs: Path) -> set[str]:
     """The directories the earlier sweep wrote (or was retiring): the only ones --overwrite may replace."""
-    from gpumerge.sweep import NAME_RE
+    from gpumerge.spec import NAME_RE
 
     names = {v.get("name") for v in old["variants"] if isinstance(v, dict) and v.get("same_as") is None}
     names |= set(old.get("retiring", []))

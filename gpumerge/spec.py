@@ -16,6 +16,8 @@ DTYPE_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "auto")
 
+# A sweep variant's name: a directory name that is safe everywhere (no '/', no leading '.', no spaces).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", re.ASCII)
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,9}(,cuda:\d{1,9})*)$", re.ASCII)
 
 # Bounds on what a setting can sensibly be: past them a value is a typo or an attack, and refusing it here keeps

@@ -31,11 +31,10 @@ from typing import Callable
 from gpumerge.errors import GpumergeError, OutputError, SpecError
 from gpumerge.runs import RUNS_FILES
 from gpumerge.signals import GUARD
-from gpumerge.spec import DEFAULT_MAX_VARIANTS, GridAxis, MergeSpec, grid_size, parse_grid, shown
+from gpumerge.spec import NAME_RE, DEFAULT_MAX_VARIANTS, GridAxis, MergeSpec, grid_size, parse_grid, shown
 
 RESERVED_NAMES = ("model_1", "model_2")  # the parents' rows in an evaluated sweep's results
 MAX_VARIANTS = 100_000  # --max-variants' own bound: the variants are planned (and held) before any work
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", re.ASCII)
 # The settings that say how to blend: a settings file's entries set them, never the command line.
 _BLEND_FLAGS = ("gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
                 "no_layers", "custom_filter", "method", "tensor_order")
@@ -114,7 +113,7 @@ def _too_many(count: int, limit: int, explicit: bool) -> SpecError:
 
 
 def _from_grid(args: argparse.Namespace, limit: int) -> tuple[list[Variant], list[str]]:
-    from gpumerge.cli import _recipe_settings, spec_from_args
+    from gpumerge.settings import merge_spec, recipe_settings
 
     axes = [parse_grid(text) for text in args.grid]
     keys = [axis.key for axis in axes]
@@ -126,14 +125,14 @@ def _from_grid(args: argparse.Namespace, limit: int) -> tuple[list[Variant], lis
     count = grid_size(axes)
     if count > limit:
         raise _too_many(count, limit, args.max_variants is not None)
-    recipe = (_recipe_settings(args.config), str(args.config)) if args.config is not None else None
+    recipe = (recipe_settings(args.config), str(args.config)) if args.config is not None else None
     points = [dict(zip(keys, combo)) for combo in itertools.product(*(axis.values for axis in axes))]
     names = grid_names(points, [axis for axis in axes if len(axis.values) > 1] or axes)
     variants = []
     for name, point in zip(names, points):
         flags = argparse.Namespace(**{**vars(args), **{key: _as_flag(value) for key, value in point.items()}})
         with _variant_errors(name):
-            variants.append(Variant(name, point, spec_from_args(flags, output_required=False, recipe=recipe)))
+            variants.append(Variant(name, point, merge_spec(vars(flags), output_required=False, recipe=recipe)))
     return variants, keys
 
 
@@ -214,7 +213,7 @@ class _variant_errors:
 
 def _from_settings(args: argparse.Namespace, limit: int) -> tuple[list[Variant], list[str]]:
     from gpumerge import fsutil
-    from gpumerge.cli import spec_from_args
+    from gpumerge.settings import merge_spec
     from gpumerge.mergekit import parse_mergekit
     from gpumerge.recipes import is_mergekit_config, load_yaml, parse_recipe
     from gpumerge.spec import MAX_RECIPE_BYTES, check_home, parse_dtype, parse_size
@@ -264,7 +263,7 @@ def _from_settings(args: argparse.Namespace, limit: int) -> tuple[list[Variant],
                             f"{shard_bytes} bytes: every variant of a sweep has one layout (set --max_shard_size)")
         paths = (settings.get("model_path1"), settings.get("model_path2"))
         with _variant_errors(name):
-            spec = spec_from_args(argparse.Namespace(**vars(args)), output_required=False, recipe=(settings, where))
+            spec = merge_spec(dict(vars(args)), output_required=False, recipe=(settings, where))
         values = {key: value for key, value in entry.items()}
         columns += [key for key in values if key not in columns]
         variants.append(Variant(name, values, spec, paths))
@@ -695,7 +694,7 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
     from gpumerge import writer
     from gpumerge.copier import Copier
     from gpumerge.devices import cuda_possible, probe_budget, resolve_devices
-    from gpumerge.merge import _await, _import_torch_in_background, _LockedProgress, merge_record
+    from gpumerge.merge import await_import, import_torch_in_background, LockedProgress, merge_record
     from gpumerge.outdir import OutputDir
     from gpumerge.plan import batch_capacity, needs_device, shared_jobs, sweep_batches
 
@@ -716,9 +715,9 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
             plans = slerp_prepass_many(plans, a, b)
         records = [merge_record(dataclasses.replace(v.spec, output_model_path=runs / v.name), plan, a, b)
                    for (v, _), plan in zip(pending, plans)]
-        importing = _import_torch_in_background() if "torch" not in sys.modules else None
+        importing = import_torch_in_background() if "torch" not in sys.modules else None
         if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
-            _await(importing)
+            await_import(importing)
         devices, device_notice = resolve_devices(spec.device)
         if device_notice and not said_devices:
             notice(device_notice)
@@ -728,7 +727,7 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
         batches = sweep_batches(shared_jobs(plans), budget, devices=devices, batch_bytes=batch_bytes)
         total = sum(plan.bytes_written for plan in plans)
         progress = progress_factory(total, desc=f"sweep: {len(plans)} variants") if progress_factory else None
-        advance = _LockedProgress(progress.update if progress else None)
+        advance = LockedProgress(progress.update if progress else None)
         writers: list = []
         try:
             for output, plan, rec in zip(outputs, plans, records):
@@ -739,7 +738,7 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
             copier = Copier(None, a, None, tasks=tasks, progress=advance).start()
             try:
                 if importing is not None:
-                    _await(importing)
+                    await_import(importing)
                 from gpumerge.pipeline import PipelinedEngine
 
                 engine = PipelinedEngine(a, b, devices=devices, capacity=capacity, readers=spec.readers,

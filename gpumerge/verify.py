@@ -18,100 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpumerge.digests import CHECKSUMS, DIGESTS_FILE
+from gpumerge.digests import CHECKSUMS, DIGESTS_FILE, check_checksums
 from gpumerge.errors import GpumergeError, SpecError
 
 _HASH_CHUNK = 16 * 2**20
-_MAX_CHECKSUMS_BYTES = 16 * 2**20
 _SAMPLE_EVERY = 8  # the default sample: about one tensor in 8 (by a hash of its name), and the first and last blended
-_LINE = re.compile(r"^(\\?)([0-9a-f]{64}) [ *](.+)$")
-
-
-# ---- checksums -----------------------------------------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    """A regular file's sha256 (links followed); a FIFO or device is a SpecError, never a hang."""
-    from gpumerge import fsutil
-
-    digest = hashlib.sha256()
-    fd = fsutil.open_regular(path, what=path.name, error=SpecError)
-    with open(fd, "rb", closefd=True) as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _escaped(name: str) -> tuple[str, str]:
-    """sha256sum's escaping of a name holding a backslash or a newline: a leading backslash on the line."""
-    if "\\" not in name and "\n" not in name:
-        return "", name
-    return "\\", name.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _unescaped(name: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), name)
-
-
-def write_checksums(directory: Path) -> None:
-    """OUT/checksums.sha256 in `sha256sum` format, every file of the directory (hashed in parallel: hashlib releases
-    the GIL for large blocks)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    names = sorted(e.name for e in os.scandir(directory) if e.is_file(follow_symlinks=False) and e.name != CHECKSUMS)
-    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(lambda name: file_sha256(directory / name), names))
-    lines = []
-    for digest, name in zip(digests, names):
-        mark, shown = _escaped(name)
-        lines.append(f"{mark}{digest}  {shown}\n")
-    (directory / CHECKSUMS).write_text("".join(lines))
-
-
-def check_checksums(directory: Path) -> tuple[list[str], int]:
-    """(problems, files checked) against checksums.sha256 (links followed: a hub cache's snapshot is links)."""
-    from gpumerge import fsutil
-
-    problems, checked = [], 0
-    try:
-        raw = fsutil.read_regular(directory / CHECKSUMS, max_bytes=_MAX_CHECKSUMS_BYTES, what=CHECKSUMS,
-                                  error=SpecError)
-        text = raw.decode("utf-8")
-    except (GpumergeError, UnicodeDecodeError) as exc:
-        return [f"{CHECKSUMS} cannot be read ({exc})"], 0
-    for number, line in enumerate(text.splitlines(), 1):
-        found = _LINE.match(line)
-        name = _unescaped(found.group(3)) if found and found.group(1) else found.group(3) if found else ""
-        if not found or "/" in name or name in (".", ".."):
-            problems.append(f"{CHECKSUMS} line {number} is not a sha256 and the name of a file in this directory")
-            continue
-        path = directory / name
-        if not path.exists():
-            problems.append(f"{name!r} is listed in {CHECKSUMS} and missing")
-            continue
-        if not path.is_file():
-            problems.append(f"{name!r} is listed in {CHECKSUMS} and is not a regular file")
-            continue
-        checked += 1
-        try:
-            same = file_sha256(path) == found.group(2)
-        except GpumergeError as exc:
-            problems.append(str(exc))
-            continue
-        if not same:
-            problems.append(f"{name}: its sha256 differs from {CHECKSUMS}")
-    if checked == 0 and not problems:
-        problems.append(f"{CHECKSUMS} lists no file")
-    listed = {(_unescaped(m.group(3)) if m.group(1) else m.group(3)) for m in map(_LINE.match, text.splitlines()) if m}
-    unlisted = sorted(e.name for e in os.scandir(directory) if e.name != CHECKSUMS and e.name not in listed)
-    if unlisted:
-        problems.append(f"{CHECKSUMS} does not list {len(unlisted)} file(s) of the directory: "
-                        + ", ".join(unlisted[:4]) + (", ..." if len(unlisted) > 4 else ""))
-    return problems, checked
 
 
 # ---- one model directory -------------------------------------------------------------------------------------------
@@ -359,15 +274,14 @@ def _check_files(report: Report, out: Path, plan, record: dict, a) -> None:
 
 def _spec(record: dict, paths: list[str]):
     """The merge the record describes, with these inputs (as `gpumerge --config gpumerge_recipe.yaml` would)."""
-    from gpumerge.cli import build_parser, spec_from_args
     from gpumerge.recipes import parse_recipe
+    from gpumerge.settings import merge_spec
 
     settings = record.get("settings")
     if not isinstance(settings, dict):
         raise SpecError("the merge record has no settings")
-    args = build_parser("merge").parse_args(["--model_path1", paths[0], "--model_path2", paths[1], "--quiet"])
-    return spec_from_args(args, output_required=False, recipe=(parse_recipe(settings, source="the merge record"),
-                                                               "the merge record"))
+    return merge_spec({"model_path1": paths[0], "model_path2": paths[1], "quiet": True}, output_required=False,
+                      recipe=(parse_recipe(settings, source="the merge record"), "the merge record"))
 
 
 def _recorded_order(record: dict) -> dict | None:
@@ -397,7 +311,7 @@ def _compare(job, a, b, merged) -> str | None:
     import torch
 
     from gpumerge.checkpoint import ITEMSIZE
-    from gpumerge.pipeline import _read_piece, blend_piece
+    from gpumerge.pipeline import read_piece, blend_piece
     from gpumerge.plan import footprint_per_element, lay_out, needs_device, pieces_of
 
     size = ITEMSIZE[job.out_dtype]
@@ -413,7 +327,7 @@ def _compare(job, a, b, merged) -> str | None:
         piece = lay_out(0, "cpu", [piece]).pieces[0]
         if buffer.numel() < piece.footprint():
             buffer = torch.empty(piece.footprint(), dtype=torch.uint8)
-        _read_piece(piece, buffer, a, b)
+        read_piece(piece, buffer, a, b)
         blend_piece(piece, buffer)
         want = buffer[piece.out_offset:piece.out_offset + piece.count * size].numpy().tobytes()
         got = merged.read_bytes(job.name, piece.start * size, piece.count * size)
@@ -450,7 +364,7 @@ def _verify_sweep(runs: Path, *, model_path1, model_path2, full: bool) -> list[R
     from gpumerge import fsutil
     from gpumerge.outdir import is_working_name
     from gpumerge.runs import PENDING_DIR, RUNS_FILES, SWEEP_FILE
-    from gpumerge.sweep import NAME_RE
+    from gpumerge.spec import NAME_RE
 
     record = fsutil.load_json(fsutil.read_regular(runs / SWEEP_FILE, what=str(runs / SWEEP_FILE), error=SpecError),
                               what=str(runs / SWEEP_FILE), error=SpecError)

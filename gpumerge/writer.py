@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
-from gpumerge.errors import OutputError
+from gpumerge.errors import GpumergeError, OutputError
 from gpumerge.plan import MergePlan, ShardPlan, t_range_text
 
 # Model 1's files that are not copied as they are: weights and their indexes (rewritten), config.json (dtype
@@ -18,6 +19,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                "gpumerge_recipe.yaml", "gpumerge_digests.json", "checksums.sha256"}  # the last three: a merge's own
 RECIPE_FILE = "gpumerge_recipe.yaml"
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 
 
 def safetensors_header(shard: ShardPlan, metadata: dict[str, str]) -> bytes:
@@ -125,7 +127,7 @@ def finish_model_dir(directory: Path, plan: MergePlan, record: dict, model_dir: 
     write_recipe(directory, record)
     write_digests(directory, record, checksums=checksums)
     if checksums:
-        from gpumerge.verify import write_checksums
+        from gpumerge.digests import write_checksums
 
         write_checksums(directory)
     return aux
@@ -135,8 +137,6 @@ def check_shards(directory: Path, plan: MergePlan) -> None:
     """Each shard as written, read back from disk (headers only: cheap): every tensor's name, dtype, shape and byte
     range as the plan has them, nothing else in the header, and the file exactly header + data long. A mismatch
     means a bug or a disk that lies; the output is then discarded, never put in place."""
-    from gpumerge.runs import shard_header
-
     for shard in plan.shards:
         path = directory / shard.filename
         found = shard_header(path)
@@ -157,6 +157,30 @@ def check_shards(directory: Path, plan: MergePlan) -> None:
         if problem:
             raise OutputError(f"the output shard {shard.filename}, read back before it is put in place, is wrong: "
                               f"{problem}; nothing was put at the output path")
+
+
+def shard_header(path: Path) -> tuple[int, dict] | None:
+    """(header bytes with the length prefix, header) of a safetensors file, or None when it is not a whole one."""
+    from gpumerge import fsutil
+
+    try:
+        fd = fsutil.open_regular(path, what=str(path), error=OutputError)
+    except GpumergeError:
+        return None
+    try:
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            return None
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_HEADER_BYTES:
+            return None
+        raw = os.pread(fd, length, 8)
+        header = fsutil.load_json(raw, what=str(path), error=OutputError) if len(raw) == length else None
+    except (GpumergeError, OSError):
+        return None
+    finally:
+        os.close(fd)
+    return (8 + length, header) if isinstance(header, dict) else None
 
 
 def write_index(directory: Path, plan: MergePlan) -> None:
