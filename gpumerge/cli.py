@@ -147,7 +147,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from gpumerge.version import version
+    from gpumerge.about import version
 
     return version()
 
@@ -208,11 +208,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from gpumerge.spec import SweepSpec
     from gpumerge.sweep import run_sweep
 
     if not args.output_dir:
         raise SpecError("--output_dir is required: the directory the sweep writes its variants to")
-    result = run_sweep(args, notice=_notice_printer(bool(args.quiet)), progress_factory=_progress_factory(args.quiet))
+    result = run_sweep(SweepSpec.from_flags(vars(args)), notice=_notice_printer(bool(args.quiet)),
+                       progress_factory=_progress_factory(args.quiet))
     try:
         if result.table:
             print(result.table, flush=True)

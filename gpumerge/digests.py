@@ -126,7 +126,7 @@ def check_digests(directory: Path, record: dict | None, *, names: set[str] | Non
     return problems, checked
 
 
-# ---- checksums.sha256 (--checksums) -----------------------------------------------------------------------------------------------------
+# ---- checksums.sha256 (--checksums) ----------------------------------------------------------------------------
 
 def file_sha256(path: Path) -> str:
     """A regular file's sha256 (links followed); a FIFO or device is a SpecError, never a hang."""

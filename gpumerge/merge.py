@@ -18,7 +18,7 @@ from gpumerge.errors import IncompatibleCheckpointsError, OutputError, SpecError
 from gpumerge.plan import MergePlan, make_plan, ring_depth_of, t_groups
 from gpumerge.signals import GUARD
 from gpumerge.spec import MergeSpec
-from gpumerge.version import version  # noqa: F401 - re-exported: gpumerge.merge.version
+from gpumerge.about import version  # noqa: F401 - re-exported: gpumerge.merge.version
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ def expected_record(variant, plan, a, b) -> dict:
 
 
 def sweep_record(variants, plans, signatures, aliases, columns, a, b, *, retiring=(), eval=None) -> dict:
-    from gpumerge.version import version
+    from gpumerge.about import version
 
     spec = variants[0].spec
     identity = {

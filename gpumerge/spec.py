@@ -475,3 +475,87 @@ def _grid_value(value, kind: str, *, what: str):
 
 def grid_size(axes: list[GridAxis]) -> int:
     return math.prod(len(axis.values) for axis in axes)
+
+
+# The merge flags a sweep's variants share (as `gpumerge sweep` takes them), besides the pair and the output.
+SWEEP_SHARED_FLAGS = ("gradient_start", "gradient_end", "layer_start", "layer_end", "gradient_values", "layer_only",
+                      "no_layers", "custom_filter", "method", "tensor_order", "max_shard_size", "dtype", "device",
+                      "max_memory", "readers", "allow_nonfinite")
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSpec:
+    """A sweep, as `gpumerge sweep` runs it: one pair, the settings every variant shares, the variants (a grid, or a
+    settings file), and for an evaluated sweep how the variants are scored. Built from the command line's flags by
+    the CLI (``from_flags``), or by keyword from Python::
+
+        SweepSpec(model_path1="A", model_path2="B", output_dir="runs", grid={"gradient_end": [0, 0.5, 1]},
+                  shared={"dtype": "bfloat16"}, eval_text=["wiki.txt"], eval_tokens=4096)
+
+    ``grid``: ``KEY=VALUES`` strings as --grid takes them, or a mapping KEY -> list of values; ``shared``: other
+    merge settings every variant shares (SWEEP_SHARED_FLAGS). Values are checked where the sweep checks them."""
+
+    model_path1: str | None = None
+    model_path2: str | None = None
+    output_dir: str | Path | None = None
+    grid: tuple[str, ...] = ()
+    settings: str | Path | None = None  # a YAML list of variants, instead of a grid
+    config: str | Path | None = None  # a recipe every grid variant starts from
+    shared: tuple[tuple[str, object], ...] = ()
+    max_variants: int | None = None
+    eval_text: tuple[Path, ...] = ()
+    eval_tokens: int | None = None
+    seq_len: int | None = None
+    eval_batch: int | None = None
+    keep: int | str | None = None
+    baselines: bool = True
+    eval_dtype: str | None = None
+    overwrite: bool = False
+    checksums: bool = False
+    quiet: bool = True
+
+    def __post_init__(self) -> None:
+        grid = self.grid
+        if isinstance(grid, str):
+            grid = (grid,)
+        elif isinstance(grid, dict):
+            grid = tuple(f"{key}={json.dumps(list(values))}" for key, values in grid.items())
+        object.__setattr__(self, "grid", tuple(grid))
+        shared = dict(self.shared)
+        unknown = sorted(set(shared) - set(SWEEP_SHARED_FLAGS))
+        if unknown:
+            raise SpecError(f"SweepSpec shared: {', '.join(map(str, unknown))} is not a merge setting a sweep's "
+                            f"variants share; use {', '.join(SWEEP_SHARED_FLAGS)}")
+        object.__setattr__(self, "shared", tuple(sorted(shared.items())))
+        texts = self.eval_text
+        texts = (texts,) if isinstance(texts, (str, Path)) else tuple(texts or ())
+        object.__setattr__(self, "eval_text", tuple(Path(t) for t in texts))
+
+    def flags(self) -> dict:
+        """The flags `gpumerge sweep` would have for this sweep (flag name -> value; None: not given)."""
+        flags = {key: None for key in SWEEP_SHARED_FLAGS}
+        flags.update(dict(self.shared))
+        flags.update(model_path1=self.model_path1, model_path2=self.model_path2,
+                     output_dir=str(self.output_dir) if self.output_dir is not None else None,
+                     grid=list(self.grid) or None, settings=Path(self.settings) if self.settings is not None else None,
+                     config=Path(self.config) if self.config is not None else None, max_variants=self.max_variants,
+                     eval_text=list(self.eval_text) or None, eval_tokens=self.eval_tokens, seq_len=self.seq_len,
+                     eval_batch=self.eval_batch, keep=self.keep, no_baselines=not self.baselines,
+                     eval_dtype=self.eval_dtype, overwrite=self.overwrite, checksums=self.checksums,
+                     quiet=self.quiet)
+        return flags
+
+    @classmethod
+    def from_flags(cls, flags: dict) -> "SweepSpec":
+        """The sweep a command line's flags (as a dict: flag name -> value) ask for."""
+        shared = {key: flags[key] for key in SWEEP_SHARED_FLAGS  # a store_true flag not given is False or None
+                  if flags.get(key) is not None and flags.get(key) is not False}
+        return cls(model_path1=flags.get("model_path1"), model_path2=flags.get("model_path2"),
+                   output_dir=flags.get("output_dir"), grid=tuple(flags.get("grid") or ()),
+                   settings=flags.get("settings"), config=flags.get("config"), shared=shared,
+                   max_variants=flags.get("max_variants"), eval_text=tuple(flags.get("eval_text") or ()),
+                   eval_tokens=flags.get("eval_tokens"), seq_len=flags.get("seq_len"),
+                   eval_batch=flags.get("eval_batch"), keep=flags.get("keep"),
+                   baselines=not flags.get("no_baselines"), eval_dtype=flags.get("eval_dtype"),
+                   overwrite=bool(flags.get("overwrite")), checksums=bool(flags.get("checksums")),
+                   quiet=bool(flags.get("quiet")))

@@ -13,7 +13,6 @@ skips the variants already complete; a different sweep is refused unless --overw
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -26,12 +25,14 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 from gpumerge.errors import GpumergeError, OutputError, SpecError
 from gpumerge.runs import RUNS_FILES
 from gpumerge.signals import GUARD
-from gpumerge.spec import NAME_RE, DEFAULT_MAX_VARIANTS, GridAxis, MergeSpec, grid_size, parse_grid, shown
+from gpumerge.spec import (DEFAULT_MAX_VARIANTS, NAME_RE, GridAxis, MergeSpec, SweepSpec, grid_size, parse_grid,
+                           shown)
 
 RESERVED_NAMES = ("model_1", "model_2")  # the parents' rows in an evaluated sweep's results
 MAX_VARIANTS = 100_000  # --max-variants' own bound: the variants are planned (and held) before any work
@@ -61,7 +62,13 @@ class SweepResult:
     bytes_written: int
     bytes_copied: int = 0  # unchanged tensors copied file to file into the variants (part of bytes_written)
     table: str = ""  # an evaluated sweep's ranked table
-    best: str | None = None  # an evaluated sweep's best variant
+    best: str | None = None  # an evaluated sweep's best variant (with what it means, when it is model 1 itself)
+    rows: tuple[dict, ...] = ()  # an evaluated sweep's rows, best first, as results.json has them
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The variant directories this run wrote."""
+        return tuple(self.runs / name for name in self.written)
 
     @property
     def summary(self) -> str:
@@ -85,7 +92,7 @@ class SweepResult:
 
 # ---- variants -----------------------------------------------------------------------------------------------------
 
-def variants_from_args(args: argparse.Namespace) -> tuple[list[Variant], list[str]]:
+def variants_from_args(args) -> tuple[list[Variant], list[str]]:
     """The sweep's variants, in order, and the columns of variants.csv (the swept settings)."""
     if args.grid and args.settings is not None:
         raise SpecError("give --grid or --settings, not both (a settings file lists whole variants)")
@@ -112,7 +119,7 @@ def _too_many(count: int, limit: int, explicit: bool) -> SpecError:
                      "values, or pass --max-variants N to allow more")
 
 
-def _from_grid(args: argparse.Namespace, limit: int) -> tuple[list[Variant], list[str]]:
+def _from_grid(args, limit: int) -> tuple[list[Variant], list[str]]:
     from gpumerge.settings import merge_spec, recipe_settings
 
     axes = [parse_grid(text) for text in args.grid]
@@ -130,7 +137,7 @@ def _from_grid(args: argparse.Namespace, limit: int) -> tuple[list[Variant], lis
     names = grid_names(points, [axis for axis in axes if len(axis.values) > 1] or axes)
     variants = []
     for name, point in zip(names, points):
-        flags = argparse.Namespace(**{**vars(args), **{key: _as_flag(value) for key, value in point.items()}})
+        flags = SimpleNamespace(**{**vars(args), **{key: _as_flag(value) for key, value in point.items()}})
         with _variant_errors(name):
             variants.append(Variant(name, point, merge_spec(vars(flags), output_required=False, recipe=recipe)))
     return variants, keys
@@ -211,7 +218,7 @@ class _variant_errors:
         return False
 
 
-def _from_settings(args: argparse.Namespace, limit: int) -> tuple[list[Variant], list[str]]:
+def _from_settings(args, limit: int) -> tuple[list[Variant], list[str]]:
     from gpumerge import fsutil
     from gpumerge.settings import merge_spec
     from gpumerge.mergekit import parse_mergekit
@@ -401,19 +408,26 @@ def _early_limits(output_dir, a, b) -> Callable[[int, object], None] | None:
     return check
 
 
-def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print, progress_factory=None,
+def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
               budget: dict[str, int] | None = None, batch_bytes: int | None = None,
               simulate_staging: bool = False, input_budget: int | None = None) -> SweepResult:
-    """Every variant planned and checked, then written from one read of the inputs. ``budget`` and
-    ``batch_bytes`` replace the probed memory budget and the batch size (tests force small batches with them);
-    ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's); ``input_budget`` replaces what an
-    evaluated sweep may hold of the blended tensors' inputs (0 forces reading them again for each variant)."""
+    """Every variant planned and checked, then written from one read of the inputs (an evaluated sweep: scored, and
+    the best written). ``spec``: a SweepSpec (or an object with the command line's flags as attributes, which is
+    read as one). ``budget`` and ``batch_bytes`` replace the probed memory budget and the batch size (tests force
+    small batches with them); ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's);
+    ``input_budget`` replaces what an evaluated sweep may hold of the blended tensors' inputs (0 forces reading them
+    again for each variant)."""
     from gpumerge import runs as runs_dir
     from gpumerge import writer
     from gpumerge.merge import check_open_files, open_pair, preflight
     from gpumerge.outdir import (Inputs, OutputLock, canonical, check_output_path, check_space, make_parents,
                                  remove_made)
 
+    if not isinstance(spec, SweepSpec):
+        spec = SweepSpec.from_flags(vars(spec))
+    if not spec.output_dir:
+        raise SpecError("--output_dir is required: the directory the sweep writes its variants to")
+    args = SimpleNamespace(**spec.flags())  # the flags each variant is built from, as the command line gives them
     began = time.perf_counter()
     _check_eval_flags(args)
     variants, columns = variants_from_args(args)
@@ -461,6 +475,7 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
         lock = OutputLock(runs, flag="--output_dir")
         done = False
         table = best = None
+        result_rows: tuple[dict, ...] = ()
         try:
             make_parents(runs, created)
             lock.acquire()
@@ -485,6 +500,11 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                 # the plans as scored: slerp coefficients already there, their tensors not read a second time
                 pending = [(v, scored[v.name]) for v, _ in distinct if v.name in kept and v.name not in now.complete]
                 table, best, files = _results(scoring, rows, columns, record)
+                from gpumerge.sweep_eval import ranked
+
+                result_rows = tuple({"rank": rank, "name": row.name, "values": row.values, "baseline": row.baseline,
+                                     **row.as_dict(), "kept": row.kept, "model_1_itself": row.model_1_itself}
+                                    for rank, row in enumerate(ranked(rows), 1))
             else:
                 record["history"] = now.history or secrets.token_hex(16)
             files[runs_dir.SWEEP_FILE] = (json.dumps(record, indent=2) + "\n").encode()
@@ -508,7 +528,7 @@ def run_sweep(args: argparse.Namespace, *, notice: Callable[[str], None] = print
                 with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
                     remove_made(created)
     return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(state[0].complete), aliases,
-                       time.perf_counter() - began, *stats, table=table or "", best=best)
+                       time.perf_counter() - began, *stats, table=table or "", best=best, rows=result_rows)
 
 
 # ---- an evaluated sweep ----------------------------------------------------------------------------------------

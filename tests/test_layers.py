@@ -12,7 +12,7 @@ from conftest import REPO
 
 # Lowest first. The order is the README's (Layout); change both together, for a reason.
 LAYERS = (
-    ("errors", "fsutil", "signals", "version", "digests", "kernels"),
+    ("errors", "fsutil", "signals", "about", "digests", "kernels"),
     ("spec", "schedule", "rules"),
     ("checkpoint", "architecture", "mergekit", "recipes", "devices"),
     ("plan", "outdir", "settings"),
