@@ -134,3 +134,21 @@ def test_a_link_named_like_a_stale_working_directory_is_never_moved_into_place(m
     assert (runs / "ge0.5").is_dir() and not (runs / "ge0.5").is_symlink()
     assert (runs / "ge0.5" / "gpumerge_digests.json").is_file()
     assert (elsewhere / "keep.txt").read_text() == "mine"
+
+
+def test_results_rows_are_trusted_only_with_this_directorys_mark(tmp_path):
+    """A row edited by hand (a better perplexity), copied from another directory (another history key), or with no
+    per-file scores is scored again, never trusted."""
+    from gpumerge.sweep_eval import Row, append_row, load_done
+
+    log = tmp_path / "results.jsonl"
+    mine, other = "ab" * 16, "cd" * 16
+    append_row(log, Row("v1", {}, "k1", 12.5, per_file={"t.txt": 12.5}, tokens=10), mine)
+    append_row(log, Row("v2", {}, "k2", 13.5, per_file={"t.txt": 13.5}, tokens=10), other)
+    append_row(log, Row("v3", {}, "k3", 14.5, per_file={}, tokens=10), mine)
+    lines = log.read_text().splitlines()
+    forged = json.loads(lines[0])
+    forged.update(key="k4", perplexity=1.0001, per_file={"t.txt": 1.0001})
+    log.write_text("\n".join(lines + [json.dumps(forged)]) + "\n")
+    assert set(load_done(log, mine)) == {"k1"}
+    assert set(load_done(log, other)) == {"k2"}
