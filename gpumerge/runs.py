@@ -301,8 +301,10 @@ def start_pending(runs: Path, sweep_id: str, history: str | None) -> tuple[Path,
     with the same history (its scored rows are reused), else made anew; a new history mark when there is none."""
     path = runs / PENDING_DIR
     identity = _pending_identity(path)
-    if identity is not None and identity.get("sweep") == sweep_id and (history is None
-                                                                       or identity.get("history") == history):
+    log = path / "results.jsonl"
+    if (identity is not None and identity.get("sweep") == sweep_id
+            and (history is None or identity.get("history") == history)
+            and (not os.path.lexists(log) or (log.is_file() and not log.is_symlink()))):
         return path, identity["history"]
     history = history or secrets.token_hex(16)
     with GUARD.critical():
@@ -335,7 +337,9 @@ def commit_records(runs: Path, files: dict[str, bytes], *, remove: tuple[str, ..
     with GUARD.critical():
         path.mkdir(exist_ok=True)
         staged = path / "commit"
-        if os.path.lexists(staged):
+        if staged.is_symlink() or (os.path.lexists(staged) and not staged.is_dir()):
+            staged.unlink()  # not ours: a link is removed, never followed
+        elif os.path.lexists(staged):
             shutil.rmtree(staged)
         staged.mkdir()
         for name, data in files.items():
@@ -361,16 +365,20 @@ def _apply_commit(runs: Path) -> None:
     remove = marker.get("remove") if isinstance(marker, dict) else None
     if not (isinstance(names, list) and isinstance(remove, list) and set(names) | set(remove) <= set(RUNS_FILES)):
         raise OutputError(f"--output_dir {runs}: {path / _COMMIT} is not a gpumerge commit marker; remove {path}")
-    for name in names:
-        staged = path / "commit" / name
-        if os.path.lexists(staged):
-            os.replace(staged, runs / name)  # replaces a link at the name, never what it points to
-    for name in remove:
-        target = runs / name
-        if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
-            target.unlink()
-    _fsync_dir(runs)
-    shutil.rmtree(path)
+    try:
+        for name in names:
+            staged = path / "commit" / name
+            if os.path.lexists(staged):
+                os.replace(staged, runs / name)  # replaces a link at the name, never what it points to
+        for name in remove:
+            target = runs / name
+            if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
+                target.unlink()
+        _fsync_dir(runs)
+        shutil.rmtree(path)
+    except OSError as exc:
+        raise OutputError(f"--output_dir {runs}: the sweep's new records could not be put in place ({exc.strerror}: "
+                          f"{exc.filename}); fix that and run it again (the commit is finished then)") from None
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -135,3 +135,32 @@ def test_a_working_directory_in_the_way_is_refused(pair, tmp_path, capsys):
     (runs / PENDING_DIR).write_text("not ours")
     code, _, err = run_cli(*sweep_args(*pair, runs, *OLD), capsys=capsys)
     assert_one_line_error(code, err, "is in the way of the sweep's working directory")
+
+
+def test_planted_files_in_the_working_directory_are_never_followed(pair, tmp_path, capsys):
+    """A link at the pending log's name (to an input file) makes the run start its working directory afresh; a
+    directory where a record file goes, met while a cut commit is finished, is one line, and the next run after it
+    is removed finishes the commit."""
+    runs = tmp_path / "runs"
+    extra = eval_flags(tmp_path)
+    new = sweep_args(*pair, runs, *NEW, *extra)
+    assert interrupt(new, tmp_path, "score", signal.SIGKILL) == -signal.SIGKILL
+    log = runs / PENDING_DIR / "results.jsonl"
+    victim = next(pair[0].glob("*.safetensors"))
+    before = victim.read_bytes()
+    log.unlink()
+    log.symlink_to(victim)
+    code, _, err = run_cli(*new, capsys=capsys)
+    assert code == 0, err
+    assert victim.read_bytes() == before
+    # a commit cut short, then a directory in the way of one of its files
+    assert interrupt(sweep_args(*pair, runs, *OLD, *extra, "--overwrite"), tmp_path, "records",
+                     signal.SIGKILL) == -signal.SIGKILL
+    (runs / "sweep.png").unlink(missing_ok=True)
+    (runs / "sweep.png").mkdir()
+    code, _, err = run_cli(*sweep_args(*pair, runs, *OLD, *extra), capsys=capsys)
+    assert_one_line_error(code, err, "the sweep's new records could not be put in place")
+    (runs / "sweep.png").rmdir()
+    code, _, err = run_cli(*sweep_args(*pair, runs, *OLD, *extra), capsys=capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["ge0", "ge1"]
