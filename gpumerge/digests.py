@@ -23,15 +23,25 @@ from gpumerge.errors import GpumergeError, OutputError, SpecError
 DIGESTS_FILE = "gpumerge_digests.json"
 CHECKSUMS = "checksums.sha256"
 ALGORITHM = "xxh3_128"
-_CHUNK = 16 * 2**20
+_CHUNK = 16 * 2**20  # each read of a file being hashed
 _MAX_DIGESTS_BYTES = 16 * 2**20  # a few hundred bytes a file
-_HASH_CHUNK = 16 * 2**20
 _MAX_CHECKSUMS_BYTES = 16 * 2**20
 _LINE = re.compile(r"^(\\?)([0-9a-f]{64}) [ *](.+)$")  # a sha256sum line (a leading backslash: an escaped name)
 
 
 def record_sha256(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _stream(fd: int, update) -> int:
+    """Every byte of an open file, in bounded chunks, into ``update``; the bytes read."""
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    while n := os.readv(fd, [buffer]):
+        update(view[:n])
+        total += n
+    return total
 
 
 def file_digest(path: Path, *, what: str | None = None, expected_bytes: int | None = None) -> tuple[int, str]:
@@ -45,16 +55,7 @@ def file_digest(path: Path, *, what: str | None = None, expected_bytes: int | No
         if expected_bytes is not None and size != expected_bytes:
             return size, ""
         digest = xxhash.xxh3_128()
-        buffer = bytearray(_CHUNK)
-        view = memoryview(buffer)
-        total = 0
-        while True:
-            n = os.readv(fd, [buffer])
-            if not n:
-                break
-            digest.update(view[:n])
-            total += n
-        return total, digest.hexdigest()
+        return _stream(fd, digest.update), digest.hexdigest()
     finally:
         os.close(fd)
 
@@ -92,9 +93,9 @@ def read_digests(directory: Path) -> dict:
     return data
 
 
-def check_digests(directory: Path, record: dict | None, *, names: set[str] | None = None) -> tuple[list[str], int]:
+def check_digests(directory: Path, record: dict | None) -> tuple[list[str], int]:
     """(problems, bytes checked): every file listed has its size and digest, none is missing, and no file is there
-    beyond them (``names``: files also allowed, unlisted); the list belongs to ``record`` when one is given."""
+    beyond them; the list belongs to ``record`` when one is given."""
     try:
         data = read_digests(directory)
     except GpumergeError as exc:
@@ -119,7 +120,7 @@ def check_digests(directory: Path, record: dict | None, *, names: set[str] | Non
                 f"{nbytes} bytes, recorded {want['bytes']})" if nbytes != want["bytes"] else "a byte changed)"))
     if data.get("checksums") is True and not os.path.lexists(directory / CHECKSUMS):
         problems.append(f"{CHECKSUMS} was written with the merge and is missing")
-    extra = sorted(set(os.listdir(directory)) - set(data["files"]) - {DIGESTS_FILE, CHECKSUMS} - (names or set()))
+    extra = sorted(set(os.listdir(directory)) - set(data["files"]) - {DIGESTS_FILE, CHECKSUMS})
     if extra:
         problems.append("holds files its digests do not list: " + ", ".join(extra[:4])
                         + (", ..." if len(extra) > 4 else ""))
@@ -130,13 +131,12 @@ def check_digests(directory: Path, record: dict | None, *, names: set[str] | Non
 
 def file_sha256(path: Path) -> str:
     """A regular file's sha256 (links followed); a FIFO or device is a SpecError, never a hang."""
-    from gpumerge import fsutil
-
     digest = hashlib.sha256()
     fd = fsutil.open_regular(path, what=path.name, error=SpecError)
-    with open(fd, "rb", closefd=True) as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
+    try:
+        _stream(fd, digest.update)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 

@@ -137,14 +137,13 @@ def _tokenized(tokenizer, path: Path, eval_tokens: int | None, *, what: str,
         if eval_tokens is None:
             return digest.hexdigest(), ids_of(size)[0]
         nbytes = max(4096, (eval_tokens + _MARGIN_TOKENS) * _BYTES_PER_TOKEN)
-        while True:
-            short, whole = ids_of(nbytes)
-            if whole:
-                return digest.hexdigest(), short[:eval_tokens]
+        ids, whole = ids_of(nbytes)
+        while not whole:  # the whole text's tokens, or a prefix whose first N a prefix twice as long agrees on
             longer, whole = ids_of(2 * nbytes)
-            if whole or (len(short) >= eval_tokens + _MARGIN_TOKENS and short[:eval_tokens] == longer[:eval_tokens]):
-                return digest.hexdigest(), longer[:eval_tokens]
-            nbytes *= 4
+            if len(ids) >= eval_tokens + _MARGIN_TOKENS and ids[:eval_tokens] == longer[:eval_tokens]:
+                break
+            ids, nbytes = longer, 2 * nbytes  # the longer prefix is the next one's shorter: tokenized once
+        return digest.hexdigest(), ids[:eval_tokens]
     finally:
         os.close(fd)
 

@@ -48,9 +48,11 @@ def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callabl
     """make_plan, with model 1's tensor order for the recipes that count tensor positions: the recipe's
     ``tensor_order`` (a SpecError when it cannot be had, never a silent other order), or ``recorded_order``, the
     order a merge record kept (verify recomputes with it, whatever this environment's transformers gives). A sweep
-    plans many variants and passes ``orders``, so that each order is built once."""
+    plans many variants and passes one ``orders`` dict for all, so that each order is built, and model 1's files
+    looked at, once."""
     from gpumerge.spec import OperationsRecipe
 
+    cache = orders if orders is not None else {}
     order = tied = kept = None
     if isinstance(spec.recipe, OperationsRecipe):
         if recorded_order is not None:
@@ -60,7 +62,6 @@ def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callabl
             from gpumerge.architecture import tensor_order
 
             how = spec.recipe.tensor_order
-            cache = orders if orders is not None else {}
             if how not in cache:
                 try:
                     cache[how] = tensor_order(a, how)
@@ -73,7 +74,9 @@ def plan_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, *, notice: Callabl
     plan = make_plan(a, b, spec, order=order, tied=tied)
     from gpumerge.writer import missing_tokenizer
 
-    tokenizer = missing_tokenizer(a.root, label=a.label)
+    if "tokenizer" not in cache:
+        cache["tokenizer"] = missing_tokenizer(a.root, label=a.label)
+    tokenizer = cache["tokenizer"]
     for line in spec.notices + plan.notices + ((tokenizer,) if tokenizer else ()):
         notice(line)
     return dataclasses.replace(plan, tensor_order=kept) if kept is not None else plan
@@ -151,13 +154,19 @@ def await_import(thread: _Import) -> None:
         raise thread.error
 
 
+def open_files_needed(a: Checkpoint, b: Checkpoint, *, outputs: int = 0) -> int:
+    """Files a run holds open at once: every input file, ``outputs`` (a sweep's shards and locks), and a margin
+    for its own lock, pipes and torch's."""
+    return 64 + len(a.files) + len(b.files) + outputs
+
+
 def check_open_files(a: Checkpoint, b: Checkpoint, *, outputs: int = 0) -> None:
     """The merge holds every input file open at once, plus its shards, lock, pipes and torch's own: with too low a
     limit it would fail half-way (and could not even remove its partial output). Raise the soft limit to the hard
     one if that is enough, else refuse before any work."""
     import resource
 
-    need = 64 + len(a.files) + len(b.files) + outputs  # outputs: a sweep's shards and locks
+    need = open_files_needed(a, b, outputs=outputs)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return

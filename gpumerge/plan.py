@@ -96,7 +96,7 @@ class MergePlan:
     shards: tuple[ShardPlan, ...]
     notices: tuple[str, ...] = field(default=())
     # position-based recipes: the order their positions were counted in, as the merge record keeps it
-    # ({"source": "architecture" | "names" | "record", "names": [...], "tied": {...}}); None for other recipes
+    # ({"source": "architecture" | "names", "names": [...], "tied": {...}}); None for other recipes
     tensor_order: dict | None = None
 
     @property

@@ -122,9 +122,9 @@ def variant_record(directory: Path, *, shard: str | None = None, follow_links: b
     return record if isinstance(record, dict) and record.get("tool") == "gpumerge" else None
 
 
-def is_complete(directory: Path, plan, expected: dict) -> bool:
-    """RUNS/<name>/ is this variant, done: its record says so, every shard of the plan is there, whole, and every
-    file has the bytes its digests recorded."""
+def is_complete(directory: Path, plan, expected: dict, *, read_bytes: bool = True) -> bool:
+    """RUNS/<name>/ is this variant, done: its record says so, every shard of the plan is there, whole, and (with
+    ``read_bytes``) every file has the bytes its digests recorded."""
     if directory.is_symlink() or not directory.is_dir():
         return False
     record = variant_record(directory)
@@ -138,6 +138,8 @@ def is_complete(directory: Path, plan, expected: dict) -> bool:
         found = shard_header(directory / shard.filename)
         if found is None or (directory / shard.filename).stat().st_size != found[0] + shard.data_bytes:
             return False
+    if not read_bytes:
+        return True
     from gpumerge.digests import check_digests
 
     return not check_digests(directory, record)[0]  # every byte as written (a flipped byte is not complete)
@@ -154,9 +156,12 @@ class RunsState:
     history: str | None = None  # the earlier sweep's history mark (resume: this sweep's own)
 
 
-def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrite: bool) -> RunsState:
+def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrite: bool,
+               read_bytes: bool = True) -> RunsState:
     """What this sweep does with RUNS as it is now; ``expected``: variant name -> (plan, expected record) of every
-    variant to be written. Refuses anything that would damage what is not the sweep's own."""
+    variant to be written. Refuses anything that would damage what is not the sweep's own. ``read_bytes=False``
+    takes complete variants by their records and sizes alone (the check before the lock; the one under it reads
+    every byte, once)."""
     from gpumerge.outdir import is_working_name
 
     try:
@@ -187,7 +192,7 @@ def judge_runs(runs: Path, record: dict, expected: dict[str, tuple], *, overwrit
             path = runs / name
             if not (path.exists() or path.is_symlink()):
                 continue
-            if not is_complete(path, plan, want):
+            if not is_complete(path, plan, want, read_bytes=read_bytes):
                 raise OutputError(f"--output_dir {runs}: {path} is in the way of variant {name}: it is not that "
                                   "variant, complete (its merge record, shards or bytes differ from what it "
                                   "recorded); remove it, or pass --overwrite to write the sweep again")
@@ -398,19 +403,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_records(runs: Path, files: dict[str, bytes], *, inputs) -> None:
-    from gpumerge.outdir import AtomicFile
-
-    for name, data in files.items():
-        out = AtomicFile(runs / name, flag="--output_dir", inputs=inputs)
-        try:
-            out.write_bytes(data)
-            out.commit()
-        except BaseException:
-            out.discard()
-            raise
 
 
 def tidy_locks(runs: Path, names) -> None:

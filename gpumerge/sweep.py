@@ -288,24 +288,24 @@ def _check_name(name, *, where: str) -> None:
 # ---- planning -----------------------------------------------------------------------------------------------------
 
 def plan_variants(variants: list[Variant], a, b, *, notice: Callable[[str], None],
-                  each: Callable[[int, object], None] | None = None) -> list:
+                  each: Callable[[int, object], None] | None = None) -> tuple[list, list[str]]:
     """Every variant planned with the checks of a single merge (errors name the variant); notices said once. All
-    plans must share one layout: the output dtype, shards and offsets. ``each(distinct, plan)`` is called after
-    each plan with the number of distinct rule sets so far (a check that can refuse before the rest is planned)."""
+    plans must share one layout: the output dtype, shards and offsets. Returns the plans and each one's rules
+    signature. ``each(distinct, plan)`` is called after each plan with the number of distinct rule sets so far (a
+    check that can refuse before the rest is planned)."""
     from gpumerge.merge import plan_merge
 
     orders: dict = {}
     notices: dict[str, list[str]] = {}
-    plans = []
-    distinct: set[str] = set()
+    plans, signatures = [], []
     for variant in variants:
         with _variant_errors(variant.name):
             _check_pair(variant, a, b)
             plans.append(plan_merge(variant.spec, a, b, notice=lambda line: notices.setdefault(line, []).append(
                 variant.name), orders=orders))
+        signatures.append(rules_signature(plans[-1]))
         if each is not None:
-            distinct.add(rules_signature(plans[-1]))
-            each(len(distinct), plans[-1])
+            each(len(set(signatures)), plans[-1])
     for line, names in notices.items():
         notice(line if len(names) == len(variants) else f"{_listed(names)}: {line}")
     first = plans[0]
@@ -317,7 +317,7 @@ def plan_variants(variants: list[Variant], a, b, *, notice: Callable[[str], None
         if _layout(plan) != _layout(first):
             raise SpecError(f"variant {variant.name} lays its shards out unlike variant {variants[0].name}; every "
                             "variant of a sweep has one layout (the same --max_shard_size and dtype)")
-    return plans
+    return plans, signatures
 
 
 def _check_pair(variant: Variant, a, b) -> None:
@@ -357,9 +357,8 @@ def rules_signature(plan) -> str:
     return digest.hexdigest()
 
 
-def find_aliases(variants: list[Variant], plans: list) -> tuple[dict[str, str], list[str]]:
-    """(later name -> the first variant with the same rules, every variant's signature)."""
-    signatures = [rules_signature(plan) for plan in plans]
+def find_aliases(variants: list[Variant], signatures: list[str]) -> dict[str, str]:
+    """Later name -> the first variant with the same rules (the same signature)."""
     first: dict[str, str] = {}
     aliases = {}
     for variant, signature in zip(variants, signatures):
@@ -367,10 +366,20 @@ def find_aliases(variants: list[Variant], plans: list) -> tuple[dict[str, str], 
             aliases[variant.name] = first[signature]
         else:
             first[signature] = variant.name
-    return aliases, signatures
+    return aliases
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
+
+def _open_outputs(plan) -> int:
+    """Files a variant holds open while it is written: its shards, its directory's lock and one more."""
+    return len(plan.shards) + 2
+
+
+def _disk_bytes(plan, aux_bytes: int) -> int:
+    """Disk a variant takes: its shards, model 1's aux files, and a MiB of headroom per shard."""
+    return plan.bytes_written + aux_bytes + 2**20 * len(plan.shards)
+
 
 def _early_limits(output_dir, a, b) -> Callable[[int, object], None] | None:
     """For a write-mode sweep into a new or empty RUNS (every distinct variant will be written): refuse as soon as
@@ -383,6 +392,8 @@ def _early_limits(output_dir, a, b) -> Callable[[int, object], None] | None:
     from gpumerge import writer
     from gpumerge.outdir import existing_parent
 
+    from gpumerge.merge import open_files_needed
+
     runs = Path(output_dir).expanduser()
     try:
         if runs.is_dir() and any(os.scandir(runs)):
@@ -394,11 +405,11 @@ def _early_limits(output_dir, a, b) -> Callable[[int, object], None] | None:
     aux = writer.aux_bytes(a.root)
 
     def check(distinct: int, plan) -> None:
-        files = 64 + len(a.files) + len(b.files) + distinct * (len(plan.shards) + 2)
+        files = open_files_needed(a, b, outputs=distinct * _open_outputs(plan))
         if hard != resource.RLIM_INFINITY and files > hard:
             raise OutputError(f"the sweep has at least {distinct} distinct variants, which need about {files} open "
                               f"files, and the limit is {hard} (ulimit -n); sweep fewer values or raise the limit")
-        need = distinct * (plan.bytes_written + aux + 2**20 * len(plan.shards))
+        need = distinct * _disk_bytes(plan, aux)
         if need > free:
             from gpumerge.outdir import size_text
 
@@ -435,10 +446,10 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
     a, b = open_pair(base)
     with a, b:
         GUARD.poll()
-        plans = plan_variants(variants, a, b, notice=notice,
-                              each=None if args.eval_text else _early_limits(args.output_dir, a, b))
+        plans, signatures = plan_variants(variants, a, b, notice=notice,
+                                          each=None if args.eval_text else _early_limits(args.output_dir, a, b))
         GUARD.poll()
-        aliases, signatures = find_aliases(variants, plans)
+        aliases = find_aliases(variants, signatures)
         if aliases:
             notice(f"{len(aliases)} variant(s) blend every tensor as an earlier one does and are not written twice: "
                    + ", ".join(f"{k} = {v}" for k, v in list(aliases.items())[:8])
@@ -458,15 +469,16 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
 
         def existing(path: Path) -> None:
             if not runs_dir.commit_begun(path):  # else judged under the lock, once that commit is finished
-                state[0] = runs_dir.judge_runs(path, record, expected, overwrite=overwrite)
+                state[0] = runs_dir.judge_runs(path, record, expected, overwrite=overwrite, read_bytes=False)
 
         runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
                                  existing=existing)
         pending = [(v, p) for v, p in distinct if v.name not in state[0].complete]
         if scoring:  # at most --keep variants are written: the space for the largest of them
             pending = sorted(pending, key=lambda vp: -vp[1].bytes_written)[:scoring["keep"]]
-        check_open_files(a, b, outputs=sum(len(p.shards) + 2 for _, p in pending))
-        need = sum(p.bytes_written + writer.aux_bytes(a.root) + 2**20 * len(p.shards) for _, p in pending)
+        check_open_files(a, b, outputs=sum(_open_outputs(p) for _, p in pending))
+        aux = writer.aux_bytes(a.root)
+        need = sum(_disk_bytes(p, aux) for _, p in pending)
         check_space(runs, need, what=f"the sweep's {len(pending)} variant(s)")
         preflight(plans[0], a, b, more=tuple(plans[1:]))
         GUARD.poll()
@@ -500,11 +512,9 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
                 # the plans as scored: slerp coefficients already there, their tensors not read a second time
                 pending = [(v, scored[v.name]) for v, _ in distinct if v.name in kept and v.name not in now.complete]
                 table, best, files = _results(scoring, rows, columns, record)
-                from gpumerge.sweep_eval import ranked
+                from gpumerge.sweep_eval import ranked_rows
 
-                result_rows = tuple({"rank": rank, "name": row.name, "values": row.values, "baseline": row.baseline,
-                                     **row.as_dict(), "kept": row.kept, "model_1_itself": row.model_1_itself}
-                                    for rank, row in enumerate(ranked(rows), 1))
+                result_rows = tuple(ranked_rows(rows))
             else:
                 record["history"] = now.history or secrets.token_hex(16)
             files[runs_dir.SWEEP_FILE] = (json.dumps(record, indent=2) + "\n").encode()

@@ -499,12 +499,15 @@ def verdict(rows: list[Row]) -> dict:
     return {"best": best.name, "beats_model_1": beats, "model_1_itself": best.model_1_itself, "note": note}
 
 
+def ranked_rows(rows: list[Row]) -> list[dict]:
+    """Every row, best first, as results.json lists them (and run_sweep returns them)."""
+    return [{"rank": rank, "name": row.name, "values": row.values, "baseline": row.baseline, **row.as_dict(),
+             "kept": row.kept, "model_1_itself": row.model_1_itself} for rank, row in enumerate(ranked(rows), 1)]
+
+
 def results_json(rows: list[Row], columns: list[str], record: dict, eval_settings: dict) -> bytes:
     data = {"tool": "gpumerge", "inputs": record["inputs"], "sweep": record["sweep"], "eval": eval_settings,
-            "swept": columns, "verdict": verdict(rows),
-            "rows": [{"rank": rank, "name": row.name, "values": row.values, "baseline": row.baseline,
-                      **row.as_dict(), "kept": row.kept, "model_1_itself": row.model_1_itself}
-                     for rank, row in enumerate(ranked(rows), 1)]}
+            "swept": columns, "verdict": verdict(rows), "rows": ranked_rows(rows)}
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
