@@ -142,6 +142,9 @@ def test_tied_embeddings_follow_the_originals_load_order(models, tmp_path, capsy
     (["--gradient_values", "__import__('os')"], "not a list of numbers"),
     (["--gradient_values", "[]"], "non-empty list"),
     (["--method", "cubic"], "--method"),
+    (["--tensor_order", "names"], "give one of those too"),
+    (["--gradient_values", "[1, 0]", "--tensor_order", "alphabetical"], "not one of architecture, names"),
+    (["--gradient_start", "0.5", "--tensor_order", "architecture"], "give one of those too"),
 ])
 def test_gradient_values_errors(models, tmp_path, capsys, flags, needle):
     code, _, err = run_cli("--model_path1", models["fp16_a"], "--model_path2", models["fp16_b"],

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import REPO, load_state, run_cli, source_env, write_checkpoint
 from test_cli_errors import assert_one_line_error
@@ -111,18 +110,6 @@ def test_the_architecture_order_is_recorded(models, tmp_path, capsys):
                            "--output_model_path", plain, "--quiet", capsys=capsys)
     assert code == 0, err
     assert "tensor_order" not in _record(plain)  # only position-based recipes count positions
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--tensor_order", "names"], "give one of those too"),
-    (["--gradient_values", "[1, 0]", "--tensor_order", "alphabetical"], "not one of architecture, names"),
-    (["--gradient_start", "0.5", "--tensor_order", "architecture"], "give one of those too"),
-])
-def test_bad_tensor_order_flags(models, tmp_path, capsys, argv, needle):
-    code, _, err = run_cli("--model_path1", models["fp16_a"], "--model_path2", models["fp16_b"],
-                           "--output_model_path", tmp_path / "out", *argv, capsys=capsys)
-    assert_one_line_error(code, err, needle)
-    assert not (tmp_path / "out").exists()
 
 
 def test_tensor_order_in_a_recipe_without_positions_is_refused(models, tmp_path, capsys):
