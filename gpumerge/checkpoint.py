@@ -1,25 +1,24 @@
 """Reading a checkpoint's *index*: config, tensor names, dtypes, shapes and byte locations; and tensor bytes.
 
-Safetensors headers are parsed here by hand: the safetensors library exposes names, dtypes and shapes but not
-the byte offsets we need to read tensors with ``pread`` into reused buffers and to copy them file-to-file with
-``copy_file_range``, and its loaders would touch (and count in RSS) whole mmapped shards.
+A safetensors file's header is parsed by gpumerge.headers (by hand, and why); here are the model directory, its
+index files, its config and pickled ``.bin`` files, and the reads of tensor bytes at the offsets the headers give.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
-import reprlib
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpumerge.errors import CheckpointError
 from gpumerge.fsutil import load_json, open_regular, read_regular
+# the dtype tables and TensorInfo are the headers' (named here too: most callers know them from here)
+from gpumerge.headers import (DTYPE_NAMES, FLOAT_CODES, FP8_CODES, ITEMSIZE, TensorInfo, brief_json,  # noqa: F401
+                              json_type, pread_exact, read_safetensors_header, show)
 from gpumerge.schedule import layer_index
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -27,95 +26,12 @@ SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
-# safetensors dtype code -> bytes per element
-ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-FP8_CODES = ("F8_E4M3", "F8_E5M2", "F8_E8M0")
-DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
 # Tensor-name endings that only quantized checkpoints have (GPTQ/AWQ, bitsandbytes 8-bit and 4-bit).
 _QUANT_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".weight_format", ".absmax", ".quant_map",
                    ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".nested_absmax")
-# The safetensors library's own limits (safetensors/src/tensor.rs): a header of at most MAX_HEADER_SIZE bytes, and
-# shapes, offsets and sizes that fit its 64-bit `usize`.
-_MAX_HEADER_BYTES = 100_000_000
-_MAX_USIZE = 2**64 - 1
-_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
 # Keys a config.json declares its number of decoder blocks with, in the order they are believed.
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-_SHOWN_CHARS = 120
-_BRIEF = reprlib.Repr()
-_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxlong = 3, 8, 4, 60, 40
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors dtype code
-    shape: tuple[int, ...]
-    nbytes: int
-    path: Path
-    offset: int | None  # absolute byte offset in `path`; None for pickled .bin tensors
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
-
-
-def _show(name: Any) -> str:
-    """A tensor or file name for a one-line message: as it is when short and printable, else quoted and escaped."""
-    if isinstance(name, str) and name and name.isprintable() and len(name) <= _SHOWN_CHARS:
-        return name
-    text = name[:_SHOWN_CHARS] if isinstance(name, str) else name
-    return repr(text) + ("..." if isinstance(name, str) and len(name) > _SHOWN_CHARS else "")
-
-
-def _brief(value: Any) -> str:
-    """A JSON value for a one-line message: scalars as JSON, containers summarised (never walked deeply)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        text = json.dumps(value)
-        return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
-    return _BRIEF.repr(value)
-
-
-def _json_type(value: Any) -> str:
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return kinds.get(type(value), type(value).__name__)
-
-
-def _is_usize(value: Any) -> bool:
-    """A JSON integer the safetensors library reads as a 64-bit unsigned `usize` (bools are not integers)."""
-    return type(value) is int and 0 <= value <= _MAX_USIZE
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a string with a lone UTF-16 surrogate (JSON ``"\\ud800"``): Python reads it, the library refuses it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _has_negative_zero(text: str) -> bool:
-    """Whether JSON ``text`` (already parsed once: depth and keys are fine) holds the integer -0, which Python reads
-    as 0 and the library's parser as the float -0.0, refused for a shape or an offset."""
-    if "-0" not in text:
-        return False
-    found: list[bool] = []
-    json.loads(text, parse_int=lambda digits: found.append(digits == "-0") or 0)
-    return any(found)
 
 
 def _is_plain_file_name(name: str) -> bool:
@@ -214,7 +130,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.label} {self.root}: no config.json (is this a Hugging Face model directory?)")
         config = self._read_json(path)
         if not isinstance(config, dict):
-            raise CheckpointError(f"{self.label} {path}: config.json is {_json_type(config)}, not a JSON object")
+            raise CheckpointError(f"{self.label} {path}: config.json is {json_type(config)}, not a JSON object")
         return config
 
     def _layer_count(self) -> tuple[str, int] | None:
@@ -228,7 +144,7 @@ class Checkpoint:
             if value is None:
                 continue
             if type(value) is not int or value <= 0:
-                raise CheckpointError(f"{self.label} {self.root / 'config.json'}: {key} = {_brief(value)} is not a "
+                raise CheckpointError(f"{self.label} {self.root / 'config.json'}: {key} = {brief_json(value)} is not a "
                                       "positive integer (the number of decoder blocks)")
             return key, value
         return None
@@ -264,7 +180,7 @@ class Checkpoint:
         if missing:
             raise CheckpointError(
                 f"{self.label} {index_path.name} names {len(missing)} shard(s) that are not in {self.root}: "
-                + ", ".join(map(_show, missing[:5]))
+                + ", ".join(map(show, missing[:5]))
             )
         for shard in shard_names:
             index_file(self.root / shard)
@@ -273,7 +189,7 @@ class Checkpoint:
         if absent:
             raise CheckpointError(
                 f"{self.label} {index_path.name} lists {len(absent)} tensor(s) that are not in the shard it names: "
-                + ", ".join(map(_show, absent[:5]))
+                + ", ".join(map(show, absent[:5]))
             )
 
     def _read_weight_map(self, index_path: Path) -> dict[str, str]:
@@ -282,166 +198,31 @@ class Checkpoint:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         where = f"{self.label} {index_path}: not a valid index"
         if not isinstance(weight_map, dict):
-            found = _json_type(weight_map) if isinstance(index, dict) and "weight_map" in index else "none"
+            found = json_type(weight_map) if isinstance(index, dict) and "weight_map" in index else "none"
             raise CheckpointError(f"{where} (expected an object with a weight_map object, found {found})")
         for name, shard in weight_map.items():
             if not isinstance(shard, str):
                 raise CheckpointError(f"{where}: weight_map must map tensor names to shard file names, "
-                                      f"{_show(repr(name))} maps to {_brief(shard)}")
+                                      f"{show(repr(name))} maps to {brief_json(shard)}")
             if not _is_plain_file_name(shard):
-                raise CheckpointError(f"{where}: weight_map entry {_show(repr(name))} names the shard "
-                                      f"{_show(repr(shard))}; a shard must be a plain file name inside {self.root}")
+                raise CheckpointError(f"{where}: weight_map entry {show(repr(name))} names the shard "
+                                      f"{show(repr(shard))}; a shard must be a plain file name inside {self.root}")
         return weight_map
 
     def _open_regular(self, path: Path) -> int:
         """A read-only descriptor of a weight file; a FIFO or a device is refused, never waited on or read."""
         return open_regular(path, what=f"{self.label} {path}", error=CheckpointError, expected="a weight file must be a regular file")
 
-    def _pread_exact(self, fd: int, path: Path, nbytes: int, offset: int, *, what: str) -> bytes:
-        data = bytearray()
-        while len(data) < nbytes:
-            chunk = os.pread(fd, min(nbytes - len(data), 2**24), offset + len(data))
-            if not chunk:
-                raise CheckpointError(f"{self.label} {path}: unexpected end of file while reading {what}")
-            data += chunk
-        return bytes(data)
-
     def _index_safetensors(self, path: Path) -> None:
-        """One safetensors file, accepted exactly when the safetensors library accepts it (its ``read_metadata``
-        and ``Metadata::validate``), except where gpumerge is stricter (duplicate keys, unknown entry keys, dtypes
-        it does not read)."""
         fd = self._fds[path] = self._open_regular(path)
-        file_bytes = os.fstat(fd).st_size
-        raw = self._read_header_bytes(fd, path, file_bytes)
-        header = self._parse_header(path, raw)
-        data_start = 8 + len(raw)
-        self._check_metadata(path, header.get("__metadata__"))
-        infos = [self._safetensors_entry(path, name, entry, data_start)
-                 for name, entry in header.items() if name != "__metadata__"]
-        self._check_data_layout(path, infos, data_start=data_start, data_bytes=file_bytes - data_start)
+        raw, infos = read_safetensors_header(fd, path, label=self.label)
         for info in sorted(infos, key=lambda t: t.offset):  # on-disk order
             if info.name in self.tensors:
-                raise CheckpointError(f"{self.label}: tensor {_show(info.name)} is stored twice "
-                                      f"({_show(self.tensors[info.name].path.name)}, {_show(path.name)})")
+                raise CheckpointError(f"{self.label}: tensor {show(info.name)} is stored twice "
+                                      f"({show(self.tensors[info.name].path.name)}, {show(path.name)})")
             self.tensors[info.name] = info
         self.files.append(path)
         self._headers[path] = raw
-
-    def _read_header_bytes(self, fd: int, path: Path, file_bytes: int) -> bytes:
-        """The JSON header's bytes; its length field is checked against the limit and the file's size first."""
-        if file_bytes < 8:
-            raise CheckpointError(f"{self.label} {path}: truncated safetensors file ({file_bytes} bytes; it should "
-                                  "start with an 8-byte header length)")
-        header_bytes = int.from_bytes(self._pread_exact(fd, path, 8, 0, what="the header length"), "little")
-        if header_bytes > _MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{self.label} {path}: corrupt safetensors file: its header length field says {header_bytes} bytes, "
-                f"more than the {_MAX_HEADER_BYTES} bytes the safetensors format allows")
-        if 8 + header_bytes > file_bytes:
-            raise CheckpointError(f"{self.label} {path}: corrupt or truncated safetensors file (header of "
-                                  f"{header_bytes} bytes, file of {file_bytes} bytes)")
-        return self._pread_exact(fd, path, header_bytes, 8, what="the header")
-
-    def _parse_header(self, path: Path, raw: bytes) -> dict[str, Any]:
-        what = f"{self.label} {path}: corrupt safetensors header"
-        try:
-            text = raw.decode("utf-8")  # strict: no byte-order mark dropped, as in the library
-        except UnicodeDecodeError as exc:
-            raise CheckpointError(f"{what}: it is not UTF-8 text (byte {8 + exc.start} of the file is "
-                                  f"{raw[exc.start:exc.start + 1]!r})") from None
-        header = load_json(text, what=what, error=CheckpointError)
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{what}: it is {_json_type(header)}, not a JSON object")
-        if _has_negative_zero(text):
-            raise CheckpointError(f"{what}: it holds the integer -0, which the safetensors library refuses in a "
-                                  "shape or offset")
-        return header
-
-    def _check_metadata(self, path: Path, metadata: Any) -> None:
-        """``__metadata__``: absent, null, or an object of strings (the library's Option<HashMap<String, String>>)."""
-        where = f"{self.label} {path}: corrupt safetensors header: __metadata__ must map strings to strings"
-        if metadata is None:
-            return
-        if not isinstance(metadata, dict):
-            raise CheckpointError(f"{where}, found {_json_type(metadata)}")
-        for key, value in metadata.items():
-            if not isinstance(value, str):
-                raise CheckpointError(f"{where}, found {_show(key)}: {_json_type(value)}")
-            if not (_is_unicode(key) and _is_unicode(value)):
-                raise CheckpointError(f"{where}; the entry {_show(key)} holds a lone UTF-16 surrogate escape")
-
-    def _safetensors_entry(self, path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
-        """One tensor's entry, with the library's types and arithmetic (64-bit, overflow refused)."""
-        where = f"{self.label} {path}: corrupt header entry for {_show(name)}"
-        if not _is_unicode(name):
-            raise CheckpointError(f"{where}: the name holds a lone UTF-16 surrogate escape")
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{where}: expected an object with dtype, shape and data_offsets, found "
-                                  f"{_json_type(entry)}")
-        unexpected = [key for key in entry if key not in _ENTRY_KEYS]
-        if unexpected:
-            raise CheckpointError(f"{where}: unexpected key {_show(repr(unexpected[0]))} (an entry has dtype, shape "
-                                  "and data_offsets only)")
-        missing = [key for key in _ENTRY_KEYS if key not in entry]
-        if missing:
-            raise CheckpointError(f"{where}: it has no {missing[0]}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str):
-            raise CheckpointError(f"{where}: dtype must be a string such as \"F16\", found {_brief(dtype)}")
-        if dtype not in ITEMSIZE:
-            raise CheckpointError(f"{self.label} {path}: tensor {_show(name)} has unsupported dtype {_show(dtype)} "
-                                  f"(gpumerge reads {', '.join(ITEMSIZE)})")
-        if not isinstance(shape, list) or not all(_is_usize(dim) for dim in shape):
-            raise CheckpointError(f"{where}: shape must be a list of non-negative 64-bit integers, found "
-                                  f"{_brief(shape)}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_usize(o) for o in offsets):
-            raise CheckpointError(f"{where}: data_offsets must be two non-negative 64-bit integers [begin, end], "
-                                  f"found {_brief(offsets)}")
-        begin, end = offsets
-        if end < begin:
-            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] ends before it begins")
-        nbytes = self._tensor_bytes(where, dtype, shape)
-        if end - begin != nbytes:
-            raise CheckpointError(f"{where}: {dtype}{_brief(shape)} needs {nbytes} bytes, its data_offsets "
-                                  f"[{begin}, {end}] span {end - begin}")
-        return TensorInfo(name, dtype, tuple(shape), nbytes, path, data_start + begin)
-
-    @staticmethod
-    def _tensor_bytes(where: str, dtype: str, shape: list[int]) -> int:
-        """prod(shape) * itemsize, refused where the library's 64-bit product (element count, then bits) overflows."""
-        elements = 1
-        for dim in shape:
-            elements *= dim
-            if elements > _MAX_USIZE:
-                break
-        if elements > _MAX_USIZE or elements * ITEMSIZE[dtype] * 8 > _MAX_USIZE:
-            raise CheckpointError(f"{where}: the size of {dtype}{_brief(shape)} overflows 64 bits (the safetensors "
-                                  "library refuses it)")
-        return elements * ITEMSIZE[dtype]
-
-    def _check_data_layout(self, path: Path, infos: list[TensorInfo], *, data_start: int, data_bytes: int) -> None:
-        """Sorted by offset, the tensors tile the data buffer: the first begins at byte 0, each where the previous
-        one ends, and the last ends at the end of the file."""
-        where = f"{self.label} {path}: corrupt safetensors header"
-        previous: TensorInfo | None = None
-        position = 0
-        for info in sorted(infos, key=lambda t: (t.offset, t.nbytes)):
-            begin = info.offset - data_start
-            if begin < position:
-                raise CheckpointError(f"{where}: overlapping data_offsets: {_show(info.name)} begins at byte {begin}, "
-                                      f"inside {_show(previous.name)}, which ends at byte {position}")
-            if begin > position:
-                before = f"{_show(previous.name)} ends at byte {position}" if previous else "the data begins at byte 0"
-                raise CheckpointError(f"{where}: a gap in the data: {_show(info.name)} begins at byte {begin}, "
-                                      f"{before}")
-            previous, position = info, begin + info.nbytes
-        if position < data_bytes:
-            raise CheckpointError(f"{self.label} {path}: corrupt safetensors file: {data_bytes - position} bytes "
-                                  f"after the last tensor's data (the tensors hold {position} bytes, the file has "
-                                  f"{data_bytes} after its header)")
-        if position > data_bytes:
-            raise CheckpointError(f"{self.label} {path}: truncated file: the tensors need {position} bytes of data "
-                                  f"after the header, the file has {data_bytes}")
 
     def _index_bin(self, path: Path) -> None:
         import torch  # pickled checkpoints need torch to be read at all
@@ -463,11 +244,11 @@ class Checkpoint:
         file_bytes = path.stat().st_size
         copied_bytes = 0  # what making views contiguous allocates, bounded by the file's size
         for name, tensor in state.items():
-            where = f"{self.label} {path}: tensor {_show(name)}"
+            where = f"{self.label} {path}: tensor {show(name)}"
             if not isinstance(name, str):
-                raise CheckpointError(f"{self.label} {path}: entry {_show(name)} has a name that is not a string")
+                raise CheckpointError(f"{self.label} {path}: entry {show(name)} has a name that is not a string")
             if not isinstance(tensor, torch.Tensor):
-                raise CheckpointError(f"{self.label} {path}: entry {_show(name)} is not a tensor")
+                raise CheckpointError(f"{self.label} {path}: entry {show(name)} is not a tensor")
             problem = _unusual_tensor_problem(tensor)
             if problem:
                 raise CheckpointError(f"{where} is {problem}; gpumerge reads dense CPU tensors only")
@@ -481,8 +262,8 @@ class Checkpoint:
                         f"{where} is a view whose elements overlap or repeat in storage: made contiguous, this "
                         f"file's views would take {copied_bytes} bytes, more than the file's {file_bytes}")
             if name in self.tensors:
-                raise CheckpointError(f"{self.label}: tensor {_show(name)} is stored twice "
-                                      f"({_show(self.tensors[name].path.name)}, {_show(path.name)})")
+                raise CheckpointError(f"{self.label}: tensor {show(name)} is stored twice "
+                                      f"({show(self.tensors[name].path.name)}, {show(path.name)})")
             tensor = tensor.contiguous()
             state[name] = tensor
             self.tensors[name] = TensorInfo(name, code, tuple(tensor.shape), tensor.numel() * ITEMSIZE[code], path,
@@ -497,11 +278,11 @@ class Checkpoint:
         reason = None
         if qconfig:
             method = qconfig.get("quant_method", "unknown") if isinstance(qconfig, dict) else "unknown"
-            reason = f"its config.json has quantization_config ({_show(str(method))})"
+            reason = f"its config.json has quantization_config ({show(str(method))})"
         else:
             for info in self.tensors.values():
                 if info.name.endswith(_QUANT_SUFFIXES) or info.dtype in FP8_CODES:
-                    reason = f"it stores quantized tensors such as {_show(info.name)} ({info.dtype})"
+                    reason = f"it stores quantized tensors such as {show(info.name)} ({info.dtype})"
                     break
         if reason:
             raise CheckpointError(
@@ -577,7 +358,7 @@ class Checkpoint:
             dest = torch.empty(nbytes, dtype=torch.uint8)
             self.read_into(name, dest, start=start)
             return dest.numpy().tobytes()
-        return self._pread_exact(self.fd(info.path), info.path, nbytes, info.offset + start, what=_show(name))
+        return pread_exact(self.fd(info.path), info.path, nbytes, info.offset + start, what=show(name), label=self.label)
 
     def read_into(self, name: str, dest, *, start: int = 0) -> None:
         """Fill ``dest`` (a contiguous uint8 torch tensor) with the tensor's bytes from byte ``start`` on."""
@@ -597,7 +378,7 @@ class Checkpoint:
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], info.offset + start + done)
             if got <= 0:
-                raise CheckpointError(f"{self.label} {info.path}: unexpected end of file while reading {_show(name)}")
+                raise CheckpointError(f"{self.label} {info.path}: unexpected end of file while reading {show(name)}")
             done += got
 
     def close(self) -> None:

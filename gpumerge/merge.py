@@ -350,6 +350,7 @@ def engine_report(stats, *, wall_s: float, devices: list[str], budget: dict[str,
         "devices": [{"device": d, "budget_bytes": budget.get(d)} for d in devices],
         "batch_capacity_bytes": capacity,
         "ring_depth": {d: ring_depth_of(d, ring_depth) for d in devices},
+        "rings": stats.rings,  # as allocated: sized to each device's batches, within the capacity and the depth
         "batches": stats.batches,
         "bytes_read": stats.bytes_read,
         "bytes_written": stats.bytes_written,

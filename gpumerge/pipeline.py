@@ -15,7 +15,6 @@ torch's fp32 lerp elementwise, so they produce the same bytes whatever the batch
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -28,6 +27,8 @@ from gpumerge.checkpoint import DTYPE_NAMES, ITEMSIZE, Checkpoint
 from gpumerge.copier import Copier, copy_unchanged
 from gpumerge.errors import OutputError
 from gpumerge.kernels.dtypes import torch_dtype
+from gpumerge.lanes import DeviceLane, Slot, pinned_bytes, ring_shape
+from gpumerge.lanes import host_block as _host_block  # noqa: F401 - the name the tests know it by
 from gpumerge.kernels.lerp import blend_into, finite, lerp_into, new_infs
 from gpumerge.signals import GUARD, test_pause
 from gpumerge.plan import (Batch, MergePlan, Piece, TensorJob, footprint_per_element, lay_out, needs_device,
@@ -66,6 +67,7 @@ class EngineStats:
     pinned_allocator_bytes: int | None = None  # torch's own figure for the whole process, where it reports one
     peak_host_buffer_bytes: int = 0
     peak_device_bytes: int = 0
+    rings: dict[str, dict[str, int]] = field(default_factory=dict)  # per device: slot_bytes, slots
     batches: int = 0
     devices: list[str] = field(default_factory=list)
 
@@ -301,93 +303,6 @@ class _Cancelled(Exception):
     pass
 
 
-@dataclass(slots=True)
-class _Slot:
-    host: torch.Tensor  # uint8, pinned for CUDA devices
-    device: torch.Tensor | None  # uint8 on the GPU, None for the CPU (blends in host memory)
-
-
-class _HostEvent:
-    """Stands in for a CUDA event when the staged path is simulated on the CPU (work is already done)."""
-
-    def __init__(self) -> None:
-        self.at = 0.0
-
-    def record(self) -> None:
-        self.at = time.perf_counter()
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, other: "_HostEvent") -> float:
-        return (other.at - self.at) * 1e3
-
-
-def _pinned_bytes(lanes) -> tuple[int, int | None]:
-    """(pinned host bytes the lanes' blocks take, each rounded up to a power of two as torch's pinned allocator
-    does; all the pinned bytes that allocator holds in this process, cached blocks included, where torch reports it
-    (torch.cuda.host_memory_stats), else None)."""
-    cuda = [lane for lane in lanes if lane.is_cuda]
-    if not cuda:
-        return 0, None
-    ours = sum(1 << (lane.host_block.numel() - 1).bit_length() for lane in cuda)
-    try:
-        return ours, int(torch.cuda.host_memory_stats()["allocated_bytes.current"])
-    except (AttributeError, KeyError, RuntimeError):  # an older torch without the statistics
-        return ours, None
-
-
-def _host_block(nbytes: int, *, pinned: bool, device: str) -> torch.Tensor:
-    try:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    except RuntimeError as exc:  # a failed pinned allocation is a RuntimeError, not an OutOfMemoryError
-        if not pinned:
-            raise
-        raise OutputError(f"could not pin {nbytes} bytes of host memory for {device}'s buffers; give a smaller "
-                          "--max_memory cpu=... (the pinned host memory for all GPUs)") from exc
-
-
-class _DeviceLane:
-    """One device: its ring of slots, its queue of read batches, and (for CUDA) its streams.
-
-    ``staged`` lanes copy each batch to a device buffer, blend there and copy the result back (the GPU path);
-    ``simulate_staging`` runs that same path on the CPU, with a second host buffer as the "device" and no streams,
-    so the tests exercise the GPU path's buffer logic on a machine without CUDA."""
-
-    def __init__(self, device: str, capacity: int, ring_depth: int, *, simulate_staging: bool = False) -> None:
-        self.device = device
-        self.is_cuda = device != "cpu"
-        self.staged = self.is_cuda or simulate_staging
-        self.ring: queue.Queue[_Slot] = queue.Queue()
-        self.ready: queue.Queue = queue.Queue()
-        self.slots = []
-        # one host block for the whole ring (pinned for CUDA: one power-of-two block when the ring is, see
-        # plan.batch_capacity), cut into slots
-        self.host_block = _host_block(ring_depth * capacity, pinned=self.is_cuda, device=device)
-        for k in range(ring_depth):
-            host = self.host_block[k * capacity:(k + 1) * capacity]
-            staging = torch.empty(capacity, dtype=torch.uint8, device=device) if self.staged else None
-            slot = _Slot(host, staging)
-            self.slots.append(slot)
-            self.ring.put(slot)
-        streams = [torch.cuda.Stream(device) for _ in range(3)] if self.is_cuda else [None] * 3
-        self.h2d_stream, self.compute_stream, self.d2h_stream = streams
-
-    def event(self):
-        # blocking: a host thread that waits on it sleeps instead of spinning a core
-        return torch.cuda.Event(enable_timing=True, blocking=True) if self.is_cuda else _HostEvent()
-
-    def on(self, stream):
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-    def wait(self, stream, event) -> None:
-        if stream is not None:
-            stream.wait_event(event)
-
-
 class PipelinedEngine:
     def __init__(self, a: Checkpoint, b: Checkpoint, *, devices: list[str], capacity: int,
                  ring_depth: int | None = None, readers: int = 1, progress: Callable[[int], None] | None = None,
@@ -457,19 +372,16 @@ class PipelinedEngine:
         self._names = variant_names
         if callable(batches):
             sources = {device: batches(device) for device in self.devices}
+            sizes = {device: (b.nbytes for b in batches(device)) for device in self.devices}  # a second pass
         else:
             sources = {device: iter([b for b in batches if b.device == device]) for device in self.devices}
+            sizes = {device: (b.nbytes for b in batches if b.device == device) for device in self.devices}
         self._sources = {device: (iter(source), threading.Lock()) for device, source in sources.items()}
         for device in self.devices:  # the peak of this merge, not of whatever ran before in the process
             if device != "cpu":
                 torch.cuda.reset_peak_memory_stats(device)
-        try:
-            lanes = {device: _DeviceLane(device, self.capacity, ring_depth_of(device, self.ring_depth),
-                                         simulate_staging=self.simulate_staging) for device in self.devices}
-        except torch.cuda.OutOfMemoryError as exc:
-            raise OutputError(f"out of GPU memory allocating a ring of buffers of {self.capacity} bytes per device; "
-                              "give a smaller --max_memory for it") from exc
-        self.stats.peak_pinned_bytes, self.stats.pinned_allocator_bytes = _pinned_bytes(lanes.values())
+        lanes = self._lanes(sizes)
+        self.stats.peak_pinned_bytes, self.stats.pinned_allocator_bytes = pinned_bytes(lanes.values())
         self.stats.peak_host_buffer_bytes = sum(lane.host_block.numel() for lane in lanes.values())
         if copier is None:
             copier = Copier(plan, self.a, writers, progress=self._advance).start()
@@ -520,6 +432,20 @@ class PipelinedEngine:
         self.stats.elapsed_s = time.perf_counter() - started
         return self.stats
 
+    def _lanes(self, sizes: dict[str, Iterable[int]]) -> dict[str, DeviceLane]:
+        """Each device's lane, its ring sized to that device's batches (their footprints in ``sizes``)."""
+        lanes = {}
+        for device in self.devices:
+            slot_bytes, depth = ring_shape(sizes[device], capacity=self.capacity,
+                                           depth=ring_depth_of(device, self.ring_depth))
+            self.stats.rings[device] = {"slot_bytes": slot_bytes, "slots": depth}
+            try:
+                lanes[device] = DeviceLane(device, slot_bytes, depth, simulate_staging=self.simulate_staging)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise OutputError(f"out of GPU memory allocating {depth} buffers of {slot_bytes} bytes on {device}; "
+                                  "give a smaller --max_memory for it") from exc
+        return lanes
+
     def _join(self, threads: list[threading.Thread]) -> None:
         """Wait for every stage; a Ctrl-C meanwhile cancels them and waits on (files are closed only after)."""
         for thread in threads:
@@ -540,7 +466,7 @@ class PipelinedEngine:
                 self.stats.batches += 1
             return batch
 
-    def _reader(self, lane: _DeviceLane) -> None:
+    def _reader(self, lane: DeviceLane) -> None:
         while (batch := self._next_batch(lane.device)) is not None:
             slot = self._get(lane.ring)
             began = time.perf_counter()
@@ -549,7 +475,7 @@ class PipelinedEngine:
             lane.ready.put((batch, slot))
         lane.ready.put(None)
 
-    def _blender(self, lane: _DeviceLane) -> None:
+    def _blender(self, lane: DeviceLane) -> None:
         if lane.is_cuda:
             torch.cuda.set_device(lane.device)
         done = 0  # readers of this lane that have finished
@@ -572,7 +498,7 @@ class PipelinedEngine:
                 events = None
             self._written.put((lane, batch, slot, events))
 
-    def _blend_staged(self, lane: _DeviceLane, batch: Batch, slot: _Slot):
+    def _blend_staged(self, lane: DeviceLane, batch: Batch, slot: Slot):
         """H2D on the copy stream, blend on the compute stream, D2H on its own stream; the writer waits on the
         last event before it reads the pinned output (reading it earlier would be wrong data, silently)."""
         events = [lane.event() for _ in range(6)]  # start and end of H2D, blend, D2H

@@ -512,7 +512,7 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
                 # the plans as scored: slerp coefficients already there, their tensors not read a second time
                 pending = [(v, scored[v.name]) for v, _ in distinct if v.name in kept and v.name not in now.complete]
                 table, best, files = _results(scoring, rows, columns, record)
-                from gpumerge.sweep_eval import ranked_rows
+                from gpumerge.results import ranked_rows
 
                 result_rows = tuple(ranked_rows(rows))
             else:
@@ -609,8 +609,8 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     interrupted run of it scored (``work``, the pending directory: new rows are appended there); rows without this
     directory's history mark are scored again. Returns (rows, names of the variants to keep, the variants' plans by
     name with their slerp coefficients)."""
-    from gpumerge.sweep_eval import (RESULTS_JSONL, ResidentModel, Row, budget_for_inputs, check_fits, fit_batch,
-                                     forward_bytes, load_done, ranked, row_key, score_rows)
+    from gpumerge.results import RESULTS_JSONL, Row, load_done, ranked, row_key
+    from gpumerge.sweep_eval import ResidentModel, budget_for_inputs, check_fits, fit_batch, forward_bytes, score_rows
 
     fingerprints = [a.fingerprint(), b.fingerprint()]
     rows = []
@@ -695,7 +695,7 @@ def _results(scoring: dict, rows, columns, record) -> tuple[str, str, dict[str, 
     with its history mark), results.csv, results.json and sweep.png, put in place with the sweep's other records."""
     import io
 
-    from gpumerge.sweep_eval import RESULTS_JSONL, plot, results_csv, results_json, results_lines, table_text, verdict
+    from gpumerge.results import RESULTS_JSONL, plot, results_csv, results_json, results_lines, table_text, verdict
 
     texts = scoring["texts"]
     eval_settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,

@@ -14,10 +14,10 @@ from conftest import REPO
 LAYERS = (
     ("errors", "fsutil", "signals", "about", "digests", "kernels"),
     ("spec", "schedule", "rules"),
-    ("checkpoint", "architecture", "mergekit", "recipes", "devices"),
+    ("headers", "checkpoint", "architecture", "mergekit", "recipes", "devices"),
     ("plan", "outdir", "settings"),
-    ("pipeline", "copier", "writer"),
-    ("merge", "evaluate", "sweep_eval", "runs", "sweep"),
+    ("lanes", "pipeline", "copier", "writer"),
+    ("merge", "evaluate", "results", "sweep_eval", "runs", "sweep"),
     ("verify", "report", "demo"),
     ("cli", "__main__"),
 )
