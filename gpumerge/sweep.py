@@ -419,6 +419,24 @@ def _early_limits(output_dir, a, b) -> Callable[[int, object], None] | None:
     return check
 
 
+@dataclass(slots=True)
+class _Planned:
+    """A sweep planned and checked, before its directory is looked at: the variants, their plans, what is expected
+    of each complete variant, the scoring set up (an evaluated sweep), and the record it commits."""
+
+    args: SimpleNamespace
+    variants: list
+    columns: list
+    plans: list
+    signatures: list
+    aliases: dict
+    distinct: list  # (variant, plan) of every variant that is not an alias
+    expected: dict
+    scoring: dict | None
+    record: dict
+    inputs: object
+
+
 def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
               budget: dict[str, int] | None = None, batch_bytes: int | None = None,
               simulate_staging: bool = False, input_budget: int | None = None) -> SweepResult:
@@ -428,11 +446,7 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
     small batches with them); ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's);
     ``input_budget`` replaces what an evaluated sweep may hold of the blended tensors' inputs (0 forces reading them
     again for each variant)."""
-    from gpumerge import runs as runs_dir
-    from gpumerge import writer
-    from gpumerge.merge import check_open_files, open_pair, preflight
-    from gpumerge.outdir import (Inputs, OutputLock, canonical, check_output_path, check_space, make_parents,
-                                 remove_made)
+    from gpumerge.merge import open_pair
 
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_flags(vars(spec))
@@ -442,103 +456,149 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
     began = time.perf_counter()
     _check_eval_flags(args)
     variants, columns = variants_from_args(args)
-    base = variants[0].spec
-    a, b = open_pair(base)
+    a, b = open_pair(variants[0].spec)
     with a, b:
+        planned = _plan(args, variants, columns, a, b, notice=notice, input_budget=input_budget)
+        runs, state = _check_runs(planned, a, b)
+        written, state, outcome = _under_lock(planned, runs, state, a, b, notice=notice,
+                                              progress_factory=progress_factory, budget=budget,
+                                              batch_bytes=batch_bytes, simulate_staging=simulate_staging)
+    table, best, rows, stats = outcome
+    return SweepResult(runs, written, tuple(state.complete), planned.aliases, time.perf_counter() - began, *stats,
+                       table=table or "", best=best, rows=rows)
+
+
+def _plan(args, variants, columns, a, b, *, notice, input_budget) -> _Planned:
+    """Every variant planned (all problems at once), aliases found, the scoring set up, the record made."""
+    from gpumerge import runs as runs_dir
+    from gpumerge.outdir import Inputs, canonical
+
+    base = variants[0].spec
+    GUARD.poll()
+    plans, signatures = plan_variants(variants, a, b, notice=notice,
+                                      each=None if args.eval_text else _early_limits(args.output_dir, a, b))
+    GUARD.poll()
+    aliases = find_aliases(variants, signatures)
+    if aliases:
+        notice(f"{len(aliases)} variant(s) blend every tensor as an earlier one does and are not written twice: "
+               + ", ".join(f"{k} = {v}" for k, v in list(aliases.items())[:8])
+               + (", ..." if len(aliases) > 8 else ""))
+    for flag, value in (("--model_path1", base.model_path1), ("--model_path2", base.model_path2)):
+        canonical(value, flag=flag)
+    distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
+    expected = {v.name: (p, runs_dir.expected_record(v, p, a, b)) for v, p in distinct}
+    scoring = _eval_setup(args, base, a, plans, notice) if args.eval_text else None
+    if scoring and input_budget is not None:
+        scoring["input_budget"] = input_budget
+    record = runs_dir.sweep_record(variants, plans, signatures, aliases, columns, a, b,
+                                   eval=scoring["record"] if scoring else None)
+    return _Planned(args, variants, columns, plans, signatures, aliases, distinct, expected, scoring, record,
+                    Inputs.of(a, b))
+
+
+def _check_runs(planned: _Planned, a, b):
+    """RUNS checked against the inputs and judged (without the lock, bytes unread: the one under it decides), and
+    what the variants still to write need (open files, disk space) checked before any work. Returns (RUNS, its
+    state)."""
+    from gpumerge import runs as runs_dir
+    from gpumerge import writer
+    from gpumerge.merge import check_open_files, preflight
+    from gpumerge.outdir import check_output_path, check_space
+
+    state = [runs_dir.RunsState()]
+
+    def existing(path: Path) -> None:
+        if not runs_dir.commit_begun(path):  # else judged under the lock, once that commit is finished
+            state[0] = runs_dir.judge_runs(path, planned.record, planned.expected,
+                                           overwrite=bool(planned.args.overwrite), read_bytes=False)
+
+    runs = check_output_path(planned.args.output_dir, inputs=planned.inputs, overwrite=True, flag="--output_dir",
+                             existing=existing)
+    pending = [(v, p) for v, p in planned.distinct if v.name not in state[0].complete]
+    if planned.scoring:  # at most --keep variants are written: the space for the largest of them
+        pending = sorted(pending, key=lambda vp: -vp[1].bytes_written)[:planned.scoring["keep"]]
+    check_open_files(a, b, outputs=sum(_open_outputs(p) for _, p in pending))
+    aux = writer.aux_bytes(a.root)
+    check_space(runs, sum(_disk_bytes(p, aux) for _, p in pending), what=f"the sweep's {len(pending)} variant(s)")
+    preflight(planned.plans[0], a, b, more=tuple(planned.plans[1:]))
+    GUARD.poll()
+    return runs, state[0]
+
+
+def _under_lock(planned: _Planned, runs: Path, state, a, b, *, notice, progress_factory, budget, batch_bytes,
+                simulate_staging):
+    """Under RUNS's lock: a commit a killed run had begun finished, RUNS judged again (every byte), the variants
+    scored (an evaluated sweep) and written, and the records committed with them. RUNS and the parents this run made
+    are removed again when it fails. Returns (names written, RUNS's state, (table, best, rows, byte counts))."""
+    from gpumerge import runs as runs_dir
+    from gpumerge.outdir import OutputLock, make_parents, remove_made
+
+    created: list[Path] = []  # RUNS's parents (and RUNS) as this run makes them
+    lock = OutputLock(runs, flag="--output_dir")
+    done = False
+    try:
+        make_parents(runs, created)
+        lock.acquire()
         GUARD.poll()
-        plans, signatures = plan_variants(variants, a, b, notice=notice,
-                                          each=None if args.eval_text else _early_limits(args.output_dir, a, b))
-        GUARD.poll()
-        aliases = find_aliases(variants, signatures)
-        if aliases:
-            notice(f"{len(aliases)} variant(s) blend every tensor as an earlier one does and are not written twice: "
-                   + ", ".join(f"{k} = {v}" for k, v in list(aliases.items())[:8])
-                   + (", ..." if len(aliases) > 8 else ""))
-        for flag, value in (("--model_path1", base.model_path1), ("--model_path2", base.model_path2)):
-            canonical(value, flag=flag)
-        inputs = Inputs.of(a, b)
-        distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
-        expected = {v.name: (p, runs_dir.expected_record(v, p, a, b)) for v, p in distinct}
-        scoring = _eval_setup(args, base, a, plans, notice) if args.eval_text else None
-        if scoring and input_budget is not None:
-            scoring["input_budget"] = input_budget
-        record = runs_dir.sweep_record(variants, plans, signatures, aliases, columns, a, b,
-                                       eval=scoring["record"] if scoring else None)
-        overwrite = bool(args.overwrite)
-        state = [runs_dir.RunsState()]
+        if runs.exists():
+            runs_dir.recover(runs, notice=notice)  # a commit a killed run had begun is finished first
+        state = runs_dir.judge_runs(runs, planned.record, planned.expected,
+                                    overwrite=bool(planned.args.overwrite))  # again, under the lock
+        if not runs.exists():
+            runs.mkdir()
+            created.append(runs)
+        pending, files, table, best, rows = _score_and_record(planned, runs, state, a, b, notice=notice,
+                                                              progress_factory=progress_factory)
+        remove = tuple(name for name in RUNS_FILES if name not in files)
 
-        def existing(path: Path) -> None:
-            if not runs_dir.commit_begun(path):  # else judged under the lock, once that commit is finished
-                state[0] = runs_dir.judge_runs(path, record, expected, overwrite=overwrite, read_bytes=False)
+        def commit() -> None:
+            runs_dir.commit_records(runs, files, remove=remove)
 
-        runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
-                                 existing=existing)
-        pending = [(v, p) for v, p in distinct if v.name not in state[0].complete]
-        if scoring:  # at most --keep variants are written: the space for the largest of them
-            pending = sorted(pending, key=lambda vp: -vp[1].bytes_written)[:scoring["keep"]]
-        check_open_files(a, b, outputs=sum(_open_outputs(p) for _, p in pending))
-        aux = writer.aux_bytes(a.root)
-        need = sum(_disk_bytes(p, aux) for _, p in pending)
-        check_space(runs, need, what=f"the sweep's {len(pending)} variant(s)")
-        preflight(plans[0], a, b, more=tuple(plans[1:]))
-        GUARD.poll()
+        stats = _write_variants(pending, a, b, runs=runs, inputs=planned.inputs, notice=notice,
+                                replace=state.replace, said_devices=planned.scoring is not None,
+                                slerp_ready=planned.scoring is not None,
+                                checksums=bool(getattr(planned.args, "checksums", False)),
+                                progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
+                                simulate_staging=simulate_staging, on_finalized=commit)
+        done = True
+        runs_dir.tidy_locks(runs, state.complete)
+        runs_dir.retire(runs, state.retire, notice=notice)
+    finally:
+        lock.release()
+        if not done:
+            with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
+                remove_made(created)
+    return tuple(v.name for v, _ in pending), state, (table, best, rows, stats)
 
-        created: list[Path] = []  # RUNS's parents (and RUNS) as this run makes them
-        lock = OutputLock(runs, flag="--output_dir")
-        done = False
-        table = best = None
-        result_rows: tuple[dict, ...] = ()
-        try:
-            make_parents(runs, created)
-            lock.acquire()
-            GUARD.poll()
-            if runs.exists():
-                runs_dir.recover(runs, notice=notice)  # a commit a killed run had begun is finished first
-            state[0] = runs_dir.judge_runs(runs, record, expected, overwrite=overwrite)  # again, under the lock
-            now = state[0]
-            pending = [(v, p) for v, p in distinct if v.name not in now.complete]
-            if not runs.exists():
-                runs.mkdir()
-                created.append(runs)
-            # The record files are made now and put in place only with the variants they describe (one commit):
-            # until then RUNS keeps the earlier sweep's records as they were.
-            record["retiring"] = now.retire
-            files: dict[str, bytes] = {}
-            if scoring:
-                work, record["history"] = runs_dir.start_pending(runs, record["sweep"], now.history)
-                rows, kept, scored = _score(scoring, variants, plans, signatures, aliases, a, b, runs=runs,
-                                            work=work, resume=now.action == "resume", history=record["history"],
-                                            progress_factory=progress_factory, notice=notice)
-                # the plans as scored: slerp coefficients already there, their tensors not read a second time
-                pending = [(v, scored[v.name]) for v, _ in distinct if v.name in kept and v.name not in now.complete]
-                table, best, files = _results(scoring, rows, columns, record)
-                from gpumerge.results import ranked_rows
 
-                result_rows = tuple(ranked_rows(rows))
-            else:
-                record["history"] = now.history or secrets.token_hex(16)
-            files[runs_dir.SWEEP_FILE] = (json.dumps(record, indent=2) + "\n").encode()
-            files[runs_dir.VARIANTS_FILE] = runs_dir.variants_csv(variants, columns, aliases)
-            remove = tuple(name for name in RUNS_FILES if name not in files)
+def _score_and_record(planned: _Planned, runs: Path, state, a, b, *, notice, progress_factory):
+    """The variants to write and the record files to commit with them (made now, put in place only with the
+    variants they describe: until then RUNS keeps the earlier sweep's records as they were). An evaluated sweep
+    scores every row first and writes only the kept variants. Returns (pending, files, table, best, rows)."""
+    from gpumerge import runs as runs_dir
 
-            def commit() -> None:
-                runs_dir.commit_records(runs, files, remove=remove)
+    record, scoring = planned.record, planned.scoring
+    pending = [(v, p) for v, p in planned.distinct if v.name not in state.complete]
+    record["retiring"] = state.retire
+    files: dict[str, bytes] = {}
+    table = best = None
+    result_rows: tuple[dict, ...] = ()
+    if scoring:
+        work, record["history"] = runs_dir.start_pending(runs, record["sweep"], state.history)
+        rows, kept, scored = _score(scoring, planned.variants, planned.plans, planned.signatures, planned.aliases,
+                                    a, b, runs=runs, work=work, resume=state.action == "resume",
+                                    history=record["history"], progress_factory=progress_factory, notice=notice)
+        # the plans as scored: slerp coefficients already there, their tensors not read a second time
+        pending = [(v, scored[v.name]) for v, _ in planned.distinct if v.name in kept and v.name not in state.complete]
+        table, best, files = _results(scoring, rows, planned.columns, record)
+        from gpumerge.results import ranked_rows
 
-            stats = _write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, replace=now.replace,
-                                    said_devices=scoring is not None, slerp_ready=scoring is not None,
-                                    checksums=bool(getattr(args, "checksums", False)),
-                                    progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
-                                    simulate_staging=simulate_staging, on_finalized=commit)
-            done = True
-            runs_dir.tidy_locks(runs, now.complete)
-            runs_dir.retire(runs, now.retire, notice=notice)
-        finally:
-            lock.release()
-            if not done:
-                with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
-                    remove_made(created)
-    return SweepResult(runs, tuple(v.name for v, _ in pending), tuple(state[0].complete), aliases,
-                       time.perf_counter() - began, *stats, table=table or "", best=best, rows=result_rows)
+        result_rows = tuple(ranked_rows(rows))
+    else:
+        record["history"] = state.history or secrets.token_hex(16)
+    files[runs_dir.SWEEP_FILE] = (json.dumps(record, indent=2) + "\n").encode()
+    files[runs_dir.VARIANTS_FILE] = runs_dir.variants_csv(planned.variants, planned.columns, planned.aliases)
+    return pending, files, table, best, result_rows
 
 
 # ---- an evaluated sweep ----------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -437,3 +439,15 @@ def _required_variants(sweep: Report, runs: Path, record: dict, entries: list) -
 
 def summary(report: Report) -> str:
     return "; ".join(report.notes)
+
+
+class _CallableModule(types.ModuleType):
+    """``from gpumerge import verify`` must be the function whatever was imported before: importing this module
+    (the command line, a test, a user's ``import gpumerge.verify``) sets the package's attribute ``verify`` to the
+    module, which shadows the lazily exported function. Calling the module calls the function."""
+
+    def __call__(self, path: Path | str, **kwargs) -> list[Report]:
+        return verify(path, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

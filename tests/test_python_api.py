@@ -64,3 +64,30 @@ def test_import_gpumerge_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
     assert out.strip() == "['gpumerge']"
+
+
+def test_verify_is_the_function_whatever_was_imported_before(tmp_path):
+    """Importing the submodule gpumerge.verify (the command line does) sets the package's attribute of that name to
+    the module; the exported name still verifies."""
+    import subprocess
+    import sys
+
+    from conftest import source_env
+
+    code = ("import gpumerge.verify, gpumerge.cli\n"
+            "from gpumerge import verify\n"
+            "import sys\n"
+            "reports = verify(sys.argv[1])\n"
+            "print(type(reports).__name__, len(reports), reports[0].problems)\n")
+    out = tmp_path / "demo" / "merged"
+    done = subprocess.run([sys.executable, "-m", "gpumerge", "demo", "--workdir", str(tmp_path / "demo"), "--quiet"],
+                          capture_output=True, text=True, env=source_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=source_env(),
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["list", "1", "[]"], done.stdout
+    (out / "model-00001-of-00002.safetensors").open("r+b").write(b"\xff" * 8)  # the header's length: corrupt
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=source_env(),
+                          cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.split()[:2] == ["list", "1"] and "[]" not in done.stdout
