@@ -42,16 +42,29 @@ def cuda_count(*, ask_torch: bool = False) -> int:
         return 0
 
 
-def resolve_devices(flag: str) -> tuple[list[str], str | None]:
-    """``auto`` -> every visible CUDA device, else ``["cpu"]`` with a one-line notice; ``cuda`` -> all;
-    ``cuda:N`` or ``cuda:0,cuda:2`` -> those. CUDA asked for but absent is an error."""
+def resolve_devices(flag: str, *, scoring: bool = False, gpu_budgets: bool = False) -> tuple[list[str], str | None]:
+    """``cpu``; ``cuda`` -> every visible CUDA device; ``cuda:N`` or ``cuda:0,cuda:2`` -> those (CUDA asked for but
+    absent is an error). ``auto``:
+
+    - a merge or a write-mode sweep (not ``scoring``): the CPU, unless --max_memory gives a GPU a budget
+      (``gpu_budgets``). Blending is a few arithmetic operations per byte, so a merge is bound by reading and
+      writing; a GPU adds two PCIe copies of every blended byte and a pinned ring, and on the H200 machine the CPU
+      path was faster (benchmarks/RESULTS.md, the device command's e2e and sweep rows). The CPU is chosen without
+      importing torch.
+    - scoring (an evaluated sweep's forward passes): every visible CUDA device, else the CPU with a one-line notice.
+    """
     if flag == "cpu":
         return ["cpu"], None
+    if flag == "auto" and not scoring and not gpu_budgets:
+        if cuda_possible():
+            return ["cpu"], ("--device auto: the merge runs on the CPU, which keeps up with reading and writing "
+                             "(--device cuda blends on the GPU)")
+        return ["cpu"], "no CUDA device found; the merge runs on the CPU"
     count = cuda_count(ask_torch=flag != "auto")
     if flag == "auto":
         if count:
             return [f"cuda:{i}" for i in range(count)], None
-        return ["cpu"], "no CUDA device found; the merge runs on the CPU"
+        return ["cpu"], "no CUDA device found; scoring runs on the CPU" if scoring else None
     if count == 0:
         raise _no_cuda(flag)
     if flag == "cuda":
@@ -61,6 +74,11 @@ def resolve_devices(flag: str) -> tuple[list[str], str | None]:
         if int(device.split(":")[1]) >= count:
             raise SpecError(f"--device {flag}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
     return devices, None
+
+
+def gpu_budgets(max_memory) -> bool:
+    """Whether --max_memory gives a GPU a budget (then ``auto`` means the GPUs for a merge too)."""
+    return any(key != "cpu" for key, _ in dict(max_memory or {}).items())
 
 
 def _no_cuda(flag: str) -> SpecError:

@@ -215,13 +215,23 @@ def check_before_merge(spec: MergeSpec, a: Checkpoint, b: Checkpoint, plan: Merg
     return Checked(out, report_file, inputs)
 
 
+def needs_cuda(spec: MergeSpec) -> bool:
+    """Whether choosing the devices asks torch (then torch's import is awaited first): a GPU asked for, or ``auto``
+    with a GPU budget on a machine that may have CUDA (``auto`` alone blends on the CPU)."""
+    from gpumerge.devices import cuda_possible, gpu_budgets
+
+    if spec.device == "auto":
+        return gpu_budgets(spec.max_memory) and cuda_possible()
+    return spec.device != "cpu"
+
+
 def plan_devices(spec: MergeSpec, plan: MergePlan, *, budget: dict[str, int] | None = None,
                  batch_bytes: int | None = None, ring_depth: int | None = None):
     """Devices, memory budget, batch capacity and batches: (devices, notice, budget, capacity, batches)."""
-    from gpumerge.devices import probe_budget, resolve_devices
+    from gpumerge.devices import gpu_budgets, probe_budget, resolve_devices
     from gpumerge.plan import batch_capacity, make_batches
 
-    devices, device_notice = resolve_devices(spec.device)
+    devices, device_notice = resolve_devices(spec.device, gpu_budgets=gpu_budgets(spec.max_memory))
     if budget is None:
         budget = probe_budget(devices, dict(spec.max_memory) if spec.max_memory else None)
     capacity = batch_capacity(devices, budget, batch_bytes=batch_bytes, ring_depth=ring_depth)
@@ -276,7 +286,7 @@ def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Chec
     """The merge's files, complete, in the output's hidden directory (output.tmp)."""
     from gpumerge import writer
     from gpumerge.copier import Copier
-    from gpumerge.devices import Telemetry, cuda_possible
+    from gpumerge.devices import Telemetry
 
     if any(job.method == "slerp" for job in plan.jobs):
         from gpumerge.pipeline import slerp_prepass
@@ -288,7 +298,7 @@ def _merge_into(output, spec: MergeSpec, plan: MergePlan, a: Checkpoint, b: Chec
     # machine without an NVIDIA driver the device checks below need no torch, so the import overlaps the copy of
     # the unchanged tensors; when CUDA may be there it is awaited here, before any check that needs it.
     importing = import_torch_in_background() if "torch" not in sys.modules else None
-    if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
+    if importing is not None and needs_cuda(spec):
         await_import(importing)
     devices, device_notice, budget, capacity, batches = plan_devices(
         spec, plan, budget=budget, batch_bytes=batch_bytes, ring_depth=ring_depth)

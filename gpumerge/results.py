@@ -172,10 +172,35 @@ def ranked_rows(rows: list[Row]) -> list[dict]:
              "kept": row.kept, "model_1_itself": row.model_1_itself} for rank, row in enumerate(ranked(rows), 1)]
 
 
-def results_json(rows: list[Row], columns: list[str], record: dict, eval_settings: dict) -> bytes:
+def results_json(rows: list[Row], columns: list[str], record: dict, eval_settings: dict,
+                 timings: dict | None = None) -> bytes:
+    """results.json; ``timings``: where this run's time went (see timings_text)."""
     data = {"tool": "gpumerge", "inputs": record["inputs"], "sweep": record["sweep"], "eval": eval_settings,
             "swept": columns, "verdict": verdict(rows), "rows": ranked_rows(rows)}
+    if timings is not None:
+        data["timings"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}
     return (json.dumps(data, indent=2) + "\n").encode()
+
+
+TIMED = (("load_s", "load"), ("inputs_s", "inputs"), ("baselines_s", "baselines"), ("scoring_s", "scoring"),
+         ("writing_s", "writing"))
+
+
+def timings_text(timings: dict) -> str:
+    """One line: where an evaluated sweep's time went, e.g. ``load 3.1 s, inputs 2.0 s, baselines 1.1 s (2 rows),
+    scoring 52.4 s (100 rows, 0.52 s each), writing 8.8 s``. load: model 1 read into the model built on the device;
+    inputs: model 2's blended tensors read to it; baselines, scoring: the parents' rows and the variants' (blend and
+    perplexity) scored in this run; writing: the kept variants written and committed."""
+    parts = []
+    for key, label in TIMED:
+        if key not in timings:
+            continue
+        text = f"{label} {timings[key]:.1f} s"
+        count = timings.get({"baselines_s": "baselines", "scoring_s": "variants"}.get(key, ""), None)
+        if count:
+            text += f" ({count} rows" + (f", {timings[key] / count:.2f} s each)" if key == "scoring_s" else ")")
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def table_text(rows: list[Row], columns: list[str]) -> str:

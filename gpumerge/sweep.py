@@ -64,6 +64,7 @@ class SweepResult:
     table: str = ""  # an evaluated sweep's ranked table
     best: str | None = None  # an evaluated sweep's best variant (with what it means, when it is model 1 itself)
     rows: tuple[dict, ...] = ()  # an evaluated sweep's rows, best first, as results.json has them
+    timings: dict | None = None  # an evaluated sweep's: where its time went (gpumerge.results.timings_text)
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -83,6 +84,10 @@ class SweepResult:
             parts.append(f"{len(self.complete)} already complete")
         if self.best:
             parts.insert(0, f"best: {self.best}")
+        if self.timings:
+            from gpumerge.results import timings_text
+
+            parts.append("time: " + timings_text(self.timings))
         if self.aliases:
             parts.append(f"{len(self.aliases)} alias(es): " + ", ".join(f"{k} = {v}" for k, v in
                                                                       list(self.aliases.items())[:4])
@@ -463,9 +468,9 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
         written, state, outcome = _under_lock(planned, runs, state, a, b, notice=notice,
                                               progress_factory=progress_factory, budget=budget,
                                               batch_bytes=batch_bytes, simulate_staging=simulate_staging)
-    table, best, rows, stats = outcome
+    table, best, rows, timings, stats = outcome
     return SweepResult(runs, written, tuple(state.complete), planned.aliases, time.perf_counter() - began, *stats,
-                       table=table or "", best=best, rows=rows)
+                       table=table or "", best=best, rows=rows, timings=timings)
 
 
 def _plan(args, variants, columns, a, b, *, notice, input_budget) -> _Planned:
@@ -547,11 +552,15 @@ def _under_lock(planned: _Planned, runs: Path, state, a, b, *, notice, progress_
         if not runs.exists():
             runs.mkdir()
             created.append(runs)
-        pending, files, table, best, rows = _score_and_record(planned, runs, state, a, b, notice=notice,
-                                                              progress_factory=progress_factory)
+        pending, files, table, best, rows, timed = _score_and_record(planned, runs, state, a, b, notice=notice,
+                                                                     progress_factory=progress_factory)
         remove = tuple(name for name in RUNS_FILES if name not in files)
+        writing = time.perf_counter()
 
         def commit() -> None:
+            if timed is not None:  # results.json says where the time went, the writing of the kept variants too
+                timed[0]["writing_s"] = time.perf_counter() - writing
+                files["results.json"] = timed[1](timed[0])
             runs_dir.commit_records(runs, files, remove=remove)
 
         stats = _write_variants(pending, a, b, runs=runs, inputs=planned.inputs, notice=notice,
@@ -568,37 +577,40 @@ def _under_lock(planned: _Planned, runs: Path, state, a, b, *, notice, progress_
         if not done:
             with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
                 remove_made(created)
-    return tuple(v.name for v, _ in pending), state, (table, best, rows, stats)
+    return tuple(v.name for v, _ in pending), state, (table, best, rows, timed[0] if timed else None, stats)
 
 
 def _score_and_record(planned: _Planned, runs: Path, state, a, b, *, notice, progress_factory):
     """The variants to write and the record files to commit with them (made now, put in place only with the
     variants they describe: until then RUNS keeps the earlier sweep's records as they were). An evaluated sweep
-    scores every row first and writes only the kept variants. Returns (pending, files, table, best, rows)."""
+    scores every row first and writes only the kept variants. Returns (pending, files, table, best, rows, timed):
+    ``timed``, an evaluated sweep's (timings, a function of them giving results.json), else None."""
     from gpumerge import runs as runs_dir
 
     record, scoring = planned.record, planned.scoring
     pending = [(v, p) for v, p in planned.distinct if v.name not in state.complete]
     record["retiring"] = state.retire
     files: dict[str, bytes] = {}
-    table = best = None
+    table = best = timed = None
     result_rows: tuple[dict, ...] = ()
     if scoring:
         work, record["history"] = runs_dir.start_pending(runs, record["sweep"], state.history)
-        rows, kept, scored = _score(scoring, planned.variants, planned.plans, planned.signatures, planned.aliases,
-                                    a, b, runs=runs, work=work, resume=state.action == "resume",
-                                    history=record["history"], progress_factory=progress_factory, notice=notice)
+        rows, kept, scored, timings = _score(scoring, planned.variants, planned.plans, planned.signatures,
+                                             planned.aliases, a, b, runs=runs, work=work,
+                                             resume=state.action == "resume", history=record["history"],
+                                             progress_factory=progress_factory, notice=notice)
         # the plans as scored: slerp coefficients already there, their tensors not read a second time
         pending = [(v, scored[v.name]) for v, _ in planned.distinct if v.name in kept and v.name not in state.complete]
-        table, best, files = _results(scoring, rows, planned.columns, record)
+        table, best, files, remake = _results(scoring, rows, planned.columns, record)
         from gpumerge.results import ranked_rows
 
         result_rows = tuple(ranked_rows(rows))
+        timed = (timings, remake)
     else:
         record["history"] = state.history or secrets.token_hex(16)
     files[runs_dir.SWEEP_FILE] = (json.dumps(record, indent=2) + "\n").encode()
     files[runs_dir.VARIANTS_FILE] = runs_dir.variants_csv(planned.variants, planned.columns, planned.aliases)
-    return pending, files, table, best, result_rows
+    return pending, files, table, best, result_rows, timed
 
 
 # ---- an evaluated sweep ----------------------------------------------------------------------------------------
@@ -636,7 +648,7 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     if isinstance(limit, int) and settings.seq_len > limit:
         raise SpecError(f"--seq-len {settings.seq_len} is beyond model 1's max_position_embeddings ({limit}); give "
                         f"--seq-len {limit} or less")
-    devices, device_notice = resolve_devices(base.device)
+    devices, device_notice = resolve_devices(base.device, scoring=True)
     if device_notice:
         notice(device_notice)
     device = devices[0]
@@ -660,7 +672,7 @@ def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
                          device_kind="cpu" if device == "cpu" else "cuda")
     return {"settings": settings, "texts": texts, "device": device, "eval_dtype": eval_dtype, "record": record,
             "keep": MAX_VARIANTS if keep == "all" else int(keep), "baselines": not args.no_baselines,
-            "max_memory": base.max_memory, "plot": plot}
+            "max_memory": base.max_memory, "plot": plot, "batch_given": args.eval_batch is not None}
 
 
 def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: Path, work: Path, resume: bool,
@@ -670,7 +682,8 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     directory's history mark are scored again. Returns (rows, names of the variants to keep, the variants' plans by
     name with their slerp coefficients)."""
     from gpumerge.results import RESULTS_JSONL, Row, load_done, ranked, row_key
-    from gpumerge.sweep_eval import ResidentModel, budget_for_inputs, check_fits, fit_batch, forward_bytes, score_rows
+    from gpumerge.sweep_eval import (ResidentModel, budget_for_inputs, check_fits, fit_batch, forward_bytes,
+                                     resident_bytes, score_rows)
 
     fingerprints = [a.fingerprint(), b.fingerprint()]
     rows = []
@@ -693,11 +706,15 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     eval_size = torch_dtype(DTYPE_CODES[scoring["eval_dtype"]]).itemsize
     model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32"))
     settings = scoring["settings"]
-    batch, forward = fit_batch(scoring["device"], model_bytes, a.config, settings, eval_size)
-    if batch != settings.batch:
+    given = scoring.get("batch_given", True)
+    batch, forward = fit_batch(scoring["device"], model_bytes, a.config, settings, eval_size, given=given,
+                               windows=max((len(t.windows) for t in scoring["texts"]), default=1),
+                               beside=resident_bytes(list(by_name.values()), b))
+    if batch != settings.batch and (given or scoring["device"] == "cpu"):
         need = forward_bytes(a.config, settings.batch, settings.seq_len, eval_size)
         notice(f"--eval-batch {settings.batch} would need about {need / 2**30:.1f} GiB for one forward pass beside "
                f"the model; scoring with --eval-batch {batch} (the scores do not depend on it beyond float noise)")
+    if batch != settings.batch:  # on a GPU without --eval-batch: chosen from its free memory
         scoring["settings"] = dataclasses.replace(settings, batch=batch)
     check_fits(scoring["device"], model_bytes, reserve=forward)
     budget = scoring.get("input_budget")
@@ -719,7 +736,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     try:
         done = load_done(runs / RESULTS_JSONL, history) if resume else {}
         done.update(load_done(work / RESULTS_JSONL, history))
-        score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=work / RESULTS_JSONL,
+        spent = score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=work / RESULTS_JSONL,
                    done=done, history=history, progress=advance)
     finally:
         if bar is not None:
@@ -732,7 +749,8 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     kept = kept[:scoring["keep"]]
     for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
         row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
-    return rows, kept, by_name
+    timings = {"load_s": model.load_s, "inputs_s": model.inputs_s, **spent}
+    return rows, kept, by_name, timings
 
 
 def _preload_matplotlib() -> None:
@@ -750,9 +768,10 @@ def _preload_matplotlib() -> None:
     threading.Thread(target=load, name="gpumerge-import-matplotlib", daemon=True).start()
 
 
-def _results(scoring: dict, rows, columns, record) -> tuple[str, str, dict[str, bytes]]:
-    """The ranked table, the best name (with what it means), and the results files' bytes: results.jsonl (every row
-    with its history mark), results.csv, results.json and sweep.png, put in place with the sweep's other records."""
+def _results(scoring: dict, rows, columns, record):
+    """The ranked table, the best name (with what it means), the results files' bytes: results.jsonl (every row
+    with its history mark), results.csv, results.json and sweep.png, put in place with the sweep's other records;
+    and a function of the run's timings giving results.json with them (made again once the kept are written)."""
     import io
 
     from gpumerge.results import RESULTS_JSONL, plot, results_csv, results_json, results_lines, table_text, verdict
@@ -770,7 +789,8 @@ def _results(scoring: dict, rows, columns, record) -> tuple[str, str, dict[str, 
         files["sweep.png"] = picture.getvalue()
     outcome = verdict(rows)
     best = outcome["best"] or "none"
-    return table_text(rows, columns), best + (f" ({outcome['note']})" if outcome["note"] else ""), files
+    return (table_text(rows, columns), best + (f" ({outcome['note']})" if outcome["note"] else ""), files,
+            lambda timings: results_json(rows, columns, record, eval_settings, timings))
 
 
 def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
@@ -783,8 +803,8 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
     Returns (input bytes read for the blends, bytes written, bytes of those copied file to file)."""
     from gpumerge import writer
     from gpumerge.copier import Copier
-    from gpumerge.devices import cuda_possible, probe_budget, resolve_devices
-    from gpumerge.merge import await_import, import_torch_in_background, LockedProgress, merge_record
+    from gpumerge.devices import gpu_budgets, probe_budget, resolve_devices
+    from gpumerge.merge import await_import, import_torch_in_background, LockedProgress, merge_record, needs_cuda
     from gpumerge.outdir import OutputDir
     from gpumerge.plan import batch_capacity, needs_device, shared_jobs, sweep_batches
 
@@ -806,9 +826,9 @@ def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress
         records = [merge_record(dataclasses.replace(v.spec, output_model_path=runs / v.name), plan, a, b)
                    for (v, _), plan in zip(pending, plans)]
         importing = import_torch_in_background() if "torch" not in sys.modules else None
-        if importing is not None and spec.device != "cpu" and (spec.device != "auto" or cuda_possible()):
+        if importing is not None and needs_cuda(spec):
             await_import(importing)
-        devices, device_notice = resolve_devices(spec.device)
+        devices, device_notice = resolve_devices(spec.device, gpu_budgets=gpu_budgets(spec.max_memory))
         if device_notice and not said_devices:
             notice(device_notice)
         if budget is None:

@@ -23,6 +23,9 @@ from gpumerge.signals import GUARD, Interrupted, test_pause
 from gpumerge.results import Row, append_row, fill_row, load_done, ranked, verdict  # noqa: F401
 
 BASELINES = ("model_1", "model_2")
+# The largest batch chosen for a GPU when --eval-batch is not given: 32 windows of 512 tokens fill an H200's matrix
+# units (benchmarks/RESULTS.md, the device command's batch rows) and keep the logits' memory bounded.
+AUTO_BATCH_MAX = 32
 _MARGIN_BYTES = 512 * 2**20  # what the forward pass and the rest of the process need beyond the weights, on a CPU
 
 
@@ -41,53 +44,64 @@ class ResidentModel:
 
     def __init__(self, a, b, plans: list, *, device: str, eval_dtype: str, budget_bytes: int | None,
                  notice: Callable[[str], None], max_memory=None) -> None:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
         from gpumerge.kernels.dtypes import torch_dtype
-
-        hf_logging.disable_progress_bar()
-        self.a, self.b, self.device = a, b, device
-        self.layout = {job.name: job for job in plans[0].jobs}
         from gpumerge.spec import DTYPE_CODES
 
+        began = time.perf_counter()
+        self.a, self.b, self.device = a, b, device
+        self.layout = {job.name: job for job in plans[0].jobs}
         self.eval_dtype = torch_dtype(DTYPE_CODES[eval_dtype])
-        try:
-            model = AutoModelForCausalLM.from_pretrained(a.root, dtype=self.eval_dtype, attn_implementation="sdpa")
-        except Exception as exc:  # transformers raises many kinds for an architecture it cannot build
-            raise SpecError(f"--eval-text: transformers cannot build model 1 ({a.root}) to score it: "
-                            f"{type(exc).__name__}: {brief(exc)}") from None
-        self.model = model.to(device).eval()
+        self.model = _empty_model(a, self.eval_dtype, device)
+        self.params = self._parameters()
+        self.blended = sorted({job.name for plan in plans for job in plan.jobs if job.blended},
+                              key=list(self.layout).index)
+        need = resident_bytes(plans, b)
+        keep = budget_bytes is None or need <= budget_bytes
+        if not keep:
+            notice(f"the inputs of the blended tensors ({need / 2**30:.2f} GiB) do not fit beside the model "
+                   f"({budget_bytes / 2**30:.2f} GiB free for them): each variant streams them again from disk "
+                   "through the merge's pipeline")
+        # every parameter set to model 1's value in the output dtype: each tensor of model 1 read once, straight
+        # to the device; a blended tensor's stays there as the blends' first input
+        self.resident: dict[str, tuple] = {}
+        blended = set(self.blended) if keep else set()
+        for name, job in self.layout.items():
+            if name in self.params:
+                GUARD.poll()
+                values = self._read(a, name)
+                self._set(name, self._output(job, values))
+                if name in blended:
+                    self.resident[name] = (values, None)
+        self.synchronize()
+        self.load_s = time.perf_counter() - began
+        began = time.perf_counter()
+        for name in self.blended if keep else ():
+            GUARD.poll()
+            self.resident[name] = (self.resident[name][0], self._read(b, name, rows=True))
+        self.synchronize()
+        self.inputs_s = time.perf_counter() - began
+        self.max_memory = max_memory
+        self._wide = None
+
+    def _parameters(self) -> dict:
+        """The checkpoint's float tensors by name, each a parameter of the model; every parameter must be one of
+        them (the model is built empty: a parameter no tensor sets would be uninitialised memory)."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        missing = [name for name, job in self.layout.items() if job.out_dtype in _FLOATS and name not in params]
+        floats = [name for name, job in self.layout.items() if job.out_dtype in _FLOATS]
+        missing = [name for name in floats if name not in params]
         if missing:
             raise SpecError(f"--eval-text: the model transformers builds from model 1 has no parameter named "
                             f"{missing[0]} (and {len(missing) - 1} more): its checkpoint's names are not the "
                             "architecture's, so gpumerge cannot score its variants")
-        self.params = {name: params[name] for name, job in self.layout.items() if job.out_dtype in _FLOATS}
-        self.blended = sorted({job.name for plan in plans for job in plan.jobs if job.blended},
-                              key=list(self.layout).index)
-        self.set_all("a")
-        need = sum(self._input_bytes(name) for name in self.blended)
-        self.resident: dict[str, tuple] = {}
-        if budget_bytes is None or need <= budget_bytes:
-            for name in self.blended:
-                self.resident[name] = (self._read(a, name), self._read(b, name, rows=True))
-        else:
-            notice(f"the inputs of the blended tensors ({need / 2**30:.2f} GiB) do not fit beside the model "
-                   f"({budget_bytes / 2**30:.2f} GiB free for them): each variant streams them again from disk "
-                   "through the merge's pipeline")
-        self.max_memory = max_memory
-        self._wide = None
+        covered = {id(params[name]) for name in floats}
+        unset = [name for name, param in self.model.named_parameters() if id(param) not in covered]
+        if unset:
+            raise SpecError(f"--eval-text: model 1's checkpoint has no tensor for the parameter {unset[0]} (and "
+                            f"{len(unset) - 1} more) of the model transformers builds from its config.json, so "
+                            "gpumerge cannot score its variants")
+        return {name: params[name] for name in floats}
 
     # -- reading --
-    def _input_bytes(self, name: str) -> int:
-        from gpumerge.checkpoint import ITEMSIZE
-
-        job = self.layout[name]
-        rows_b = job.numel if job.blend_rows is None else job.blend_rows * (job.numel // job.shape[0])
-        return job.numel * ITEMSIZE[job.dtype_a] + rows_b * ITEMSIZE[self.b.tensors[name].dtype]
-
     def _read(self, ckpt, name: str, *, rows: bool = False):
         """A tensor's values, flat, on the device, in its stored dtype (model 2's: the rows a blend uses)."""
         import torch
@@ -115,17 +129,26 @@ class ResidentModel:
 
         return torch.empty(job.numel, dtype=torch_dtype(job.out_dtype), device=self.device)
 
-    def set_all(self, which: str) -> None:
+    def _output(self, job, values):
+        """``values`` (a tensor as stored) in the output dtype: what the merge writes for a tensor it copies."""
+        out = self._out(job)
+        out.copy_(values)
+        return out
+
+    def set_all(self, which: str, *, unblended_only: bool = False) -> None:
         """Every float parameter to model 1's ("a") or model 2's ("b") tensor in the output dtype (model 2's with
-        the vocabulary rule: its rows where both have them, model 1's beyond)."""
+        the vocabulary rule: its rows where both have them, model 1's beyond). The blended tensors come from their
+        resident inputs, the others (embeddings, norms: what no variant blends) from the files.
+        ``unblended_only``: only the tensors no variant blends (a variant's blend sets the others next)."""
+        skip = set(self.blended) if unblended_only else set()
         for name, job in self.layout.items():
-            if name not in self.params:
+            if name not in self.params or name in skip:
                 continue
             GUARD.poll()
-            out = self._out(job)
-            out.copy_(self._read(self.a, name))
+            first, second = self.resident.get(name, (None, None))
+            out = self._output(job, first if first is not None else self._read(self.a, name))
             if which == "b" and name in self.b.tensors and self.b.tensors[name].dtype in _FLOATS:
-                other = self._read(self.b, name)
+                other = second if second is not None else self._read(self.b, name)
                 rows = min(job.shape[0], self.b.tensors[name].shape[0]) if job.shape else 0
                 count = job.numel if other.numel() == job.numel else rows * (job.numel // max(job.shape[0], 1))
                 out[:count].copy_(other[:count])
@@ -191,6 +214,45 @@ class ResidentModel:
 _FLOATS = ("F16", "BF16", "F32", "F64")
 
 
+def resident_bytes(plans: list, b) -> int:
+    """What the blends' inputs take held on the device: model 1's tensor and the rows of model 2's that a blend
+    uses, for every tensor some variant blends."""
+    from gpumerge.checkpoint import ITEMSIZE
+
+    layout = {job.name: job for job in plans[0].jobs}
+    total = 0
+    for name in {job.name for plan in plans for job in plan.jobs if job.blended}:
+        job = layout[name]
+        rows_b = job.numel if job.blend_rows is None else job.blend_rows * (job.numel // job.shape[0])
+        total += job.numel * ITEMSIZE[job.dtype_a] + rows_b * ITEMSIZE[b.tensors[name].dtype]
+    return total
+
+
+def _empty_model(a, dtype, device: str):
+    """Model 1's architecture from its config.json, its parameters allocated on ``device`` and not initialised (the
+    caller sets each from the checkpoint): no copy of the model in host memory, no read of its weights by
+    transformers. Built with accelerate's ``init_empty_weights`` (parameters on the meta device); the buffers the
+    model computes itself (rotary frequencies) are built for real and carried over."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(a.root)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    except Exception as exc:  # transformers raises many kinds for an architecture it cannot build
+        raise SpecError(f"--eval-text: transformers cannot build model 1 ({a.root}) to score it: "
+                        f"{type(exc).__name__}: {brief(exc)}") from None
+    buffers = {name: buffer for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    for name, buffer in buffers.items():
+        model.get_buffer(name).copy_(buffer)
+    model.tie_weights()  # to_empty gives each module its own new parameter: tied ones are tied again
+    return model.eval()
+
+
 class _ParamSink:
     """Stands where a ShardWriter stands in the pipeline: bytes written at a shard offset land in the parameter of
     the tensor there (cast to the forward pass's dtype), on the model's device."""
@@ -245,13 +307,15 @@ def _stop_after() -> int | None:
 
 
 def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, settings, results: Path,
-               done: dict[str, dict], history: str, progress=None) -> None:
+               done: dict[str, dict], history: str, progress=None) -> dict[str, float]:
     """Score every row not yet ``done`` (by key), in order; each result appended to ``results`` as soon as it is
-    known."""
+    known. Returns the wall time this run spent on the parents' rows and on the variants' (``baselines_s``,
+    ``scoring_s``) and how many of each it scored."""
     from gpumerge.evaluate import perplexity
 
     stop = _stop_after()
     scored = 0
+    spent = {"baselines_s": 0.0, "scoring_s": 0.0, "baselines": 0, "variants": 0}
     state = "a"  # what the parameters hold: model 1 ("a", as built), model 2 ("b"), or a variant
     for row in rows:
         GUARD.poll()
@@ -269,17 +333,20 @@ def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, set
                 model.set_all("a")
                 state = "a"
         else:
-            if state == "b":  # apply sets only the tensors some variant blends: the rest must be model 1's again
-                model.set_all("a")
+            if state == "b":  # apply sets only the tensors some variant blends: the others must be model 1's again
+                model.set_all("a", unblended_only=True)
             model.apply(plans[row.name])
             state = "variant"
         model.synchronize()
         row.blend_s = time.perf_counter() - began
-        began = time.perf_counter()
+        evaluated = time.perf_counter()
         score = perplexity(model.model, texts, batch=settings.batch, device=model.device)
-        row.eval_s = time.perf_counter() - began
+        row.eval_s = time.perf_counter() - evaluated
         row.perplexity, row.per_file, row.tokens = score.perplexity, score.per_file, score.tokens
         append_row(results, row, history)
+        kind = "baselines" if row.baseline else "variants"
+        spent[kind] += 1
+        spent["baselines_s" if row.baseline else "scoring_s"] += time.perf_counter() - began
         test_pause("score")
         scored += 1
         if progress:
@@ -288,6 +355,7 @@ def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, set
             import signal
 
             raise Interrupted(signal.SIGINT)
+    return spent
 
 
 def _free_bytes(device: str) -> int:
@@ -341,11 +409,18 @@ def forward_bytes(config: dict, batch: int, seq_len: int, itemsize: int) -> int:
     return logits + activations + attention
 
 
-def fit_batch(device: str, model_bytes: int, config: dict, settings, itemsize: int) -> tuple[int, int]:
-    """(--eval-batch, or the largest batch whose forward pass fits beside the model; that pass's estimated bytes).
-    A batch of 1 that does not fit is check_fits' error."""
+def fit_batch(device: str, model_bytes: int, config: dict, settings, itemsize: int, *, given: bool = True,
+              windows: int = 0, beside: int = 0) -> tuple[int, int]:
+    """(the batch to score with, its forward pass's estimated bytes). ``given`` (a user's --eval-batch, or any
+    batch on a CPU): that batch, halved until its forward pass fits in half of what is free beside the model.
+    Else, on a GPU: the largest batch up to AUTO_BATCH_MAX and the text's ``windows`` whose forward pass fits in
+    half of what is free beside the model and ``beside`` (the blends' resident inputs), so that a bigger batch
+    never pushes the inputs off the device. A batch of 1 that does not fit is check_fits' error."""
     free = _free_bytes(device) - model_bytes
     batch = settings.batch
+    if not given and device != "cpu":
+        free -= beside
+        batch = max(1, min(AUTO_BATCH_MAX, windows or AUTO_BATCH_MAX))
     while batch > 1 and forward_bytes(config, batch, settings.seq_len, itemsize) > free // 2:
         batch //= 2
     return batch, forward_bytes(config, batch, settings.seq_len, itemsize)
