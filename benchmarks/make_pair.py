@@ -94,7 +94,11 @@ def shard_name(k: int, count: int) -> str:
 
 
 def random_fp16(dims: tuple[int, ...], generator: torch.Generator, *, mean: float = 0.0) -> torch.Tensor:
-    """N(mean, STD) in fp16, generated in fp32 chunks so the fp32 scratch stays small."""
+    """N(mean, STD) in fp16, generated in fp32 chunks so the fp32 scratch stays small; on a GPU when the generator
+    is a GPU's (the tensor comes back to host memory)."""
+    if generator.device.type == "cuda":
+        values = torch.randn(dims, generator=generator, device=generator.device, dtype=torch.float32)
+        return values.mul_(STD).add_(mean).to(torch.float16).cpu()
     out = torch.empty(dims, dtype=torch.float16)
     flat = out.view(-1)
     scratch = torch.empty(min(RANDN_CHUNK, flat.numel()), dtype=torch.float32)
@@ -117,11 +121,11 @@ def is_complete(model_dir: Path, shape: PairShape) -> bool:
     return config == shape.config() and bool(shards) and all((model_dir / s).is_file() for s in shards)
 
 
-def write_model(model_dir: Path, shape: PairShape, seed: int) -> None:
+def write_model(model_dir: Path, shape: PairShape, seed: int, *, device: str = "cpu") -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     for stale in [model_dir / CONFIG, model_dir / INDEX, *model_dir.glob("model-*.safetensors")]:
         stale.unlink(missing_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     groups = shard_plan(shape)
     weight_map = {}
     for k, group in enumerate(groups, start=1):
@@ -136,15 +140,17 @@ def write_model(model_dir: Path, shape: PairShape, seed: int) -> None:
     (model_dir / CONFIG).write_text(json.dumps(shape.config(), indent=2) + "\n")
 
 
-def ensure_pair(out: Path = DEFAULT_DATA, shape: PairShape = PairShape()) -> tuple[Path, Path]:
-    """The two model directories under `out`, generated unless already there with a matching config."""
+def ensure_pair(out: Path = DEFAULT_DATA, shape: PairShape = PairShape(), *,
+                device: str = "cpu") -> tuple[Path, Path]:
+    """The two model directories under `out`, generated (on ``device``) unless already there with a matching
+    config."""
     dirs = tuple(out / name for name in MODEL_DIRS)
     if all(is_complete(d, shape) for d in dirs):
         print(f"pair already exists in {out} with a matching config; skipping generation")
         return dirs
     for model_dir, seed in zip(dirs, SEEDS):
         began = time.perf_counter()
-        write_model(model_dir, shape, seed)
+        write_model(model_dir, shape, seed, device=device)
         print(f"wrote {model_dir} ({shape.total_bytes() / 1e9:.2f} GB, seed {seed}) "
               f"in {time.perf_counter() - began:.1f} s")
     return dirs
