@@ -182,13 +182,14 @@ def results_json(rows: list[Row], columns: list[str], record: dict, eval_setting
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
-TIMED = (("load_s", "load"), ("inputs_s", "inputs"), ("baselines_s", "baselines"), ("scoring_s", "scoring"),
+TIMED = (("setup_s", "setup"), ("load_s", "load"), ("inputs_s", "inputs"), ("baselines_s", "baselines"), ("scoring_s", "scoring"),
          ("writing_s", "writing"))
 
 
 def timings_text(timings: dict) -> str:
     """One line: where an evaluated sweep's time went, e.g. ``load 3.1 s, inputs 2.0 s, baselines 1.1 s (2 rows),
-    scoring 52.4 s (100 rows, 0.52 s each), writing 8.8 s``. load: model 1 read into the model built on the device;
+    scoring 52.4 s (100 rows, 0.52 s each), writing 8.8 s``. setup: from the sweep's start to the model's (planning,
+    tokenizing, checks); load: model 1 read into the model built on the device;
     inputs: model 2's blended tensors read to it; baselines, scoring: the parents' rows and the variants' (blend and
     perplexity) scored in this run; writing: the kept variants written and committed."""
     parts = []

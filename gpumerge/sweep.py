@@ -464,6 +464,8 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
     a, b = open_pair(variants[0].spec)
     with a, b:
         planned = _plan(args, variants, columns, a, b, notice=notice, input_budget=input_budget)
+        if planned.scoring:
+            planned.scoring["began"] = began  # the breakdown's setup: planning, tokenizing, checks
         runs, state = _check_runs(planned, a, b)
         written, state, outcome = _under_lock(planned, runs, state, a, b, notice=notice,
                                               progress_factory=progress_factory, budget=budget,
@@ -720,6 +722,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     budget = scoring.get("input_budget")
     if budget is None:
         budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward)
+    setup_s = time.perf_counter() - scoring.get("began", time.perf_counter())
     model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
                           budget_bytes=budget, notice=notice, max_memory=scoring["max_memory"])
     _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
@@ -749,7 +752,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     kept = kept[:scoring["keep"]]
     for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
         row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
-    timings = {"load_s": model.load_s, "inputs_s": model.inputs_s, **spent}
+    timings = {"setup_s": setup_s, "load_s": model.load_s, "inputs_s": model.inputs_s, **spent}
     return rows, kept, by_name, timings
 
 

@@ -12,10 +12,12 @@ fit they are read again for each variant (the run says so).
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from gpumerge.errors import OutputError, SpecError, brief
 from gpumerge.signals import GUARD, Interrupted, test_pause
@@ -26,6 +28,7 @@ BASELINES = ("model_1", "model_2")
 # The largest batch chosen for a GPU when --eval-batch is not given: 32 windows of 512 tokens fill an H200's matrix
 # units (benchmarks/RESULTS.md, the device command's batch rows) and keep the logits' memory bounded.
 AUTO_BATCH_MAX = 32
+READ_THREADS = 4  # threads reading a model's tensors to the device (each with a buffer of the largest tensor)
 _MARGIN_BYTES = 512 * 2**20  # what the forward pass and the rest of the process need beyond the weights, on a CPU
 
 
@@ -65,19 +68,17 @@ class ResidentModel:
         # to the device; a blended tensor's stays there as the blends' first input
         self.resident: dict[str, tuple] = {}
         blended = set(self.blended) if keep else set()
-        for name, job in self.layout.items():
-            if name in self.params:
-                GUARD.poll()
-                values = self._read(a, name)
-                self._set(name, self._output(job, values))
-                if name in blended:
-                    self.resident[name] = (values, None)
+        for name, values in self._read_all(a, [name for name in self.layout if name in self.params]):
+            GUARD.poll()
+            self._set(name, self._output(self.layout[name], values))
+            if name in blended:
+                self.resident[name] = (values, None)
         self.synchronize()
         self.load_s = time.perf_counter() - began
         began = time.perf_counter()
-        for name in self.blended if keep else ():
+        for name, values in self._read_all(b, self.blended if keep else [], rows=True):
             GUARD.poll()
-            self.resident[name] = (self.resident[name][0], self._read(b, name, rows=True))
+            self.resident[name] = (self.resident[name][0], values)
         self.synchronize()
         self.inputs_s = time.perf_counter() - began
         self.max_memory = max_memory
@@ -102,21 +103,66 @@ class ResidentModel:
         return {name: params[name] for name in floats}
 
     # -- reading --
-    def _read(self, ckpt, name: str, *, rows: bool = False):
-        """A tensor's values, flat, on the device, in its stored dtype (model 2's: the rows a blend uses)."""
-        import torch
+    def _read_all(self, ckpt, names: list[str], *, rows: bool = False) -> Iterator[tuple[str, object]]:
+        """(name, values) for each of ``names`` in order (flat, on the device, in the stored dtype; model 2's: the
+        rows a blend uses), read READ_THREADS at a time: each
+        thread preads a tensor into its own reusable buffer (pinned, for a GPU) and copies it to the device, so the
+        reads from the page cache and the copies overlap (one thread read 7B at ~1 GB/s on the H200 machine). At
+        most twice as many tensors as threads are in flight: memory stays bounded whatever the consumer does."""
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
 
+        if not names:
+            return
+        sizes = {name: self._nbytes(ckpt, name, rows=rows) for name in names}
+        largest = max(sizes.values())
+        local = threading.local()
+
+        def read(name: str):
+            import torch
+
+            from gpumerge.kernels.dtypes import torch_dtype
+
+            nbytes = sizes[name]
+            if self.device == "cpu":  # the tensor read is the one kept
+                values = torch.empty(nbytes, dtype=torch.uint8)
+                ckpt.read_into(name, values)
+            else:
+                if getattr(local, "buffer", None) is None:
+                    local.buffer = torch.empty(largest, dtype=torch.uint8, pin_memory=True)
+                staging = local.buffer[:nbytes]
+                ckpt.read_into(name, staging)
+                values = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                values.copy_(staging)  # synchronous: the buffer is free again when it returns
+            return values.view(torch_dtype(ckpt.tensors[name].dtype))
+
+        threads = min(READ_THREADS, len(names))
+        with ThreadPoolExecutor(threads, thread_name_prefix="gpumerge-load") as pool:
+            queued = collections.deque()
+            pending = iter(names)
+            try:
+                for name in itertools.islice(pending, 2 * threads):
+                    queued.append((name, pool.submit(read, name)))
+                while queued:
+                    name, future = queued.popleft()
+                    values = future.result()
+                    following = next(pending, None)
+                    if following is not None:
+                        queued.append((following, pool.submit(read, following)))
+                    yield name, values
+            finally:
+                for _, future in queued:
+                    future.cancel()
+
+    def _nbytes(self, ckpt, name: str, *, rows: bool = False) -> int:
         from gpumerge.checkpoint import ITEMSIZE
-        from gpumerge.kernels.dtypes import torch_dtype
 
         info = ckpt.tensors[name]
         job = self.layout[name]
         numel = info.numel
         if rows and job.blend_rows is not None:
             numel = job.blend_rows * (info.numel // info.shape[0])
-        raw = torch.empty(numel * ITEMSIZE[info.dtype], dtype=torch.uint8)
-        ckpt.read_into(name, raw)
-        return raw.view(torch_dtype(info.dtype)).to(self.device)
+        return numel * ITEMSIZE[info.dtype]
 
     # -- setting parameters --
     def _set(self, name: str, values) -> None:
@@ -141,14 +187,18 @@ class ResidentModel:
         resident inputs, the others (embeddings, norms: what no variant blends) from the files.
         ``unblended_only``: only the tensors no variant blends (a variant's blend sets the others next)."""
         skip = set(self.blended) if unblended_only else set()
-        for name, job in self.layout.items():
-            if name not in self.params or name in skip:
-                continue
+        names = [name for name in self.layout if name in self.params and name not in skip]
+        from_b = [name for name in names if which == "b" and name in self.b.tensors
+                  and self.b.tensors[name].dtype in _FLOATS]
+        firsts = self._read_all(self.a, [name for name in names if name not in self.resident])
+        seconds = self._read_all(self.b, [name for name in from_b if name not in self.resident])
+        for name in names:
             GUARD.poll()
+            job = self.layout[name]
             first, second = self.resident.get(name, (None, None))
-            out = self._output(job, first if first is not None else self._read(self.a, name))
-            if which == "b" and name in self.b.tensors and self.b.tensors[name].dtype in _FLOATS:
-                other = second if second is not None else self._read(self.b, name)
+            out = self._output(job, first if first is not None else next(firsts)[1])
+            if name in from_b:
+                other = second if second is not None else next(seconds)[1]
                 rows = min(job.shape[0], self.b.tensors[name].shape[0]) if job.shape else 0
                 count = job.numel if other.numel() == job.numel else rows * (job.numel // max(job.shape[0], 1))
                 out[:count].copy_(other[:count])
