@@ -320,6 +320,19 @@ def start_pending(runs: Path, sweep_id: str, history: str | None) -> tuple[Path,
     return path, history
 
 
+def drop_unused_pending(runs: Path) -> None:
+    """After a run that failed: its working directory goes when it holds nothing worth resuming (no scored row, no
+    commit begun), so that a refused run leaves RUNS as it found it. Rows an interrupted run scored stay."""
+    path = runs / PENDING_DIR
+    if not path.is_dir() or path.is_symlink() or commit_begun(runs):
+        return
+    log = path / "results.jsonl"
+    if os.path.lexists(log) and (log.is_symlink() or not log.is_file() or log.stat().st_size > 0):
+        return
+    if {entry.name for entry in path.iterdir()} <= {_IDENTITY, "results.jsonl"}:
+        shutil.rmtree(path)
+
+
 def _pending_identity(path: Path) -> dict | None:
     from gpumerge import fsutil
 

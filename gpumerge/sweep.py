@@ -578,6 +578,7 @@ def _under_lock(planned: _Planned, runs: Path, state, a, b, *, notice, progress_
         lock.release()
         if not done:
             with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
+                runs_dir.drop_unused_pending(runs)
                 remove_made(created)
     return tuple(v.name for v, _ in pending), state, (table, best, rows, timed[0] if timed else None, stats)
 
@@ -684,8 +685,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     directory's history mark are scored again. Returns (rows, names of the variants to keep, the variants' plans by
     name with their slerp coefficients)."""
     from gpumerge.results import RESULTS_JSONL, Row, load_done, ranked, row_key
-    from gpumerge.sweep_eval import (ResidentModel, budget_for_inputs, check_fits, fit_batch, forward_bytes,
-                                     resident_bytes, score_rows)
+    from gpumerge.sweep_eval import ResidentModel, score_rows
 
     fingerprints = [a.fingerprint(), b.fingerprint()]
     rows = []
@@ -702,29 +702,14 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
         from gpumerge.pipeline import slerp_prepass_many
 
         by_name = dict(zip(by_name, slerp_prepass_many(list(by_name.values()), a, b)))
-    from gpumerge.kernels.dtypes import torch_dtype
-    from gpumerge.spec import DTYPE_CODES
-
-    eval_size = torch_dtype(DTYPE_CODES[scoring["eval_dtype"]]).itemsize
-    model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32"))
-    settings = scoring["settings"]
-    given = scoring.get("batch_given", True)
-    batch, forward = fit_batch(scoring["device"], model_bytes, a.config, settings, eval_size, given=given,
-                               windows=max((len(t.windows) for t in scoring["texts"]), default=1),
-                               beside=resident_bytes(list(by_name.values()), b))
-    if batch != settings.batch and (given or scoring["device"] == "cpu"):
-        need = forward_bytes(a.config, settings.batch, settings.seq_len, eval_size)
-        notice(f"--eval-batch {settings.batch} would need about {need / 2**30:.1f} GiB for one forward pass beside "
-               f"the model; scoring with --eval-batch {batch} (the scores do not depend on it beyond float noise)")
-    if batch != settings.batch:  # on a GPU without --eval-batch: chosen from its free memory
-        scoring["settings"] = dataclasses.replace(settings, batch=batch)
-    check_fits(scoring["device"], model_bytes, reserve=forward)
-    budget = scoring.get("input_budget")
-    if budget is None:
-        budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward)
+    done = load_done(runs / RESULTS_JSONL, history) if resume else {}
+    done.update(load_done(work / RESULTS_JSONL, history))
     setup_s = time.perf_counter() - scoring.get("began", time.perf_counter())
-    model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
-                          budget_bytes=budget, notice=notice, max_memory=scoring["max_memory"])
+    model = None
+    if any(row.key not in done for row in rows):  # a rerun of a finished sweep reads no model
+        model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"],
+                              eval_dtype=scoring["eval_dtype"], notice=notice, max_memory=scoring["max_memory"],
+                              budget_bytes=_fit_scoring(scoring, plans, list(by_name.values()), a, b, notice))
     _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
     bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
     best = [math.inf, ""]
@@ -737,10 +722,8 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
             bar.bar.set_postfix_str(f"best {best[1]} {best[0]:.4f}" if best[1] else "", refresh=False)
 
     try:
-        done = load_done(runs / RESULTS_JSONL, history) if resume else {}
-        done.update(load_done(work / RESULTS_JSONL, history))
-        spent = score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=work / RESULTS_JSONL,
-                   done=done, history=history, progress=advance)
+        spent = score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"],
+                           results=work / RESULTS_JSONL, done=done, history=history, progress=advance)
     finally:
         if bar is not None:
             bar.close()
@@ -752,8 +735,37 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     kept = kept[:scoring["keep"]]
     for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
         row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
-    timings = {"setup_s": setup_s, "load_s": model.load_s, "inputs_s": model.inputs_s, **spent}
+    timings = {"setup_s": setup_s, "load_s": model.load_s if model else 0.0,
+               "inputs_s": model.inputs_s if model else 0.0, **spent}
     return rows, kept, by_name, timings
+
+
+def _fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
+    """The model and one forward pass checked to fit the scoring device, the batch chosen (a GPU's from its free
+    memory unless --eval-batch; a batch that does not fit halved, with a notice) into ``scoring["settings"]``.
+    Returns the bytes the blended tensors' inputs may take beside them (None: no bound)."""
+    from gpumerge.kernels.dtypes import torch_dtype
+    from gpumerge.spec import DTYPE_CODES
+    from gpumerge.sweep_eval import budget_for_inputs, check_fits, fit_batch, forward_bytes, resident_bytes
+
+    eval_size = torch_dtype(DTYPE_CODES[scoring["eval_dtype"]]).itemsize
+    model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32", "F64"))
+    settings = scoring["settings"]
+    given = scoring.get("batch_given", True)
+    batch, forward = fit_batch(scoring["device"], model_bytes, a.config, settings, eval_size, given=given,
+                               windows=max((len(t.windows) for t in scoring["texts"]), default=1),
+                               beside=resident_bytes(scored_plans, b))
+    if batch != settings.batch and (given or scoring["device"] == "cpu"):
+        need = forward_bytes(a.config, settings.batch, settings.seq_len, eval_size)
+        notice(f"--eval-batch {settings.batch} would need about {need / 2**30:.1f} GiB for one forward pass beside "
+               f"the model; scoring with --eval-batch {batch} (the scores do not depend on it beyond float noise)")
+    if batch != settings.batch:  # on a GPU without --eval-batch: chosen from its free memory
+        scoring["settings"] = dataclasses.replace(settings, batch=batch)
+    check_fits(scoring["device"], model_bytes, reserve=forward)
+    budget = scoring.get("input_budget")
+    if budget is None:
+        budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward)
+    return budget
 
 
 def _preload_matplotlib() -> None:

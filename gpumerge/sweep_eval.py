@@ -92,13 +92,14 @@ class ResidentModel:
         missing = [name for name in floats if name not in params]
         if missing:
             raise SpecError(f"--eval-text: the model transformers builds from model 1 has no parameter named "
-                            f"{missing[0]} (and {len(missing) - 1} more): its checkpoint's names are not the "
+                            f"{missing[0]}{_more(missing)}: its checkpoint's names are not the "
                             "architecture's, so gpumerge cannot score its variants")
         covered = {id(params[name]) for name in floats}
         unset = [name for name, param in self.model.named_parameters() if id(param) not in covered]
         if unset:
-            raise SpecError(f"--eval-text: model 1's checkpoint has no tensor for the parameter {unset[0]} (and "
-                            f"{len(unset) - 1} more) of the model transformers builds from its config.json, so "
+            raise SpecError(f"--eval-text: model 1's checkpoint has no tensor for the parameter {unset[0]}"
+                            f"{_more(unset)} "
+                            "of the model transformers builds from its config.json, so "
                             "gpumerge cannot score its variants")
         return {name: params[name] for name in floats}
 
@@ -276,6 +277,10 @@ def resident_bytes(plans: list, b) -> int:
         rows_b = job.numel if job.blend_rows is None else job.blend_rows * (job.numel // job.shape[0])
         total += job.numel * ITEMSIZE[job.dtype_a] + rows_b * ITEMSIZE[b.tensors[name].dtype]
     return total
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def _empty_model(a, dtype, device: str):
