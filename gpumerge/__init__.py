@@ -2,15 +2,16 @@
 
 The Python API the command line wraps (see the README's "Python API")::
 
-    from gpumerge import MergeSpec, SweepSpec, run_merge, run_sweep, verify
+    from gpumerge import MergeSpec, SweepSpec, run_merge, run_sweep, run_search, verify
 
 Names are imported on first use, so that `import gpumerge` (and the command line's start) stays cheap.
 """
 
-__all__ = ["MergeSpec", "SweepSpec", "run_merge", "run_sweep", "verify", "version"]
+__all__ = ["MergeSpec", "SweepSpec", "run_merge", "run_sweep", "run_search", "verify", "version"]
 
 _WHERE = {"MergeSpec": "gpumerge.spec", "SweepSpec": "gpumerge.spec", "run_merge": "gpumerge.merge",
-          "run_sweep": "gpumerge.sweep", "verify": "gpumerge.verify", "version": "gpumerge.about"}
+          "run_sweep": "gpumerge.sweep", "run_search": "gpumerge.search", "verify": "gpumerge.verify",
+          "version": "gpumerge.about"}
 
 
 def __getattr__(name: str):

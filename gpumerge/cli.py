@@ -119,6 +119,16 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                    "layer_gradients recipe, or a two-model mergekit config of the same pair, with an optional name")
         parser.add_argument("--max-variants", "--max_variants", dest="max_variants", type=int, metavar="N",
                             help="allow more than 1000 variants (up to N)")
+        _flag(parser, "search", metavar="optuna", help="choose the variants with optuna instead of a grid: --trials N "
+              "trials over the --space settings, each scored like an evaluated sweep's variant (needs --eval-text; "
+              "pip install 'gpumerge[search]')")
+        _flag(parser, "trials", type=int, metavar="N", help="with --search: the trials to complete (a rerun of the "
+              "same command continues the study to N)")
+        _flag(parser, "space", action="append", metavar="SPEC", help="with --search, one searched setting: "
+              "KEY=LOW:HIGH, KEY=LOW:HIGH:int, KEY=LOW:HIGH:log or KEY=A|B|C; KEY a sweepable setting or "
+              "layer_gradients.MODULE.K (anchor K of MODULE's gradient)")
+        _flag(parser, "sampler", metavar="NAME", help="with --search: tpe (default) or cmaes")
+        _flag(parser, "seed", type=int, metavar="S", help="with --search: the sampler's seed (default 0)")
         _flag(parser, "eval_text", action="append", type=Path, metavar="FILE",
               help="score every variant's perplexity on this UTF-8 text (repeat for several) and write only the "
                    "best (--keep); model 1 and model 2 are scored too")
@@ -213,8 +223,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if not args.output_dir:
         raise SpecError("--output_dir is required: the directory the sweep writes its variants to")
-    result = run_sweep(SweepSpec.from_flags(vars(args)), notice=_notice_printer(bool(args.quiet)),
-                       progress_factory=_progress_factory(args.quiet))
+    spec = SweepSpec.from_flags(vars(args))
+    run = run_sweep
+    if spec.search is not None:
+        from gpumerge.search import run_search as run  # the same result: trials for variants
+    result = run(spec, notice=_notice_printer(bool(args.quiet)), progress_factory=_progress_factory(args.quiet))
     try:
         if result.table:
             print(result.table, flush=True)

@@ -513,8 +513,14 @@ class SweepSpec:
     overwrite: bool = False
     checksums: bool = False
     quiet: bool = True
+    search: str | None = None  # "optuna": trials chosen by a sampler instead of a grid (gpumerge.search)
+    trials: int | None = None
+    space: tuple[str, ...] = ()  # --space SPEC strings (gpumerge.space)
+    sampler: str | None = None  # tpe (default) or cmaes
+    seed: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "space", (self.space,) if isinstance(self.space, str) else tuple(self.space or ()))
         grid = self.grid
         if isinstance(grid, str):
             grid = (grid,)
@@ -542,7 +548,8 @@ class SweepSpec:
                      eval_text=list(self.eval_text) or None, eval_tokens=self.eval_tokens, seq_len=self.seq_len,
                      eval_batch=self.eval_batch, keep=self.keep, no_baselines=not self.baselines,
                      eval_dtype=self.eval_dtype, overwrite=self.overwrite, checksums=self.checksums,
-                     quiet=self.quiet)
+                     quiet=self.quiet, search=self.search, trials=self.trials, space=list(self.space) or None,
+                     sampler=self.sampler, seed=self.seed)
         return flags
 
     @classmethod
@@ -558,4 +565,5 @@ class SweepSpec:
                    eval_batch=flags.get("eval_batch"), keep=flags.get("keep"),
                    baselines=not flags.get("no_baselines"), eval_dtype=flags.get("eval_dtype"),
                    overwrite=bool(flags.get("overwrite")), checksums=bool(flags.get("checksums")),
-                   quiet=bool(flags.get("quiet")))
+                   quiet=bool(flags.get("quiet")), search=flags.get("search"), trials=flags.get("trials"),
+                   space=tuple(flags.get("space") or ()), sampler=flags.get("sampler"), seed=flags.get("seed"))

@@ -381,7 +381,7 @@ def _open_outputs(plan) -> int:
     return len(plan.shards) + 2
 
 
-def _disk_bytes(plan, aux_bytes: int) -> int:
+def disk_bytes(plan, aux_bytes: int) -> int:
     """Disk a variant takes: its shards, model 1's aux files, and a MiB of headroom per shard."""
     return plan.bytes_written + aux_bytes + 2**20 * len(plan.shards)
 
@@ -414,7 +414,7 @@ def _early_limits(output_dir, a, b) -> Callable[[int, object], None] | None:
         if hard != resource.RLIM_INFINITY and files > hard:
             raise OutputError(f"the sweep has at least {distinct} distinct variants, which need about {files} open "
                               f"files, and the limit is {hard} (ulimit -n); sweep fewer values or raise the limit")
-        need = distinct * _disk_bytes(plan, aux)
+        need = distinct * disk_bytes(plan, aux)
         if need > free:
             from gpumerge.outdir import size_text
 
@@ -455,11 +455,16 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
 
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_flags(vars(spec))
+    if spec.search is not None:
+        raise SpecError("a search runs with gpumerge.search.run_search (the command line chooses it for --search)")
+    from gpumerge.space import check_search_flags
+
+    check_search_flags(spec)
     if not spec.output_dir:
         raise SpecError("--output_dir is required: the directory the sweep writes its variants to")
     args = SimpleNamespace(**spec.flags())  # the flags each variant is built from, as the command line gives them
     began = time.perf_counter()
-    _check_eval_flags(args)
+    check_eval_flags(args)
     variants, columns = variants_from_args(args)
     a, b = open_pair(variants[0].spec)
     with a, b:
@@ -494,7 +499,7 @@ def _plan(args, variants, columns, a, b, *, notice, input_budget) -> _Planned:
         canonical(value, flag=flag)
     distinct = [(v, p) for v, p in zip(variants, plans) if v.name not in aliases]
     expected = {v.name: (p, runs_dir.expected_record(v, p, a, b)) for v, p in distinct}
-    scoring = _eval_setup(args, base, a, plans, notice) if args.eval_text else None
+    scoring = eval_setup(args, base, a, plans, notice) if args.eval_text else None
     if scoring and input_budget is not None:
         scoring["input_budget"] = input_budget
     record = runs_dir.sweep_record(variants, plans, signatures, aliases, columns, a, b,
@@ -526,7 +531,7 @@ def _check_runs(planned: _Planned, a, b):
         pending = sorted(pending, key=lambda vp: -vp[1].bytes_written)[:planned.scoring["keep"]]
     check_open_files(a, b, outputs=sum(_open_outputs(p) for _, p in pending))
     aux = writer.aux_bytes(a.root)
-    check_space(runs, sum(_disk_bytes(p, aux) for _, p in pending), what=f"the sweep's {len(pending)} variant(s)")
+    check_space(runs, sum(disk_bytes(p, aux) for _, p in pending), what=f"the sweep's {len(pending)} variant(s)")
     preflight(planned.plans[0], a, b, more=tuple(planned.plans[1:]))
     GUARD.poll()
     return runs, state[0]
@@ -565,7 +570,7 @@ def _under_lock(planned: _Planned, runs: Path, state, a, b, *, notice, progress_
                 files["results.json"] = timed[1](timed[0])
             runs_dir.commit_records(runs, files, remove=remove)
 
-        stats = _write_variants(pending, a, b, runs=runs, inputs=planned.inputs, notice=notice,
+        stats = write_variants(pending, a, b, runs=runs, inputs=planned.inputs, notice=notice,
                                 replace=state.replace, said_devices=planned.scoring is not None,
                                 slerp_ready=planned.scoring is not None,
                                 checksums=bool(getattr(planned.args, "checksums", False)),
@@ -621,14 +626,14 @@ def _score_and_record(planned: _Planned, runs: Path, state, a, b, *, notice, pro
 _EVAL_FLAGS = ("eval_tokens", "seq_len", "eval_batch", "keep", "no_baselines", "eval_dtype")
 
 
-def _check_eval_flags(args) -> None:
+def check_eval_flags(args) -> None:
     """The scoring flags mean nothing without --eval-text: refused, never silently ignored."""
     given = [k for k in _EVAL_FLAGS if getattr(args, k, None) is not None and getattr(args, k) is not False]
     if given and not getattr(args, "eval_text", None):
         raise SpecError(f"--{given[0].replace('_', '-')} sets how variants are scored; give --eval-text FILE too "
                         "(without it every variant is written and none is scored)")
 
-def _eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
+def eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     """The evaluation's settings checked, the texts tokenized, the device and dtype chosen: before any work."""
     from gpumerge.devices import resolve_devices
     from gpumerge.evaluate import EvalSettings, load_texts
@@ -709,7 +714,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     if any(row.key not in done for row in rows):  # a rerun of a finished sweep reads no model
         model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"],
                               eval_dtype=scoring["eval_dtype"], notice=notice, max_memory=scoring["max_memory"],
-                              budget_bytes=_fit_scoring(scoring, plans, list(by_name.values()), a, b, notice))
+                              budget_bytes=fit_scoring(scoring, plans, list(by_name.values()), a, b, notice))
     _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
     bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
     best = [math.inf, ""]
@@ -740,7 +745,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     return rows, kept, by_name, timings
 
 
-def _fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
+def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
     """The model and one forward pass checked to fit the scoring device, the batch chosen (a GPU's from its free
     memory unless --eval-batch; a batch that does not fit halved, with a notice) into ``scoring["settings"]``.
     Returns the bytes the blended tensors' inputs may take beside them (None: no bound)."""
@@ -808,7 +813,7 @@ def _results(scoring: dict, rows, columns, record):
             lambda timings: results_json(rows, columns, record, eval_settings, timings))
 
 
-def _write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
+def write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
                     batch_bytes, replace: list[str] = (), simulate_staging: bool = False,
                     said_devices: bool = False, checksums: bool = False, slerp_ready: bool = False,
                     on_finalized: Callable[[], None] | None = None) -> tuple[int, int, int]:

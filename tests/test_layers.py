@@ -13,12 +13,12 @@ from conftest import REPO
 # Lowest first. The order is the README's (Layout); change both together, for a reason.
 LAYERS = (
     ("errors", "fsutil", "signals", "about", "digests", "kernels"),
-    ("spec", "schedule", "rules"),
+    ("spec", "schedule", "rules", "space"),
     ("headers", "checkpoint", "architecture", "mergekit", "recipes", "devices"),
     ("plan", "outdir", "settings"),
     ("lanes", "pipeline", "copier", "writer"),
     ("merge", "evaluate", "results", "sweep_eval", "runs", "sweep"),
-    ("verify", "report", "demo"),
+    ("verify", "report", "demo", "search"),
     ("cli", "__main__"),
 )
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

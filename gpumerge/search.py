@@ -1,0 +1,511 @@
+"""`gpumerge sweep --search optuna`: the variants chosen by a sampler instead of a grid.
+
+A search is an evaluated sweep whose variants are produced one at a time: optuna's sampler (TPE, or CMA-ES) asks
+for a point of the --space, the point becomes a variant exactly as a grid point does (the same flags, or a
+``layer_gradients`` recipe for per-module anchors), the variant is blended into the model held on the device and
+scored like any other row, and the score goes back to the sampler. Nothing is written to disk per trial; at the end
+the best --keep trials are written as ordinary merges (byte for byte the merge of their settings), with the same
+record files as an evaluated sweep (results.csv, results.json, results.jsonl, sweep.png, sweep.json).
+
+The study lives in RUNS/study.db (optuna's RDB storage on SQLite; only this process touches it, under RUNS's lock).
+Rerunning the same command continues the study until --trials trials are complete; a trial a killed run left
+RUNNING is marked failed and its parameters are asked again first. With a fixed --seed, an uninterrupted search
+asks the same trials every time; a resumed one need not follow the same path (the sampler starts afresh).
+
+The model scored holds every tensor's inputs (both models' tensors that a trial could blend) on its device, since
+the space decides per trial which tensors are blended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+from gpumerge.errors import OutputError, SpecError
+from gpumerge.signals import GUARD, Interrupted, test_pause
+from gpumerge.space import Dimension, parse_space, trial_settings
+from gpumerge.spec import SweepSpec, shown
+
+SAMPLERS = ("tpe", "cmaes")
+STUDY_FILE = "study.db"
+MAX_TRIALS = 100_000
+
+
+def _checked(spec: SweepSpec) -> tuple[tuple[Dimension, ...], str, int]:
+    if spec.search != "optuna":
+        raise SpecError(f"--search {shown(spec.search, limit=20)}: the one search is optuna (--search optuna)")
+    if spec.grid or spec.settings is not None:
+        raise SpecError("--search chooses the variants itself: give --space, not --grid or --settings")
+    if not spec.eval_text:
+        raise SpecError("--search scores every trial: give --eval-text FILE (the text each trial's perplexity is "
+                        "measured on)")
+    if spec.trials is None or isinstance(spec.trials, bool) or not 1 <= spec.trials <= MAX_TRIALS:
+        raise SpecError(f"--search needs --trials N, from 1 to {MAX_TRIALS}; got {shown(spec.trials, limit=20)}")
+    sampler = (spec.sampler or "tpe").lower()
+    if sampler not in SAMPLERS:
+        raise SpecError(f"--sampler {shown(spec.sampler, limit=20)}: use tpe or cmaes")
+    seed = 0 if spec.seed is None else spec.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise SpecError(f"--seed must be an integer from 0 to {2**32 - 1}; got {shown(spec.seed, limit=20)}")
+    dims = parse_space(spec.space)
+    shared = dict(spec.shared)
+    clash = [dim.key for dim in dims if dim.key in shared]
+    if clash:
+        raise SpecError(f"--{clash[0]} is set and also searched by --space {clash[0]}; give one of them")
+    if any(dim.anchor for dim in dims):
+        blocks = [key for key in ("gradient_start", "gradient_end", "gradient_values") if key in shared]
+        if blocks or spec.config is not None:
+            raise SpecError(f"--space layer_gradients.* sets the blocks' gradients, and "
+                            f"{'--' + blocks[0] if blocks else '--config'} sets them too; give one of them")
+    return dims, sampler, seed
+
+
+def _import_optuna(sampler: str):
+    try:
+        import optuna
+        if sampler == "cmaes":
+            import cmaes  # noqa: F401 - optuna's CMA-ES sampler needs it
+
+    except ImportError as exc:
+        raise SpecError(f"--search optuna needs {exc.name or 'optuna'}, which is not installed: "
+                        "pip install 'gpumerge[search]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _distributions(optuna, dims: tuple[Dimension, ...]) -> dict:
+    found = {}
+    for dim in dims:
+        if dim.kind == "choice":
+            found[dim.key] = optuna.distributions.CategoricalDistribution(list(dim.choices))
+        elif dim.kind == "int":
+            found[dim.key] = optuna.distributions.IntDistribution(dim.low, dim.high)
+        else:
+            found[dim.key] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
+    return found
+
+
+class _Trials:
+    """Trial parameters -> variants, as the grid makes them: the sweep's flags with the searched values in place (and
+    a layer_gradients recipe for anchors), through the same merge_spec."""
+
+    def __init__(self, args: SimpleNamespace, dims: tuple[Dimension, ...]) -> None:
+        from gpumerge.settings import recipe_settings
+
+        self.args, self.dims = args, dims
+        self.config = (recipe_settings(args.config), str(args.config)) if args.config is not None else None
+
+    def variant(self, name: str, params: dict):
+        from gpumerge.recipes import parse_recipe
+        from gpumerge.settings import merge_spec
+        from gpumerge.sweep import Variant
+
+        flags, recipe = trial_settings(self.dims, params)
+        merged = {**vars(self.args), **flags}
+        source = self.config
+        if recipe is not None:
+            source = (parse_recipe(recipe, source=f"trial {name}"), f"trial {name}")
+        try:
+            spec = merge_spec(merged, output_required=False, recipe=source)
+        except SpecError as exc:
+            raise SpecError(f"trial {name} ({_shown_params(params)}): {exc}") from None
+        return Variant(name, dict(params), spec)
+
+    def midpoint(self) -> dict:
+        """A point inside the space (each range's middle, each list's first choice): the search's first check."""
+        point = {}
+        for dim in self.dims:
+            if dim.kind == "choice":
+                point[dim.key] = dim.choices[0]
+            elif dim.kind == "int":
+                point[dim.key] = (dim.low + dim.high) // 2
+            else:
+                point[dim.key] = math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2
+        return point
+
+
+def _shown_params(params: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in params.items())
+
+
+def _every_tensor_plan(args: SimpleNamespace, a, b, notice):
+    """A plan that blends every tensor both models have: the model scored keeps all their inputs on its device."""
+    from gpumerge.merge import plan_merge
+    from gpumerge.settings import merge_spec
+
+    flags = {key: None for key in vars(args)}
+    flags.update(model_path1=args.model_path1, model_path2=args.model_path2, dtype=args.dtype,
+                 max_shard_size=args.max_shard_size, device=args.device, max_memory=args.max_memory,
+                 gradient_values="[0.5]", tensor_order="names")
+    return plan_merge(merge_spec(flags, output_required=False), a, b, notice=lambda line: None)
+
+
+def _identity(spec: SweepSpec, dims, sampler: str, seed: int, a, b, eval_record: dict) -> dict:
+    shared = {key: value for key, value in spec.shared if key not in ("device", "max_memory", "readers")}
+    return {"inputs": [a.fingerprint(), b.fingerprint()], "space": [dim.describe() for dim in dims],
+            "sampler": sampler, "seed": seed, "shared": shared,
+            "config": str(spec.config) if spec.config is not None else None, "eval": eval_record,
+            "definition": "gpumerge-search-1"}
+
+
+def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
+               budget: dict[str, int] | None = None, batch_bytes: int | None = None, input_budget: int | None = None):
+    """Run (or continue) the search ``spec`` asks for; returns a SweepResult (its rows every trial scored, best
+    first; its written the kept trials)."""
+    from gpumerge.merge import open_pair, plan_merge
+    from gpumerge.outdir import Inputs, OutputLock, canonical, check_output_path, make_parents, remove_made
+    from gpumerge.sweep import check_eval_flags, eval_setup
+
+    if not isinstance(spec, SweepSpec):
+        spec = SweepSpec.from_flags(vars(spec))
+    if not spec.output_dir:
+        raise SpecError("--output_dir is required: the directory the search writes its study and kept trials to")
+    began = time.perf_counter()
+    dims, sampler, seed = _checked(spec)
+    args = SimpleNamespace(**{**spec.flags(), "grid": None, "settings": None})
+    check_eval_flags(args)
+    optuna = _import_optuna(sampler)
+    trials = _Trials(args, dims)
+    first = trials.variant("t0000", trials.midpoint())
+    a, b = open_pair(first.spec)
+    with a, b:
+        GUARD.poll()
+        probe = plan_merge(first.spec, a, b, notice=notice)
+        for flag, value in (("--model_path1", first.spec.model_path1), ("--model_path2", first.spec.model_path2)):
+            canonical(value, flag=flag)
+        resident_plan = _every_tensor_plan(args, a, b, notice)
+        scoring = eval_setup(args, first.spec, a, [probe], notice)
+        if input_budget is not None:
+            scoring["input_budget"] = input_budget
+        scoring["began"] = began
+        identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"])
+        name = "gpumerge-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+        inputs = Inputs.of(a, b)
+
+        def existing(path: Path) -> None:
+            _check_runs(path, name, overwrite=bool(spec.overwrite))
+
+        runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
+                                 existing=existing)
+        created: list[Path] = []
+        lock = OutputLock(runs, flag="--output_dir")
+        done = False
+        try:
+            make_parents(runs, created)
+            lock.acquire()
+            GUARD.poll()
+            if runs.exists():
+                from gpumerge import runs as runs_dir
+
+                runs_dir.recover(runs, notice=notice)
+                _check_runs(runs, name, overwrite=bool(spec.overwrite))
+            else:
+                runs.mkdir()
+                created.append(runs)
+            result = _search(optuna, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan, a, b,
+                             runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
+                             budget=budget, batch_bytes=batch_bytes, began=began)
+            done = True
+        finally:
+            lock.release()
+            if not done:
+                with GUARD.critical():
+                    from gpumerge import runs as runs_dir
+
+                    runs_dir.drop_unused_pending(runs)
+                    if runs in created and _only_an_empty_study(runs):
+                        (runs / STUDY_FILE).unlink(missing_ok=True)
+                    remove_made(created)
+    return result
+
+
+def _check_runs(runs: Path, name: str, *, overwrite: bool) -> None:
+    """RUNS is new, empty, or this search's (its sweep.json names this study, or its study.db holds it)."""
+    from gpumerge import runs as runs_dir
+
+    if not runs.exists():
+        return
+    entries = {entry.name for entry in runs.iterdir()} - {runs_dir.PENDING_DIR}
+    if not entries:
+        return
+    record = runs / runs_dir.SWEEP_FILE
+    if record.is_file() and not record.is_symlink():
+        from gpumerge import fsutil
+
+        try:
+            data = json.loads(fsutil.read_regular(record, max_bytes=2**24, what=str(record), error=OutputError))
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("search"), dict) and data["search"].get("study") == name:
+            return
+    elif (runs / STUDY_FILE).is_file() and not (runs / STUDY_FILE).is_symlink() and _holds_study(runs, name):
+        return
+    raise OutputError(f"--output_dir {runs} holds another sweep or search (or other files); a search continues only "
+                      "its own study: choose another directory" + (" (--overwrite does not replace a study)"
+                                                                    if overwrite else ""))
+
+
+def _holds_study(runs: Path, name: str) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True) as db:
+            return db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+def _only_an_empty_study(runs: Path) -> bool:
+    """The study.db a failed first run made holds no trial: it goes with the directory this run made."""
+    import sqlite3
+
+    if not (runs / STUDY_FILE).is_file():
+        return False
+    try:
+        with sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True) as db:
+            return db.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
+
+
+def _study(optuna, runs: Path, name: str, sampler: str, seed: int, notice):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{runs / STUDY_FILE}",
+                                         engine_kwargs={"connect_args": {"timeout": 30}})
+    if sampler == "cmaes":
+        chosen = optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    else:
+        chosen = optuna.samplers.TPESampler(seed=seed)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=chosen, direction="minimize",
+                                load_if_exists=True)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in stale:  # a killed run's trial: failed, and asked again first
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params)
+    if stale:
+        notice(f"{len(stale)} trial(s) an interrupted run left unfinished are marked failed and asked again")
+    return study
+
+
+def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan, a, b, *,
+            runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began):
+    from gpumerge import runs as runs_dir
+    from gpumerge.evaluate import perplexity
+    from gpumerge.merge import plan_merge
+    from gpumerge.results import Row, ranked, ranked_rows, row_key
+    from gpumerge.sweep import SweepResult, fit_scoring, write_variants
+    from gpumerge.sweep_eval import ResidentModel
+
+    study = _study(optuna, runs, name, sampler, seed, notice)
+    distributions = _distributions(optuna, dims)
+    complete = optuna.trial.TrialState.COMPLETE
+    fingerprints = identity["inputs"]
+    done = len(study.get_trials(deepcopy=False, states=(complete,)))
+    baselines = {key[len("baseline:"):]: value for key, value in study.user_attrs.items()
+                 if key.startswith("baseline:")}
+    wanted = ["model_1", "model_2"] if scoring["baselines"] else []
+    model = None
+    setup_s = time.perf_counter() - began
+    timings = {"setup_s": setup_s, "load_s": 0.0, "inputs_s": 0.0, "baselines_s": 0.0, "scoring_s": 0.0,
+               "baselines": 0, "variants": 0}
+    settings = scoring["settings"]
+    stop = _stop_after()
+    bar = None
+    if done < spec.trials or any(w not in baselines for w in wanted):
+        budget_bytes = fit_scoring(scoring, [resident_plan], [resident_plan], a, b, notice)
+        settings = scoring["settings"]
+        model = ResidentModel(a, b, [resident_plan], device=scoring["device"], eval_dtype=scoring["eval_dtype"],
+                              budget_bytes=budget_bytes, notice=notice, max_memory=scoring["max_memory"])
+        timings["load_s"], timings["inputs_s"] = model.load_s, model.inputs_s
+        state = "a"
+        for which in wanted:
+            if which in baselines:
+                continue
+            started = time.perf_counter()
+            if which == "model_2":
+                model.set_all("b")
+                state = "b"
+            score = perplexity(model.model, scoring["texts"], batch=settings.batch, device=model.device)
+            baselines[which] = {"perplexity": score.perplexity, "per_file": score.per_file, "tokens": score.tokens,
+                                "eval_s": time.perf_counter() - started}
+            study.set_user_attr(f"baseline:{which}", baselines[which])
+            timings["baselines_s"] += time.perf_counter() - started
+            timings["baselines"] += 1
+        if state == "b":
+            model.set_all("a", unblended_only=True)
+        bar = progress_factory(spec.trials, desc="search", unit="trial") if progress_factory else None
+        if bar is not None:
+            bar.update(done)
+        scored = 0
+        while done < spec.trials:
+            GUARD.poll()
+            started = time.perf_counter()
+            trial = study.ask(distributions)
+            variant = trials.variant(f"t{trial.number + 1:04d}", trial.params)
+            plan = _scored_plan(plan_merge(variant.spec, a, b, notice=lambda line: None), a, b)
+            model.apply(plan)
+            model.synchronize()
+            blend_s = time.perf_counter() - started
+            evaluated = time.perf_counter()
+            score = perplexity(model.model, scoring["texts"], batch=settings.batch, device=model.device)
+            eval_s = time.perf_counter() - evaluated
+            trial.set_user_attr("row", {"perplexity": score.perplexity, "per_file": score.per_file,
+                                        "tokens": score.tokens, "blend_s": blend_s, "eval_s": eval_s})
+            if math.isfinite(score.perplexity):
+                study.tell(trial, math.log(score.perplexity))
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            test_pause("score")
+            done = len(study.get_trials(deepcopy=False, states=(complete,)))
+            timings["scoring_s"] += time.perf_counter() - started
+            timings["variants"] += 1
+            scored += 1
+            if bar is not None:
+                bar.update(1)
+            if stop is not None and scored >= stop:
+                import signal
+
+                raise Interrupted(signal.SIGINT)
+        if bar is not None:
+            bar.close()
+    rows, by_name = [], {}
+    for which in wanted:
+        row = Row(which, {}, row_key(fingerprints, which, scoring["record"]), baseline=True)
+        _fill(row, baselines[which])
+        rows.append(row)
+    for trial in study.get_trials(deepcopy=False, states=(complete,))[:spec.trials]:
+        variant = trials.variant(f"t{trial.number + 1:04d}", trial.params)
+        row = Row(variant.name, dict(trial.params), row_key(fingerprints, json.dumps(trial.params, sort_keys=True),
+                                                           scoring["record"]))
+        _fill(row, trial.user_attrs.get("row", {}))
+        rows.append(row)
+        by_name[variant.name] = variant
+    keep = [r.name for r in ranked([r for r in rows if not r.baseline and math.isfinite(r.perplexity)])]
+    keep = keep[:scoring["keep"]]
+    for row in rows:
+        row.kept = row.name in keep
+        row.model_1_itself = False
+    pending = [(by_name[n], plan_merge(by_name[n].spec, a, b, notice=lambda line: None)) for n in keep
+               if not (runs / n).is_dir()]
+    history = study.user_attrs.get("history")
+    if history is None:
+        import secrets
+
+        history = secrets.token_hex(16)
+        study.set_user_attr("history", history)
+    columns = [dim.key for dim in dims]
+    record = {"tool": "gpumerge", "inputs": [], "sweep": name, "history": history,
+              "search": {"study": name, "file": STUDY_FILE, "trials": spec.trials, **identity}}
+    for role, ckpt in (("model_path1", a), ("model_path2", b)):
+        record["inputs"].append({"role": role, "path": str(ckpt.root), "fingerprint": ckpt.fingerprint()})
+    runs_dir.start_pending(runs, name, history)
+    writing = time.perf_counter()
+    files: dict[str, bytes] = {}
+
+    def commit() -> None:
+        timings["writing_s"] = time.perf_counter() - writing
+        files.update(_files(rows, columns, record, scoring, timings, study, dims))
+        runs_dir.commit_records(runs, files, remove=tuple(n for n in ("variants.csv",) if n not in files))
+
+    stats = write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
+                           budget=budget, batch_bytes=batch_bytes, said_devices=True,
+                           checksums=bool(spec.checksums), on_finalized=commit)
+    runs_dir.tidy_locks(runs, [])
+    from gpumerge.results import table_text, verdict
+
+    outcome = verdict(rows)
+    best = (outcome["best"] or "none") + (f" ({outcome['note']})" if outcome["note"] else "")
+    return SweepResult(runs, tuple(v.name for v, _ in pending), (), {}, time.perf_counter() - began, *stats,
+                       table=table_text(rows, columns), best=best, rows=tuple(ranked_rows(rows)), timings=timings)
+
+
+def _scored_plan(plan, a, b):
+    """A trial's plan as a resident model applies it: slerp coefficients computed (its tensors read for them)."""
+    if any(job.method == "slerp" for job in plan.jobs):
+        from gpumerge.pipeline import slerp_prepass_many
+
+        return slerp_prepass_many([plan], a, b)[0]
+    return plan
+
+
+def _fill(row, data: dict) -> None:
+    row.perplexity = float(data.get("perplexity", math.nan))
+    row.per_file = dict(data.get("per_file", {}))
+    row.tokens = int(data.get("tokens", 0))
+    row.blend_s = float(data.get("blend_s", 0.0))
+    row.eval_s = float(data.get("eval_s", 0.0))
+
+
+def _stop_after() -> int | None:
+    """Test hook, as an evaluated sweep's: GPUMERGE_TEST_STOP_AFTER=k interrupts after k trials scored."""
+    import os
+
+    value = os.environ.get("GPUMERGE_TEST_STOP_AFTER")
+    return int(value) if value and value.isdigit() else None
+
+
+def _files(rows, columns, record, scoring, timings, study, dims) -> dict[str, bytes]:
+    import io
+
+    from gpumerge.results import RESULTS_JSONL, results_csv, results_json, results_lines
+
+    texts = scoring["texts"]
+    eval_settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,
+                     "texts": [{"name": t.name, "path": str(t.path), "sha256": t.sha256, "tokens": t.predicted}
+                               for t in texts]}
+    files = {RESULTS_JSONL: results_lines(rows, record["history"]),
+             "results.csv": results_csv(rows, columns, texts),
+             "results.json": results_json(rows, columns, record, eval_settings, timings),
+             "sweep.json": (json.dumps(record, indent=2, default=str) + "\n").encode()}
+    if scoring["plot"]:
+        picture = io.BytesIO()
+        plot_search(rows, dims, picture)
+        files["sweep.png"] = picture.getvalue()
+    return files
+
+
+def plot_search(rows, dims, file) -> None:
+    """sweep.png of a search: the best perplexity so far against the trial number (every trial a dot), and the
+    perplexity against each searched numeric setting (up to 6); the parents as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [r for r in rows if not r.baseline and math.isfinite(r.perplexity)]
+    numeric = [dim for dim in dims if dim.kind != "choice"][:6]
+    panels = 1 + len(numeric)
+    columns = min(panels, 3)
+    lines = math.ceil(panels / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.4 * lines), dpi=100, squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    order = sorted(trials, key=lambda r: r.name)
+    best, so_far = math.inf, []
+    for row in order:
+        best = min(best, row.perplexity)
+        so_far.append(best)
+    numbers = range(1, len(order) + 1)
+    flat[0].scatter(numbers, [r.perplexity for r in order], s=10, color="tab:blue", alpha=0.5, label="trial")
+    flat[0].plot(numbers, so_far, color="tab:red", label="best so far")
+    flat[0].set_xlabel("trial")
+    flat[0].set_ylabel("perplexity")
+    for ax, dim in zip(flat[1:], numeric):
+        ax.scatter([r.values[dim.key] for r in order], [r.perplexity for r in order], s=10, alpha=0.6)
+        ax.set_xlabel(dim.key)
+        if dim.log:
+            ax.set_xscale("log")
+    for ax in flat[:panels]:
+        for row in rows:
+            if row.baseline and math.isfinite(row.perplexity):
+                ax.axhline(row.perplexity, linestyle="--", color="gray" if row.name == "model_1" else "black",
+                           linewidth=1, label=f"{row.name} ({row.perplexity:.3f})" if ax is flat[0] else None)
+    for ax in flat[panels:]:
+        ax.axis("off")
+    flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(file, format="png")
+    plt.close(fig)

@@ -1,0 +1,185 @@
+"""`gpumerge sweep --search optuna`: trials chosen by optuna's sampler, scored like an evaluated sweep's variants,
+resumable from RUNS/study.db, the best written as ordinary merges. The tiny fp16 pair (model 1 has a tokenizer)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, load_state, run_cli, source_env
+
+from gpumerge.demo import DEMO_WORDS
+
+pytest.importorskip("optuna", reason="the search extra (pip install 'gpumerge[search]') is not installed")
+
+
+def text(tmp_path: Path) -> Path:
+    path = tmp_path / "eval.txt"
+    if not path.exists():
+        path.write_text(" ".join(DEMO_WORDS * 6))
+    return path
+
+
+def search_argv(models, runs: Path, tmp_path: Path, *extra) -> list[str]:
+    return ["sweep", "--model_path1", str(models["fp16_a"]), "--model_path2", str(models["fp16_b"]),
+            "--output_dir", str(runs), "--search", "optuna", "--eval-text", str(text(tmp_path)), "--seq-len", "16",
+            "--quiet", *map(str, extra)]
+
+
+def rows(runs: Path) -> list[dict]:
+    with open(runs / "results.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def trials_of(runs: Path) -> list[tuple]:
+    """Every trial's name, parameters and perplexity, by name."""
+    return sorted((r["name"], tuple((k, v) for k, v in r.items() if k not in ("rank", "kept", "blend_s", "eval_s")))
+                  for r in rows(runs) if r["name"].startswith("t"))
+
+
+TWO_D = ("--space", "gradient_start=0:1", "--space", "gradient_end=0:1")
+
+
+def test_a_seeded_search_asks_the_same_trials_twice(models, tmp_path, capsys):
+    for k in (1, 2):
+        code, out, err = run_cli(*search_argv(models, tmp_path / f"runs{k}", tmp_path, "--trials", 6, "--seed", 7,
+                                              "--keep", 0, *TWO_D), capsys=capsys)
+        assert code == 0, err
+    first, second = trials_of(tmp_path / "runs1"), trials_of(tmp_path / "runs2")
+    assert len(first) == 6 and first == second
+    values = {r["gradient_start"] for r in rows(tmp_path / "runs1") if r["name"].startswith("t")}
+    assert len(values) == 6  # six different points, not one repeated
+    assert (tmp_path / "runs1" / "study.db").is_file() and (tmp_path / "runs1" / "sweep.png").is_file()
+
+
+def test_interrupted_and_resumed_it_completes_the_study(models, tmp_path, capsys):
+    """Killed after 2 trials, one more trial left RUNNING in the study (as a crash mid-trial leaves it): the rerun
+    marks it failed, asks its parameters again, and completes 6 trials; the kept model is the single merge of its
+    recorded settings."""
+    import optuna
+
+    runs = tmp_path / "runs"
+    argv = search_argv(models, runs, tmp_path, "--trials", 6, "--seed", 1, *TWO_D)
+    done = subprocess.run([sys.executable, "-m", "gpumerge", *argv], capture_output=True, text=True, cwd=REPO,
+                          env=source_env(GPUMERGE_TEST_STOP_AFTER="2"))
+    assert done.returncode == 130, done.stderr
+    assert not (runs / "results.csv").exists()  # nothing committed yet: the study holds the trials
+    storage = f"sqlite:///{runs / 'study.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+    crashed = study.ask({"gradient_start": optuna.distributions.FloatDistribution(0, 1),
+                         "gradient_end": optuna.distributions.FloatDistribution(0, 1)})
+    code, out, err = run_cli(*argv, capsys=capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and states.count(optuna.trial.TrialState.FAIL) == 1
+    assert crashed.params in [t.params for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    table = rows(runs)
+    assert sum(r["name"].startswith("t") for r in table) == 6
+    (kept,) = [r["name"] for r in table if r["kept"] == "true"]
+    assert table[0]["name"] in (kept, "model_1", "model_2")
+    recipe = runs / kept / "gpumerge_recipe.yaml"
+    again = tmp_path / "again"
+    code, _, err = run_cli("--config", recipe, "--output_model_path", again, "--quiet", capsys=capsys)
+    assert code == 0, err
+    want, got = load_state(again), load_state(runs / kept)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_per_module_anchors_reach_the_blend(models, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 3, "--keep", 1,
+                                        "--space", "layer_gradients.mlp.0=0.2:1",
+                                        "--space", "layer_gradients.mlp.1=0.2:1"), capsys=capsys)
+    assert code == 0, err
+    (kept,) = [r for r in rows(runs) if r["kept"] == "true"]
+    recipe = yaml.safe_load((runs / kept["name"] / "gpumerge_recipe.yaml").read_text())
+    anchors = recipe["layer_gradients"]["mlp"]
+    assert anchors == [float(kept["layer_gradients.mlp.0"]), float(kept["layer_gradients.mlp.1"])]
+    a, b, out = load_state(models["fp16_a"]), load_state(models["fp16_b"]), load_state(runs / kept["name"])
+    for name, tensor in out.items():
+        if ".mlp." in name:  # t >= 0.2 everywhere: a blend, neither model
+            assert not torch.equal(tensor, a[name]) and not torch.equal(tensor, b[name]), name
+        else:  # modules not searched keep model 1's weights
+            assert torch.equal(tensor, a[name]), name
+
+
+def test_choices_and_integer_ranges(models, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 5, "--keep", 0, "--seed", 3,
+                                        "--space", "method=lerp|slerp", "--space", "layer_start=0:3:int",
+                                        "--space", "gradient_end=0.5:1:log"), capsys=capsys)
+    assert code == 0, err
+    trials = [r for r in rows(runs) if r["name"].startswith("t")]
+    assert len(trials) == 5
+    assert {r["method"] for r in trials} <= {"lerp", "slerp"}
+    assert all(r["layer_start"] in ("0", "1", "2", "3") for r in trials)
+    assert all(0.5 <= float(r["gradient_end"]) <= 1 for r in trials)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--trials", 2, "--space", "gradient_end"), "give KEY=LOW:HIGH"),
+    (("--trials", 2, "--space", "gradient_end=1:0"), "LOW must be below HIGH"),
+    (("--trials", 2, "--space", "gradient_end=0:1:int"), "a share of model 2"),
+    (("--trials", 2, "--space", "layer_start=0.5:2"), "is not an integer"),
+    (("--trials", 2, "--space", "temperature=0:1"), "cannot be searched"),
+    (("--trials", 2, "--space", "method=lerp|ties"), "distinct values of lerp, slerp"),
+    (("--trials", 2, "--space", "gradient_end=0:1:log"), "a log scale needs LOW > 0"),
+    (("--trials", 2, "--space", "gradient_end=0:nan"), "not a finite number"),
+    (("--trials", 2, "--space", "layer_gradients.mlp.1=0:1"), "anchors 1 are searched but not 0"),
+    (("--trials", 2, "--space", "layer_gradients.mlp.0=0:1", "--space", "gradient_end=0:1"),
+     "both set the blocks' gradient"),
+    (("--trials", 2, "--space", "gradient_end=0:1", "--space", "gradient_end=0:0.5"), "given twice"),
+    (("--trials", 2, "--space", "gradient_end=0:1", "--gradient_end", "0.5"), "also searched"),
+    (("--trials", 0, "--space", "gradient_end=0:1"), "--trials N, from 1"),
+    (("--space", "gradient_end=0:1"), "--trials N, from 1"),
+    (("--trials", 2, "--space", "gradient_end=0:1", "--sampler", "random"), "use tpe or cmaes"),
+    (("--trials", 2), "at least one --space"),
+    (("--trials", 2, "--space", "gradient_end=0:1", "--grid", "gradient_start=0,1"), "not --grid"),
+])
+def test_a_malformed_search_is_one_line(models, tmp_path, capsys, extra, needle):
+    runs = tmp_path / "runs"
+    code, out, err = run_cli(*search_argv(models, runs, tmp_path, *extra), capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("gpumerge: error:"), err
+    assert needle in lines[0], lines[0]
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--search", "grid"], "the one search is optuna"),
+    (["--grid", "gradient_end=0,1", "--space", "gradient_end=0:1"], "--space sets a search"),
+    (["--grid", "gradient_end=0,1", "--trials", "3"], "--trials sets a search"),
+])
+def test_search_flags_without_a_search_are_refused(models, tmp_path, capsys, argv, needle):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli("sweep", "--model_path1", models["fp16_a"], "--model_path2", models["fp16_b"],
+                           "--output_dir", runs, "--quiet", "--eval-text", text(tmp_path), *argv, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert not runs.exists()
+
+
+def test_without_optuna_one_line_names_the_extra(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    code, _, err = run_cli(*search_argv(models, tmp_path / "runs", tmp_path, "--trials", 2,
+                                        "--space", "gradient_end=0:1"), capsys=capsys)
+    assert code == 2 and "pip install 'gpumerge[search]'" in err and err.count("\n") == 1, err
+
+
+def test_another_search_into_the_same_directory_is_refused(models, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 0,
+                                        "--space", "gradient_end=0:1"), capsys=capsys)
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()}
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 0,
+                                        "--space", "gradient_end=0:0.5"), capsys=capsys)
+    assert code == 2 and "holds another sweep or search" in err
+    assert before == {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()}
