@@ -129,6 +129,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
               "layer_gradients.MODULE.K (anchor K of MODULE's gradient)")
         _flag(parser, "sampler", metavar="NAME", help="with --search: tpe (default) or cmaes")
         _flag(parser, "seed", type=int, metavar="S", help="with --search: the sampler's seed (default 0)")
+        _flag(parser, "scorers", type=Path, metavar="SCORERS.yaml", help="with --search: what a trial is scored by "
+              "(perplexity, your own function(model, tokenizer), lm-eval tasks), each with a weight; default: the "
+              "perplexity of --eval-text")
         _flag(parser, "eval_text", action="append", type=Path, metavar="FILE",
               help="score every variant's perplexity on this UTF-8 text (repeat for several) and write only the "
                    "best (--keep); model 1 and model 2 are scored too")

@@ -33,10 +33,20 @@ class Row:
     baseline: bool = False
     kept: bool = False
     model_1_itself: bool = False  # a variant whose t is 0 everywhere: model 1's weights, not a blend
+    scores: dict = field(default_factory=dict)  # a search's scorers (gpumerge.scorers): name -> value
+    objective: float | None = None  # their weighted sum, lower is better; None: ranked by perplexity
 
     def as_dict(self) -> dict:
-        return {"key": self.key, "name": self.name, "perplexity": self.perplexity, "per_file": self.per_file,
+        data = {"key": self.key, "name": self.name, "perplexity": self.perplexity, "per_file": self.per_file,
                 "tokens": self.tokens, "blend_s": round(self.blend_s, 6), "eval_s": round(self.eval_s, 6)}
+        if self.objective is not None:
+            data.update(scores=self.scores, objective=self.objective)
+        return data
+
+    @property
+    def measure(self) -> float:
+        """What ranks the row, lower is better: the scorers' objective when a search has scorers, else perplexity."""
+        return self.objective if self.objective is not None else self.perplexity
 
 
 def row_key(fingerprints: list[str], rules: str, record: dict) -> str:
@@ -119,9 +129,9 @@ def fill_row(row: Row, done: dict) -> None:
 
 
 def ranked(rows: list[Row]) -> list[Row]:
-    """Lowest perplexity first; a NaN or infinite one (a blend that overflowed) last, never best."""
-    return sorted(rows, key=lambda r: (not math.isfinite(r.perplexity), r.perplexity if math.isfinite(
-        r.perplexity) else 0.0, r.name))
+    """Lowest perplexity (or objective) first; a NaN or infinite one (a blend that overflowed) last, never best."""
+    return sorted(rows, key=lambda r: (not math.isfinite(r.measure), r.measure if math.isfinite(
+        r.measure) else 0.0, r.name))
 
 
 # ---- the files --------------------------------------------------------------------------------------------------
@@ -135,13 +145,16 @@ def results_csv(rows: list[Row], columns: list[str], texts) -> bytes:
     from gpumerge.runs import csv_cell
 
     per_file = [f"perplexity:{t.name}" for t in texts] if len(texts) > 1 else []
+    scorers = list(dict.fromkeys(name for row in rows for name in row.scores))
+    scored = ["objective", *(f"score:{name}" for name in scorers)] if any(r.objective is not None for r in rows) else []
     out = io.StringIO()
     table = csv.writer(out, lineterminator="\n")
-    table.writerow(["rank", "name", *columns, "perplexity", *per_file, "tokens", "blend_s", "eval_s", "kept",
+    table.writerow(["rank", "name", *columns, *scored, "perplexity", *per_file, "tokens", "blend_s", "eval_s", "kept",
                     "model_1_itself"])
     for rank, row in enumerate(ranked(rows), 1):
-        table.writerow([rank, row.name, *(csv_cell(row.values.get(c)) for c in columns), repr(row.perplexity),
-                        *(repr(row.per_file[t.name]) for t in texts if per_file), row.tokens,
+        marks = [repr(row.objective), *(repr(row.scores.get(name, math.nan)) for name in scorers)] if scored else []
+        table.writerow([rank, row.name, *(csv_cell(row.values.get(c)) for c in columns), *marks, repr(row.perplexity),
+                        *(repr(row.per_file.get(t.name, math.nan)) for t in texts if per_file), row.tokens,
                         repr(round(row.blend_s, 6)), repr(round(row.eval_s, 6)), "true" if row.kept else "false",
                         "true" if row.model_1_itself else "false"])
     return out.getvalue().encode()
@@ -150,19 +163,20 @@ def results_csv(rows: list[Row], columns: list[str], texts) -> bytes:
 def verdict(rows: list[Row]) -> dict:
     """The sweep's outcome: the best variant (None when none scored a finite perplexity), whether it beat model 1
     (None without the baselines), whether it is model 1 itself, and a sentence that says so."""
-    best = next((r for r in ranked(rows) if not r.baseline and math.isfinite(r.perplexity)), None)
-    model_1 = next((r for r in rows if r.name == "model_1" and r.baseline and math.isfinite(r.perplexity)), None)
+    best = next((r for r in ranked(rows) if not r.baseline and math.isfinite(r.measure)), None)
+    model_1 = next((r for r in rows if r.name == "model_1" and r.baseline and math.isfinite(r.measure)), None)
     if best is None:
         return {"best": None, "beats_model_1": None, "model_1_itself": False,
                 "note": "no variant scored a finite perplexity; there is no best"}
-    beats = None if model_1 is None else best.perplexity < model_1.perplexity
+    beats = None if model_1 is None else best.measure < model_1.measure
     note = None
     if best.model_1_itself:
         note = f"the best variant, {best.name}, is model 1 itself (t = 0 everywhere): no blend beat model 1"
         beats = False
     elif beats is False:
-        note = (f"no blend beat model 1 (model_1 {model_1.perplexity:.4f}; the best variant, {best.name}, "
-                f"{best.perplexity:.4f})")
+        what = "objective " if best.objective is not None else ""
+        note = (f"no blend beat model 1 ({what}model_1 {model_1.measure:.4f}; the best variant, {best.name}, "
+                f"{best.measure:.4f})")
     return {"best": best.name, "beats_model_1": beats, "model_1_itself": best.model_1_itself, "note": note}
 
 
@@ -206,13 +220,20 @@ def timings_text(timings: dict) -> str:
 
 def table_text(rows: list[Row], columns: list[str]) -> str:
     """The ranked table printed at the end: rank, name, swept settings, perplexity, change against model_1."""
-    reference = next((r.perplexity for r in rows if r.name == "model_1"), None)
-    head = ["rank", "name", *columns, "perplexity", "vs model_1"]
-    body = []
-    for rank, row in enumerate(ranked(rows), 1):
-        change = f"{(row.perplexity / reference - 1) * 100:+.2f}%" if reference else ""
-        body.append([str(rank), row.name + (" (kept)" if row.kept else ""),
-                     *(_short(row.values.get(c)) for c in columns), f"{row.perplexity:.4f}", change])
+    if any(r.objective is not None for r in rows):  # a search with scorers: the objective and each score
+        scorers = list(dict.fromkeys(name for row in rows for name in row.scores))
+        head = ["rank", "name", *columns, "objective", *scorers]
+        body = [[str(rank), row.name + (" (kept)" if row.kept else ""), *(_short(row.values.get(c)) for c in columns),
+                 f"{row.objective:.4f}", *(f"{row.scores.get(n, math.nan):.4f}" for n in scorers)]
+                for rank, row in enumerate(ranked(rows), 1)]
+    else:
+        reference = next((r.perplexity for r in rows if r.name == "model_1"), None)
+        head = ["rank", "name", *columns, "perplexity", "vs model_1"]
+        body = []
+        for rank, row in enumerate(ranked(rows), 1):
+            change = f"{(row.perplexity / reference - 1) * 100:+.2f}%" if reference else ""
+            body.append([str(rank), row.name + (" (kept)" if row.kept else ""),
+                         *(_short(row.values.get(c)) for c in columns), f"{row.perplexity:.4f}", change])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body])
 

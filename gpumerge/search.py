@@ -19,6 +19,7 @@ the space decides per trial which tensors are blended.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import time
@@ -65,12 +66,20 @@ def _checked(spec: SweepSpec) -> tuple[tuple[Dimension, ...], str, int]:
     return dims, sampler, seed
 
 
+def _scorers(spec: SweepSpec):
+    """The scorer file's scorers, or None: each trial is scored by perplexity alone."""
+    if spec.scorers is None:
+        return None
+    from gpumerge.scorers import load_scorers
+
+    return load_scorers(spec.scorers)
+
+
 def _import_optuna(sampler: str):
     try:
         import optuna
         if sampler == "cmaes":
-            import cmaes  # noqa: F401 - optuna's CMA-ES sampler needs it
-
+            importlib.import_module("cmaes")  # optuna's CMA-ES sampler needs it
     except ImportError as exc:
         raise SpecError(f"--search optuna needs {exc.name or 'optuna'}, which is not installed: "
                         "pip install 'gpumerge[search]'") from None
@@ -145,10 +154,11 @@ def _every_tensor_plan(args: SimpleNamespace, a, b, notice):
     return plan_merge(merge_spec(flags, output_required=False), a, b, notice=lambda line: None)
 
 
-def _identity(spec: SweepSpec, dims, sampler: str, seed: int, a, b, eval_record: dict) -> dict:
+def _identity(spec: SweepSpec, dims, sampler: str, seed: int, a, b, eval_record: dict, scorers) -> dict:
     shared = {key: value for key, value in spec.shared if key not in ("device", "max_memory", "readers")}
     return {"inputs": [a.fingerprint(), b.fingerprint()], "space": [dim.describe() for dim in dims],
             "sampler": sampler, "seed": seed, "shared": shared,
+            "scorers": [s.describe() for s in scorers] if scorers else None,
             "config": str(spec.config) if spec.config is not None else None, "eval": eval_record,
             "definition": "gpumerge-search-1"}
 
@@ -167,6 +177,7 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
         raise SpecError("--output_dir is required: the directory the search writes its study and kept trials to")
     began = time.perf_counter()
     dims, sampler, seed = _checked(spec)
+    scorers = _scorers(spec)
     args = SimpleNamespace(**{**spec.flags(), "grid": None, "settings": None})
     check_eval_flags(args)
     optuna = _import_optuna(sampler)
@@ -183,7 +194,12 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
         if input_budget is not None:
             scoring["input_budget"] = input_budget
         scoring["began"] = began
-        identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"])
+        identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"], scorers)
+        scoring["scorers"] = scorers
+        if scorers:
+            from gpumerge.scorers import score_functions
+
+            scoring["score"] = score_functions(scorers, a.root, texts=scoring["texts"], batch=scoring["settings"].batch)
         name = "gpumerge-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
         inputs = Inputs.of(a, b)
 
@@ -294,7 +310,6 @@ def _study(optuna, runs: Path, name: str, sampler: str, seed: int, notice):
 def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan, a, b, *,
             runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began):
     from gpumerge import runs as runs_dir
-    from gpumerge.evaluate import perplexity
     from gpumerge.merge import plan_merge
     from gpumerge.results import Row, ranked, ranked_rows, row_key
     from gpumerge.sweep import SweepResult, fit_scoring, write_variants
@@ -329,9 +344,7 @@ def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, 
             if which == "model_2":
                 model.set_all("b")
                 state = "b"
-            score = perplexity(model.model, scoring["texts"], batch=settings.batch, device=model.device)
-            baselines[which] = {"perplexity": score.perplexity, "per_file": score.per_file, "tokens": score.tokens,
-                                "eval_s": time.perf_counter() - started}
+            baselines[which] = {**_score_model(model, scoring, settings), "eval_s": time.perf_counter() - started}
             study.set_user_attr(f"baseline:{which}", baselines[which])
             timings["baselines_s"] += time.perf_counter() - started
             timings["baselines"] += 1
@@ -351,12 +364,13 @@ def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, 
             model.synchronize()
             blend_s = time.perf_counter() - started
             evaluated = time.perf_counter()
-            score = perplexity(model.model, scoring["texts"], batch=settings.batch, device=model.device)
+            scored_row = _score_model(model, scoring, settings)
             eval_s = time.perf_counter() - evaluated
-            trial.set_user_attr("row", {"perplexity": score.perplexity, "per_file": score.per_file,
-                                        "tokens": score.tokens, "blend_s": blend_s, "eval_s": eval_s})
-            if math.isfinite(score.perplexity):
-                study.tell(trial, math.log(score.perplexity))
+            trial.set_user_attr("row", {**scored_row, "blend_s": blend_s, "eval_s": eval_s})
+            measure = (scored_row["objective"] if scoring.get("scorers")
+                       else math.log(scored_row["perplexity"]) if scored_row["perplexity"] > 0 else math.nan)
+            if math.isfinite(measure):
+                study.tell(trial, measure)
             else:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             test_pause("score")
@@ -384,7 +398,7 @@ def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, 
         _fill(row, trial.user_attrs.get("row", {}))
         rows.append(row)
         by_name[variant.name] = variant
-    keep = [r.name for r in ranked([r for r in rows if not r.baseline and math.isfinite(r.perplexity)])]
+    keep = [r.name for r in ranked([r for r in rows if not r.baseline and math.isfinite(r.measure)])]
     keep = keep[:scoring["keep"]]
     for row in rows:
         row.kept = row.name in keep
@@ -423,6 +437,21 @@ def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, 
                        table=table_text(rows, columns), best=best, rows=tuple(ranked_rows(rows)), timings=timings)
 
 
+def _score_model(model, scoring: dict, settings) -> dict:
+    """A row's figures for the model as it is now: its perplexity, or every scorer's value and their objective."""
+    from gpumerge.evaluate import perplexity
+
+    if not scoring.get("scorers"):
+        score = perplexity(model.model, scoring["texts"], batch=settings.batch, device=model.device)
+        return {"perplexity": score.perplexity, "per_file": score.per_file, "tokens": score.tokens}
+    from gpumerge.scorers import objective
+
+    values = scoring["score"](model.model, model.device)
+    names = [s.name for s in scoring["scorers"] if s.kind == "perplexity"]
+    return {"perplexity": values[names[0]] if names else math.nan, "per_file": {}, "tokens": 0, "scores": values,
+            "objective": objective(scoring["scorers"], values)}
+
+
 def _scored_plan(plan, a, b):
     """A trial's plan as a resident model applies it: slerp coefficients computed (its tensors read for them)."""
     if any(job.method == "slerp" for job in plan.jobs):
@@ -438,6 +467,9 @@ def _fill(row, data: dict) -> None:
     row.tokens = int(data.get("tokens", 0))
     row.blend_s = float(data.get("blend_s", 0.0))
     row.eval_s = float(data.get("eval_s", 0.0))
+    if "objective" in data:
+        row.scores = {key: float(value) for key, value in data.get("scores", {}).items()}
+        row.objective = float(data["objective"])
 
 
 def _stop_after() -> int | None:
@@ -476,7 +508,8 @@ def plot_search(rows, dims, file) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = [r for r in rows if not r.baseline and math.isfinite(r.perplexity)]
+    trials = [r for r in rows if not r.baseline and math.isfinite(r.measure)]
+    label = "objective" if any(r.objective is not None for r in rows) else "perplexity"
     numeric = [dim for dim in dims if dim.kind != "choice"][:6]
     panels = 1 + len(numeric)
     columns = min(panels, 3)
@@ -486,23 +519,23 @@ def plot_search(rows, dims, file) -> None:
     order = sorted(trials, key=lambda r: r.name)
     best, so_far = math.inf, []
     for row in order:
-        best = min(best, row.perplexity)
+        best = min(best, row.measure)
         so_far.append(best)
     numbers = range(1, len(order) + 1)
-    flat[0].scatter(numbers, [r.perplexity for r in order], s=10, color="tab:blue", alpha=0.5, label="trial")
+    flat[0].scatter(numbers, [r.measure for r in order], s=10, color="tab:blue", alpha=0.5, label="trial")
     flat[0].plot(numbers, so_far, color="tab:red", label="best so far")
     flat[0].set_xlabel("trial")
-    flat[0].set_ylabel("perplexity")
+    flat[0].set_ylabel(label)
     for ax, dim in zip(flat[1:], numeric):
-        ax.scatter([r.values[dim.key] for r in order], [r.perplexity for r in order], s=10, alpha=0.6)
+        ax.scatter([r.values[dim.key] for r in order], [r.measure for r in order], s=10, alpha=0.6)
         ax.set_xlabel(dim.key)
         if dim.log:
             ax.set_xscale("log")
     for ax in flat[:panels]:
         for row in rows:
-            if row.baseline and math.isfinite(row.perplexity):
-                ax.axhline(row.perplexity, linestyle="--", color="gray" if row.name == "model_1" else "black",
-                           linewidth=1, label=f"{row.name} ({row.perplexity:.3f})" if ax is flat[0] else None)
+            if row.baseline and math.isfinite(row.measure):
+                ax.axhline(row.measure, linestyle="--", color="gray" if row.name == "model_1" else "black",
+                           linewidth=1, label=f"{row.name} ({row.measure:.3f})" if ax is flat[0] else None)
     for ax in flat[panels:]:
         ax.axis("off")
     flat[0].legend(fontsize=7)

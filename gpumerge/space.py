@@ -27,7 +27,7 @@ CHOICES = {"method": ("lerp", "slerp")}
 _ANCHOR_RE = re.compile(r"^layer_gradients\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*?)\.(\d+)$")
 MAX_ANCHORS = 64
 MAX_DIMENSIONS = 256
-_SEARCH_FLAGS = ("trials", "space", "sampler", "seed")
+_SEARCH_FLAGS = ("trials", "space", "sampler", "seed", "scorers")
 
 
 @dataclass(frozen=True, slots=True)

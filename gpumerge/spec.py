@@ -518,6 +518,7 @@ class SweepSpec:
     space: tuple[str, ...] = ()  # --space SPEC strings (gpumerge.space)
     sampler: str | None = None  # tpe (default) or cmaes
     seed: int | None = None
+    scorers: str | Path | None = None  # a search's scorer file (gpumerge.scorers); default: perplexity
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "space", (self.space,) if isinstance(self.space, str) else tuple(self.space or ()))
@@ -549,7 +550,8 @@ class SweepSpec:
                      eval_batch=self.eval_batch, keep=self.keep, no_baselines=not self.baselines,
                      eval_dtype=self.eval_dtype, overwrite=self.overwrite, checksums=self.checksums,
                      quiet=self.quiet, search=self.search, trials=self.trials, space=list(self.space) or None,
-                     sampler=self.sampler, seed=self.seed)
+                     sampler=self.sampler, seed=self.seed,
+                     scorers=Path(self.scorers) if self.scorers is not None else None)
         return flags
 
     @classmethod
@@ -566,4 +568,5 @@ class SweepSpec:
                    baselines=not flags.get("no_baselines"), eval_dtype=flags.get("eval_dtype"),
                    overwrite=bool(flags.get("overwrite")), checksums=bool(flags.get("checksums")),
                    quiet=bool(flags.get("quiet")), search=flags.get("search"), trials=flags.get("trials"),
-                   space=tuple(flags.get("space") or ()), sampler=flags.get("sampler"), seed=flags.get("seed"))
+                   space=tuple(flags.get("space") or ()), sampler=flags.get("sampler"), seed=flags.get("seed"),
+                   scorers=flags.get("scorers"))

@@ -17,7 +17,7 @@ LAYERS = (
     ("headers", "checkpoint", "architecture", "mergekit", "recipes", "devices"),
     ("plan", "outdir", "settings"),
     ("lanes", "pipeline", "copier", "writer"),
-    ("merge", "evaluate", "results", "sweep_eval", "runs", "sweep"),
+    ("merge", "evaluate", "scorers", "results", "sweep_eval", "runs", "sweep"),
     ("verify", "report", "demo", "search"),
     ("cli", "__main__"),
 )

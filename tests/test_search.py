@@ -183,3 +183,71 @@ def test_another_search_into_the_same_directory_is_refused(models, tmp_path, cap
                                         "--space", "gradient_end=0:0.5"), capsys=capsys)
     assert code == 2 and "holds another sweep or search" in err
     assert before == {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()}
+
+
+# ---- scorers -----------------------------------------------------------------------------------------------------
+
+SCORER_MODULE = '''
+import torch
+
+
+def head_mean(model, tokenizer):
+    """A number that moves with the blend: the mean of the output layer's weights (and the tokenizer is model 1's)."""
+    assert tokenizer.encode("hello") is not None
+    return float(model.lm_head.weight.double().mean())
+'''
+
+
+def scorer_file(tmp_path: Path, text_: str) -> Path:
+    path = tmp_path / "scorers.yaml"
+    path.write_text(text_)
+    return path
+
+
+def test_a_custom_scorer_beside_perplexity(models, tmp_path, capsys, monkeypatch):
+    import math
+
+    (tmp_path / "myscores.py").write_text(SCORER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scorers = scorer_file(tmp_path, "- {kind: perplexity, weight: 1}\n"
+                                    "- {kind: function, function: 'myscores:head_mean', weight: 0.5, "
+                                    "direction: maximize}\n")
+    runs = tmp_path / "runs"
+    code, out, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 4, "--keep", 1, "--scorers", scorers,
+                                          "--space", "gradient_end=0:1"), capsys=capsys)
+    assert code == 0, err
+    table = rows(runs)
+    assert {"objective", "score:perplexity", "score:head_mean"} <= set(table[0])
+    for row in table:
+        ppl, head = float(row["score:perplexity"]), float(row["score:head_mean"])
+        assert float(row["objective"]) == 1.0 * math.log(ppl) + 0.5 * (1.0 - head)
+        assert float(row["perplexity"]) == ppl
+    objectives = [float(r["objective"]) for r in table]
+    assert objectives == sorted(objectives)  # ranked by the objective
+    kept = [r["name"] for r in table if r["kept"] == "true"]
+    assert kept == [next(r["name"] for r in table if r["name"].startswith("t"))]
+    assert "objective" in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("kind: perplexity\n", "a YAML list of scorers"),
+    ("- {kind: bleu}\n", "kind must be one of perplexity, function, lm_eval"),
+    ("- {kind: perplexity, weight: -1}\n", "weight must be a positive number"),
+    ("- {kind: perplexity, weight: .nan}\n", "weight must be a positive number"),
+    ("- {kind: function, function: 'C:/scores.py'}\n", "function must be package.module:function"),
+    ("- {kind: function, function: 'no_such_module_xyz:f'}\n", "cannot import no_such_module_xyz"),
+    ("- {kind: function, function: 'json:no_such_function'}\n", "json has no function no_such_function"),
+    ("- {kind: perplexity, temperature: 2}\n", "unknown key 'temperature'"),
+    ("- {kind: perplexity}\n- {kind: perplexity}\n", "the name perplexity is used twice"),
+    ("- {kind: function, function: 'json:dumps', direction: up}\n", "direction must be minimize or maximize"),
+    ("- {kind: lm_eval, task: 'a b'}\n", "task must be an lm-evaluation-harness task name"),
+    ("- {kind: lm_eval, task: t, limit: 0}\n", "limit must be a number of samples"),
+])
+def test_a_malformed_scorer_file_is_one_line(models, tmp_path, capsys, content, needle):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 2, "--scorers",
+                                        scorer_file(tmp_path, content), "--space", "gradient_end=0:1"),
+                           capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("gpumerge: error:") and needle in lines[0], err
+    assert not runs.exists()
