@@ -251,3 +251,47 @@ def test_a_malformed_scorer_file_is_one_line(models, tmp_path, capsys, content, 
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("gpumerge: error:") and needle in lines[0], err
     assert not runs.exists()
+
+
+LOCAL_TASK = """task: gpumerge_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_a_local_lm_eval_task_scores_the_model_in_memory(models, tmp_path, capsys, monkeypatch):
+    """An lm-evaluation-harness task built from a local JSON file, offline, on the resident model (no reload)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm_eval; CI leaves "
+                                          "it out: it is a large install)")
+    import json
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    words = ["alpha", "beta", "gamma", "delta"]
+    questions = [{"question": f"Which word comes after {words[i % 4]}?", "choices": words, "answer": (i + 1) % 4}
+                 for i in range(12)]
+    (tasks / "data.json").write_text(json.dumps(questions))
+    (tasks / "gpumerge_local.yaml").write_text(LOCAL_TASK.format(data=tasks / "data.json"))
+    scorers = scorer_file(tmp_path, f"- {{kind: perplexity, weight: 1}}\n- {{kind: lm_eval, task: gpumerge_local, "
+                                    f"include_path: '{tasks}', limit: 8, weight: 2}}\n")
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 0, "--scorers", scorers,
+                                        "--space", "gradient_end=0:1"), capsys=capsys)
+    assert code == 0, err
+    import math
+
+    for row in rows(runs):
+        accuracy = float(row["score:gpumerge_local"])
+        assert accuracy in {k / 8 for k in range(9)}  # 8 samples scored
+        assert float(row["objective"]) == math.log(float(row["score:perplexity"])) + 2 * (1.0 - accuracy)
