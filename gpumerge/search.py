@@ -371,10 +371,10 @@ def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, 
                        else math.log(scored_row["perplexity"]) if scored_row["perplexity"] > 0 else math.nan)
             if math.isfinite(measure):
                 study.tell(trial, measure)
+                done += 1  # counted here: asking the storage for every trial each time grows with the study
             else:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             test_pause("score")
-            done = len(study.get_trials(deepcopy=False, states=(complete,)))
             timings["scoring_s"] += time.perf_counter() - started
             timings["variants"] += 1
             scored += 1
