@@ -3,6 +3,8 @@
 Sections, in the order they run (each with its time budget on one H200, data generation included; each runs in its
 own try/except, so a failing section says why in its row and the others still run):
 
+    search  (200 s) `gpumerge sweep --search optuna`: 200 TPE trials over 4 per-module anchors on the 7B-shaped
+                    pair generated on the GPU, 16k tokens a trial, timed as a whole (goal <= 3 minutes)
     evalsweep (200 s) evaluated sweeps through the command line: the trained pair (benchmarks/trained_pair.py, the
                     carried benchmarks/data/trained_pair when present) on the GPU against --device cpu (perplexities
                     within 1e-4 relative, the same ranking); a 7B-shaped pair generated on the GPU into /dev/shm
@@ -548,8 +550,53 @@ def evalsweep_rows(ctx: Context) -> Iterator[Row]:
            "baselines, writing)", f"{fixed:.1f} s", "<= 25 s" if not ctx.dry_run else "")
 
 
+def search_rows(ctx: Context) -> Iterator[Row]:
+    """`gpumerge sweep --search optuna`: TPE trials over 4 per-module anchors on the 7B-shaped pair (16k tokens a
+    trial), the whole process timed; GPUMERGE_CHECK_TRIALS sets the trials (default 200)."""
+    import os
+
+    pair = trained_pair(ctx)
+    shape = SEVEN_B_DRY if ctx.dry_run else SEVEN_B
+    free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else 0
+    where = Path("/dev/shm/gpumerge_7b") if free > 3 * shape.total_bytes() + 8 * 2**30 else ctx.work / "7b"
+    began = time.perf_counter()
+    a, b = ensure_pair(where, shape, device=ctx.device)
+    for model in (a, b):
+        for file in (pair / "model_1").glob("tokenizer*"):
+            shutil.copy(file, model / file.name)
+    yield (f"(10) {'a tiny' if ctx.dry_run else 'a 7B-shaped'} pair generated on {ctx.device}",
+           f"{shape.total_bytes() / 1e9:.1f} GB per model in {time.perf_counter() - began:.0f} s", "")
+    trials = int(os.environ.get("GPUMERGE_CHECK_TRIALS", "5" if ctx.dry_run else "200"))
+    tokens = 1024 if ctx.dry_run else 16384
+    runs = where / "search"
+    anchors = [f"--space=layer_gradients.{m}.{k}=0:1" for m in ("self_attn", "mlp") for k in (0, 1)]
+    try:
+        shutil.rmtree(runs, ignore_errors=True)
+        command = [sys.executable, "-m", "gpumerge", "sweep", "--model_path1", str(a), "--model_path2", str(b),
+                   "--output_dir", str(runs), "--search", "optuna", "--trials", str(trials), "--seed", "0",
+                   "--eval-text", str(pair / "texts" / "train_code.txt"), "--eval-tokens", str(tokens), "--quiet",
+                   *anchors]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"search: exit {done.returncode}: {done.stderr[-600:]}")
+        results = json.loads((runs / "results.json").read_text())
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    from gpumerge.results import timings_text
+
+    timings = results["timings"]
+    goal = "<= 180 s for 200 trials" if not ctx.dry_run else ""
+    yield (f"(10a) `gpumerge sweep --search optuna --trials {trials}` over 4 per-module anchors, {tokens} tokens a "
+           "trial (default device and batch; the best kept), whole process",
+           f"{wall:.1f} s = {60 * trials / wall:.0f} trials a minute overall, "
+           f"{60 * timings['variants'] / timings['scoring_s']:.0f} a minute in the loop; {timings_text(timings)}", goal)
+
+
 SECTIONS: dict[str, tuple[int, Callable[[Context], Iterator[Row]]]] = {
     "evalsweep": (200, evalsweep_rows),
+    "search": (200, search_rows),
     "e2e": (90, end_to_end_rows),
     "sweep": (60, sweep_rows),
     "eval": (60, eval_rows),

@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh OUTDIR [--cpu-dry-run] [SECTION ...]
 #
 # 1. the CUDA tests, `pytest -m cuda` (budget 90 s)            -> OUTDIR/pytest_cuda.log
-# 2. benchmarks/gpu_check.py [SECTION ...] (budgets in its doc: evalsweep 200, e2e 90, sweep 60, eval 60, bytes 60,
+# 2. benchmarks/gpu_check.py [SECTION ...] (budgets in its doc: evalsweep 200, search 200, e2e 90, sweep 60, eval 60, bytes 60,
 #    pinned 15, kernel 15 s)                                    -> OUTDIR/table.md, OUTDIR/gpu_check.log
 # The default set is planned for under 8 minutes on one H200, data generation included (run single sections to rerun in
 # the same 15 minutes). Each step has a hard timeout; a failing step does not stop the next, and the script exits 1 when any
