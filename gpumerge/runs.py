@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -318,6 +319,39 @@ def start_pending(runs: Path, sweep_id: str, history: str | None) -> tuple[Path,
         path.mkdir()
         _write_synced(path / _IDENTITY, (json.dumps({"sweep": sweep_id, "history": history}) + "\n").encode())
     return path, history
+
+
+@contextlib.contextmanager
+def locked(runs: Path, *, notice, check=None, cleanup=None):
+    """RUNS under its lock for a sweep or a search: RUNS's parents made as needed, a commit a killed run had begun
+    finished, ``check()`` (its value is what the block gets), then RUNS made if it is not there. When the block
+    fails: the working directory if it holds nothing to resume, ``cleanup(created)``, and the directories this run
+    made (when empty again) are removed."""
+    from gpumerge.outdir import OutputLock, make_parents, remove_made
+
+    created: list[Path] = []  # RUNS's parents (and RUNS) as this run makes them
+    lock = OutputLock(runs, flag="--output_dir")
+    done = False
+    try:
+        make_parents(runs, created)
+        lock.acquire()
+        GUARD.poll()
+        if runs.exists():
+            recover(runs, notice=notice)  # a commit a killed run had begun is finished first
+        found = check() if check is not None else None
+        if not runs.exists():
+            runs.mkdir()
+            created.append(runs)
+        yield found
+        done = True
+    finally:
+        lock.release()
+        if not done:
+            with GUARD.critical():
+                drop_unused_pending(runs)
+                if cleanup is not None:
+                    cleanup(created)
+                remove_made(created)
 
 
 def drop_unused_pending(runs: Path) -> None:

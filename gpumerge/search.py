@@ -168,7 +168,7 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
     """Run (or continue) the search ``spec`` asks for; returns a SweepResult (its rows every trial scored, best
     first; its written the kept trials)."""
     from gpumerge.merge import open_pair, plan_merge
-    from gpumerge.outdir import Inputs, OutputLock, canonical, check_output_path, make_parents, remove_made
+    from gpumerge.outdir import Inputs, canonical, check_output_path
     from gpumerge.sweep import check_eval_flags, eval_setup
 
     if not isinstance(spec, SweepSpec):
@@ -208,35 +208,17 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
 
         runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
                                  existing=existing)
-        created: list[Path] = []
-        lock = OutputLock(runs, flag="--output_dir")
-        done = False
-        try:
-            make_parents(runs, created)
-            lock.acquire()
-            GUARD.poll()
-            if runs.exists():
-                from gpumerge import runs as runs_dir
+        from gpumerge import runs as runs_dir
 
-                runs_dir.recover(runs, notice=notice)
-                _check_runs(runs, name, overwrite=bool(spec.overwrite))
-            else:
-                runs.mkdir()
-                created.append(runs)
+        def cleanup(created: list[Path]) -> None:  # a study.db a failed first run made, holding no trial
+            if runs in created and _only_an_empty_study(runs):
+                (runs / STUDY_FILE).unlink(missing_ok=True)
+
+        with runs_dir.locked(runs, notice=notice, check=lambda: _check_runs(runs, name, overwrite=bool(spec.overwrite)),
+                             cleanup=cleanup):
             result = _search(optuna, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan, a, b,
                              runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
                              budget=budget, batch_bytes=batch_bytes, began=began)
-            done = True
-        finally:
-            lock.release()
-            if not done:
-                with GUARD.critical():
-                    from gpumerge import runs as runs_dir
-
-                    runs_dir.drop_unused_pending(runs)
-                    if runs in created and _only_an_empty_study(runs):
-                        (runs / STUDY_FILE).unlink(missing_ok=True)
-                    remove_made(created)
     return result
 
 

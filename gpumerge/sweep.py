@@ -543,22 +543,11 @@ def _under_lock(planned: _Planned, runs: Path, state, a, b, *, notice, progress_
     scored (an evaluated sweep) and written, and the records committed with them. RUNS and the parents this run made
     are removed again when it fails. Returns (names written, RUNS's state, (table, best, rows, byte counts))."""
     from gpumerge import runs as runs_dir
-    from gpumerge.outdir import OutputLock, make_parents, remove_made
 
-    created: list[Path] = []  # RUNS's parents (and RUNS) as this run makes them
-    lock = OutputLock(runs, flag="--output_dir")
-    done = False
-    try:
-        make_parents(runs, created)
-        lock.acquire()
-        GUARD.poll()
-        if runs.exists():
-            runs_dir.recover(runs, notice=notice)  # a commit a killed run had begun is finished first
-        state = runs_dir.judge_runs(runs, planned.record, planned.expected,
-                                    overwrite=bool(planned.args.overwrite))  # again, under the lock
-        if not runs.exists():
-            runs.mkdir()
-            created.append(runs)
+    def judge():  # again, under the lock (every byte this time)
+        return runs_dir.judge_runs(runs, planned.record, planned.expected, overwrite=bool(planned.args.overwrite))
+
+    with runs_dir.locked(runs, notice=notice, check=judge) as state:
         pending, files, table, best, rows, timed = _score_and_record(planned, runs, state, a, b, notice=notice,
                                                                      progress_factory=progress_factory)
         remove = tuple(name for name in RUNS_FILES if name not in files)
@@ -571,20 +560,13 @@ def _under_lock(planned: _Planned, runs: Path, state, a, b, *, notice, progress_
             runs_dir.commit_records(runs, files, remove=remove)
 
         stats = write_variants(pending, a, b, runs=runs, inputs=planned.inputs, notice=notice,
-                                replace=state.replace, said_devices=planned.scoring is not None,
-                                slerp_ready=planned.scoring is not None,
-                                checksums=bool(getattr(planned.args, "checksums", False)),
-                                progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
-                                simulate_staging=simulate_staging, on_finalized=commit)
-        done = True
+                               replace=state.replace, said_devices=planned.scoring is not None,
+                               slerp_ready=planned.scoring is not None,
+                               checksums=bool(getattr(planned.args, "checksums", False)),
+                               progress_factory=progress_factory, budget=budget, batch_bytes=batch_bytes,
+                               simulate_staging=simulate_staging, on_finalized=commit)
         runs_dir.tidy_locks(runs, state.complete)
         runs_dir.retire(runs, state.retire, notice=notice)
-    finally:
-        lock.release()
-        if not done:
-            with GUARD.critical():  # RUNS and its parents, when this run made them and they are empty again
-                runs_dir.drop_unused_pending(runs)
-                remove_made(created)
     return tuple(v.name for v, _ in pending), state, (table, best, rows, timed[0] if timed else None, stats)
 
 
