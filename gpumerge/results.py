@@ -305,3 +305,23 @@ def plot(rows: list[Row], columns: list[str], file) -> None:
     fig.tight_layout()
     fig.savefig(file, format="png", bbox_inches="tight")
     plt.close(fig)
+
+
+def result_files(rows: list[Row], columns: list[str], record: dict, scoring: dict, *, timings: dict | None = None,
+                 draw=None) -> dict[str, bytes]:
+    """An evaluated sweep's (or a search's) results files: results.jsonl (every row with its history mark),
+    results.csv, results.json (with ``timings``), and sweep.png drawn by ``draw(file)`` when matplotlib is there."""
+    import io
+
+    texts = scoring["texts"]
+    settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,
+                "texts": [{"name": t.name, "path": str(t.path), "sha256": t.sha256, "tokens": t.predicted}
+                          for t in texts]}
+    files = {RESULTS_JSONL: results_lines(rows, record["history"]),
+             "results.csv": results_csv(rows, columns, texts),
+             "results.json": results_json(rows, columns, record, settings, timings)}
+    if scoring["plot"] and draw is not None:
+        picture = io.BytesIO()
+        draw(picture)
+        files["sweep.png"] = picture.getvalue()
+    return files

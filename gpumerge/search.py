@@ -463,22 +463,11 @@ def _stop_after() -> int | None:
 
 
 def _files(rows, columns, record, scoring, timings, study, dims) -> dict[str, bytes]:
-    import io
+    from gpumerge.results import result_files
 
-    from gpumerge.results import RESULTS_JSONL, results_csv, results_json, results_lines
-
-    texts = scoring["texts"]
-    eval_settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,
-                     "texts": [{"name": t.name, "path": str(t.path), "sha256": t.sha256, "tokens": t.predicted}
-                               for t in texts]}
-    files = {RESULTS_JSONL: results_lines(rows, record["history"]),
-             "results.csv": results_csv(rows, columns, texts),
-             "results.json": results_json(rows, columns, record, eval_settings, timings),
-             "sweep.json": (json.dumps(record, indent=2, default=str) + "\n").encode()}
-    if scoring["plot"]:
-        picture = io.BytesIO()
-        plot_search(rows, dims, picture)
-        files["sweep.png"] = picture.getvalue()
+    files = result_files(rows, columns, record, scoring, timings=timings,
+                         draw=lambda file: plot_search(rows, dims, file))
+    files["sweep.json"] = (json.dumps(record, indent=2, default=str) + "\n").encode()
     return files
 
 

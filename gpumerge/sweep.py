@@ -774,25 +774,13 @@ def _results(scoring: dict, rows, columns, record):
     """The ranked table, the best name (with what it means), the results files' bytes: results.jsonl (every row
     with its history mark), results.csv, results.json and sweep.png, put in place with the sweep's other records;
     and a function of the run's timings giving results.json with them (made again once the kept are written)."""
-    import io
+    from gpumerge.results import plot, result_files, table_text, verdict
 
-    from gpumerge.results import RESULTS_JSONL, plot, results_csv, results_json, results_lines, table_text, verdict
-
-    texts = scoring["texts"]
-    eval_settings = {**scoring["record"], "eval_batch": scoring["settings"].batch,
-                     "texts": [{"name": t.name, "path": str(t.path), "sha256": t.sha256, "tokens": t.predicted}
-                               for t in texts]}
-    files = {RESULTS_JSONL: results_lines(rows, record["history"]),
-             "results.csv": results_csv(rows, columns, texts),
-             "results.json": results_json(rows, columns, record, eval_settings)}
-    if scoring["plot"]:
-        picture = io.BytesIO()
-        plot(rows, columns, picture)
-        files["sweep.png"] = picture.getvalue()
+    files = result_files(rows, columns, record, scoring, draw=lambda file: plot(rows, columns, file))
     outcome = verdict(rows)
     best = outcome["best"] or "none"
     return (table_text(rows, columns), best + (f" ({outcome['note']})" if outcome["note"] else ""), files,
-            lambda timings: results_json(rows, columns, record, eval_settings, timings))
+            lambda timings: result_files(rows, columns, record, scoring, timings=timings)["results.json"])
 
 
 def write_variants(pending: list, a, b, *, runs: Path, inputs, notice, progress_factory, budget,
