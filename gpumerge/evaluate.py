@@ -31,9 +31,10 @@ class EvalSettings:
     seq_len: int = 512
     batch: int = 4
     dtype: str | None = None  # the forward pass's dtype; None: fp32 on a CPU, the output dtype on a GPU
+    required: bool = True  # False: no texts (a search scored only by its own scorers), the other settings checked
 
     def __post_init__(self) -> None:
-        if not self.texts:
+        if self.required and not self.texts:
             raise SpecError("--eval-text: give at least one text file")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or not 2 <= self.seq_len <= 2**20:
             raise SpecError(f"--seq-len must be a whole number from 2 to {2**20}, got {self.seq_len}")

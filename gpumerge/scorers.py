@@ -24,7 +24,9 @@ results. A file (rather than a packed command-line syntax) keeps paths and modul
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -196,9 +198,14 @@ def _number(value, scorer: Scorer) -> float:
 
 
 def _lm_eval(scorer: Scorer, model_dir: Path, *, batch: int):
-    """An lm-evaluation-harness task scored on the model in memory (wrapped as lm-eval's HFLM: no reload, no disk)."""
+    """An lm-evaluation-harness task scored on the model in memory (wrapped as lm-eval's HFLM: no reload, no disk).
+
+    lm-eval's own ``evaluate`` rather than ``simple_evaluate``: the latter adds a git hash (a ``git describe`` that
+    prints "fatal: not a git repository" outside one) and environment details no score needs, and returns nothing
+    on a process whose LOCAL_RANK is not 0 (every process but one under ``accelerate launch``). What it does besides
+    is done here: zero-shot unless the task says otherwise, and its fixed seeds."""
     try:
-        from lm_eval import simple_evaluate
+        from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except Exception as exc:  # absent, or broken against this transformers
@@ -206,14 +213,42 @@ def _lm_eval(scorer: Scorer, model_dir: Path, *, batch: int):
                         f"imported here ({type(exc).__name__}: {exc}); pip install lm_eval") from None
     from transformers import AutoTokenizer
 
+    class QuietHFLM(HFLM):  # lm-eval's progress bars off: a search prints one line per run, not per task
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     manager = TaskManager(include_path=scorer.args.get("include_path"))
     task, metric = scorer.args["task"], scorer.args["metric"]
 
     def run(model) -> float:
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
-        results = simple_evaluate(model=wrapped, tasks=[task], limit=scorer.args["limit"], task_manager=manager,
-                                  log_samples=False, verbosity="ERROR")
+        import random
+
+        import numpy
+        import torch
+
+        random.seed(0)  # simple_evaluate's seeds
+        numpy.random.seed(1234)
+        torch.manual_seed(1234)
+        with contextlib.redirect_stderr(io.StringIO()):
+            loaded = manager.load([task])
+        for task_object in loaded["tasks"].values():
+            if task_object.get_config("num_fewshot") is None:
+                task_object.set_config(key="num_fewshot", value=0)
+            task_object.set_fewshot_seed(seed=1234)
+        # lm-eval builds its requests, and datasets its splits, under progress bars that no argument turns off
+        # (tqdm reads its TQDM_DISABLE at import), and it warns that the model is an object, by design here: all
+        # of it goes to sys.stderr, set aside while the task runs (its errors still raise)
+        with contextlib.redirect_stderr(io.StringIO()):
+            wrapped = QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
+            results = evaluate(lm=wrapped, task_dict=loaded, limit=scorer.args["limit"], log_samples=False,
+                               bootstrap_iters=0, verbosity="ERROR")
         found = results["results"].get(task, {})
         for key, value in found.items():
             if key == metric or key.split(",")[0] == metric:

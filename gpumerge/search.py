@@ -30,21 +30,20 @@ from typing import Callable
 from gpumerge.errors import OutputError, SpecError
 from gpumerge.signals import GUARD, Interrupted, test_pause
 from gpumerge.space import Dimension, parse_space, trial_settings
-from gpumerge.spec import SweepSpec, shown
+from gpumerge.spec import LayerGradientsRecipe, SweepSpec, shown
 
 SAMPLERS = ("tpe", "cmaes")
 STUDY_FILE = "study.db"
 MAX_TRIALS = 100_000
 
 
-def _checked(spec: SweepSpec) -> tuple[tuple[Dimension, ...], str, int]:
-    if spec.search != "optuna":
-        raise SpecError(f"--search {shown(spec.search, limit=20)}: the one search is optuna (--search optuna)")
+def _checked(spec: SweepSpec, scorers) -> tuple[tuple[Dimension, ...], str, int]:
     if spec.grid or spec.settings is not None:
         raise SpecError("--search chooses the variants itself: give --space, not --grid or --settings")
-    if not spec.eval_text:
+    if not spec.eval_text and (scorers is None or any(s.kind == "perplexity" for s in scorers)):
         raise SpecError("--search scores every trial: give --eval-text FILE (the text each trial's perplexity is "
-                        "measured on)")
+                        "measured on)" + (", or a --scorers file without a perplexity scorer" if scorers is None
+                                          else "; the --scorers file has a perplexity scorer"))
     if spec.trials is None or isinstance(spec.trials, bool) or not 1 <= spec.trials <= MAX_TRIALS:
         raise SpecError(f"--search needs --trials N, from 1 to {MAX_TRIALS}; got {shown(spec.trials, limit=20)}")
     sampler = (spec.sampler or "tpe").lower()
@@ -60,9 +59,9 @@ def _checked(spec: SweepSpec) -> tuple[tuple[Dimension, ...], str, int]:
         raise SpecError(f"--{clash[0]} is set and also searched by --space {clash[0]}; give one of them")
     if any(dim.anchor for dim in dims):
         blocks = [key for key in ("gradient_start", "gradient_end", "gradient_values") if key in shared]
-        if blocks or spec.config is not None:
-            raise SpecError(f"--space layer_gradients.* sets the blocks' gradients, and "
-                            f"{'--' + blocks[0] if blocks else '--config'} sets them too; give one of them")
+        if blocks:
+            raise SpecError(f"--space layer_gradients.* sets the blocks' gradients, and --{blocks[0]} sets them too; "
+                            "give one of them")
     return dims, sampler, seed
 
 
@@ -108,6 +107,15 @@ class _Trials:
 
         self.args, self.dims = args, dims
         self.config = (recipe_settings(args.config), str(args.config)) if args.config is not None else None
+        if self.config is not None and any(dim.anchor for dim in dims):
+            settings, source = self.config
+            fixed = settings.get("recipe")
+            window = [key for key in ("gradient_start", "gradient_end", "layer_start", "layer_end") if key in settings]
+            if window or not (fixed is None or isinstance(fixed, LayerGradientsRecipe)):
+                what = window[0] if window else "its recipe (gradient_values, operations or a mergekit config)"
+                raise SpecError(f"--space layer_gradients.* sets the blocks' gradients, and --config {source} sets "
+                                f"{what}; a --config beside searched anchors may give only fixed layer_gradients "
+                                "for the modules not searched")
 
     def variant(self, name: str, params: dict):
         from gpumerge.recipes import parse_recipe
@@ -118,7 +126,10 @@ class _Trials:
         merged = {**vars(self.args), **flags}
         source = self.config
         if recipe is not None:
-            source = (parse_recipe(recipe, source=f"trial {name}"), f"trial {name}")
+            settings = parse_recipe(recipe, source=f"trial {name}")
+            if self.config is not None:  # the --config's other settings, and its fixed gradients of other modules
+                settings = {**self.config[0], "recipe": with_fixed(settings["recipe"], self.config[0].get("recipe"))}
+            source = (settings, f"trial {name}")
         try:
             spec = merge_spec(merged, output_required=False, recipe=source)
         except SpecError as exc:
@@ -138,6 +149,17 @@ class _Trials:
         return point
 
 
+def with_fixed(searched: LayerGradientsRecipe, fixed: LayerGradientsRecipe | None) -> LayerGradientsRecipe:
+    """A trial's searched per-module gradients with a --config's fixed ones: a searched module replaces the fixed
+    entry of its name (in its place); the other searched modules come first, so that where a tensor's name holds both
+    a searched and a fixed module key, the searched one decides (the first key contained in a name picks)."""
+    if fixed is None:
+        return searched
+    chosen = dict(searched.modules)
+    new = tuple((key, anchors) for key, anchors in searched.modules if key not in dict(fixed.modules))
+    return LayerGradientsRecipe(new + tuple((key, chosen.get(key, anchors)) for key, anchors in fixed.modules))
+
+
 def _shown_params(params: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in params.items())
 
@@ -154,12 +176,16 @@ def _every_tensor_plan(args: SimpleNamespace, a, b, notice):
     return plan_merge(merge_spec(flags, output_required=False), a, b, notice=lambda line: None)
 
 
-def _identity(spec: SweepSpec, dims, sampler: str, seed: int, a, b, eval_record: dict, scorers) -> dict:
+def _identity(spec: SweepSpec, dims, sampler: str, seed: int, a, b, eval_record: dict, scorers, trials) -> dict:
+    # what the --config says, not only where it is: an edited recipe is another search
+    config = (hashlib.sha256(repr(sorted(trials.config[0].items(), key=str)).encode()).hexdigest()
+              if trials.config is not None else None)
     shared = {key: value for key, value in spec.shared if key not in ("device", "max_memory", "readers")}
     return {"inputs": [a.fingerprint(), b.fingerprint()], "space": [dim.describe() for dim in dims],
             "sampler": sampler, "seed": seed, "shared": shared,
             "scorers": [s.describe() for s in scorers] if scorers else None,
-            "config": str(spec.config) if spec.config is not None else None, "eval": eval_record,
+            "config": str(spec.config) if spec.config is not None else None, "config_settings": config,
+            "eval": eval_record,
             "definition": "gpumerge-search-1"}
 
 
@@ -176,10 +202,12 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
     if not spec.output_dir:
         raise SpecError("--output_dir is required: the directory the search writes its study and kept trials to")
     began = time.perf_counter()
-    dims, sampler, seed = _checked(spec)
+    if spec.search != "optuna":
+        raise SpecError(f"--search {shown(spec.search, limit=20)}: the one search is optuna (--search optuna)")
     scorers = _scorers(spec)
+    dims, sampler, seed = _checked(spec, scorers)
     args = SimpleNamespace(**{**spec.flags(), "grid": None, "settings": None})
-    check_eval_flags(args)
+    check_eval_flags(args, scored=True)
     optuna = _import_optuna(sampler)
     trials = _Trials(args, dims)
     first = trials.variant("t0000", trials.midpoint())
@@ -194,7 +222,7 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
         if input_budget is not None:
             scoring["input_budget"] = input_budget
         scoring["began"] = began
-        identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"], scorers)
+        identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"], scorers, trials)
         scoring["scorers"] = scorers
         if scorers:
             from gpumerge.scorers import score_functions
@@ -342,9 +370,10 @@ def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, 
             trial = study.ask(distributions)
             variant = trials.variant(f"t{trial.number + 1:04d}", trial.params)
             plan = _scored_plan(plan_merge(variant.spec, a, b, notice=lambda line: None), a, b)
+            blending = time.perf_counter()  # the sampler's ask and the trial's plan are the search's overhead
             model.apply(plan)
             model.synchronize()
-            blend_s = time.perf_counter() - started
+            blend_s = time.perf_counter() - blending
             evaluated = time.perf_counter()
             scored_row = _score_model(model, scoring, settings)
             eval_s = time.perf_counter() - evaluated

@@ -608,15 +608,18 @@ def _score_and_record(planned: _Planned, runs: Path, state, a, b, *, notice, pro
 _EVAL_FLAGS = ("eval_tokens", "seq_len", "eval_batch", "keep", "no_baselines", "eval_dtype")
 
 
-def check_eval_flags(args) -> None:
-    """The scoring flags mean nothing without --eval-text: refused, never silently ignored."""
-    given = [k for k in _EVAL_FLAGS if getattr(args, k, None) is not None and getattr(args, k) is not False]
+def check_eval_flags(args, *, scored: bool = False) -> None:
+    """The scoring flags mean nothing without --eval-text: refused, never silently ignored. ``scored``: the run
+    scores without texts (a search whose scorers have no perplexity): then only the texts' own flags need them."""
+    flags = ("eval_tokens", "seq_len") if scored else _EVAL_FLAGS
+    given = [k for k in flags if getattr(args, k, None) is not None and getattr(args, k) is not False]
     if given and not getattr(args, "eval_text", None):
         raise SpecError(f"--{given[0].replace('_', '-')} sets how variants are scored; give --eval-text FILE too "
                         "(without it every variant is written and none is scored)")
 
 def eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
-    """The evaluation's settings checked, the texts tokenized, the device and dtype chosen: before any work."""
+    """The evaluation's settings checked, the texts tokenized, the device and dtype chosen: before any work. Without
+    --eval-text (a search scored by other scorers than perplexity) there are no texts: ``texts`` is empty."""
     from gpumerge.devices import resolve_devices
     from gpumerge.evaluate import EvalSettings, load_texts
     from gpumerge.spec import parse_dtype
@@ -633,8 +636,8 @@ def eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     seq_len = args.seq_len
     if seq_len is None:  # 512, or the model's own window when it is shorter
         seq_len = min(512, limit) if limit is not None else 512
-    settings = EvalSettings(tuple(args.eval_text), eval_tokens=args.eval_tokens, seq_len=seq_len,
-                            batch=args.eval_batch if args.eval_batch is not None else 4)
+    settings = EvalSettings(tuple(args.eval_text or ()), eval_tokens=args.eval_tokens, seq_len=seq_len,
+                            batch=args.eval_batch if args.eval_batch is not None else 4, required=bool(args.eval_text))
     if isinstance(limit, int) and settings.seq_len > limit:
         raise SpecError(f"--seq-len {settings.seq_len} is beyond model 1's max_position_embeddings ({limit}); give "
                         f"--seq-len {limit} or less")
@@ -657,7 +660,7 @@ def eval_setup(args, base: MergeSpec, a, plans, notice) -> dict:
     plot = importlib.util.find_spec("matplotlib") is not None
     if not plot:
         notice("sweep.png will not be drawn: matplotlib is not installed (pip install 'gpumerge[plot]')")
-    texts = load_texts(settings, a.root, vocab_size=a.config.get("vocab_size"))
+    texts = load_texts(settings, a.root, vocab_size=a.config.get("vocab_size")) if settings.texts else []
     record = eval_record(settings, texts, out_dtype=plans[0].out_dtype_name, eval_dtype=eval_dtype,
                          device_kind="cpu" if device == "cpu" else "cuda")
     return {"settings": settings, "texts": texts, "device": device, "eval_dtype": eval_dtype, "record": record,

@@ -111,6 +111,36 @@ def test_per_module_anchors_reach_the_blend(models, tmp_path, capsys):
             assert torch.equal(tensor, a[name]), name
 
 
+def test_searched_anchors_beside_a_configs_fixed_gradients(models, tmp_path, capsys):
+    recipe = tmp_path / "fixed.yaml"
+    recipe.write_text("layer_gradients:\n  self_attn: [0.25, 0.25]\n  mlp: [0.9, 0.9]\n")
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 1, "--config", recipe,
+                                        "--space", "layer_gradients.mlp.0=0:0.5"), capsys=capsys)
+    assert code == 0, err
+    (kept,) = [r for r in rows(runs) if r["kept"] == "true"]
+    written = yaml.safe_load((runs / kept["name"] / "gpumerge_recipe.yaml").read_text())["layer_gradients"]
+    searched = float(kept["layer_gradients.mlp.0"])
+    assert written == {"self_attn": [0.25, 0.25], "mlp": [searched]}  # the searched module replaced the fixed one
+    a, b, out = load_state(models["fp16_a"]), load_state(models["fp16_b"]), load_state(runs / kept["name"])
+    for name, tensor in out.items():
+        t = 0.25 if ".self_attn." in name else searched if ".mlp." in name else None
+        if t is None:
+            assert torch.equal(tensor, a[name]), name
+            continue
+        want = a[name].double() + t * (b[name].double() - a[name].double())  # the float64 reference
+        info = torch.finfo(tensor.dtype)  # within one rounding to the output dtype (subnormals: its smallest step)
+        assert ((tensor.double() - want).abs() <= info.eps * want.abs() + info.smallest_normal * info.eps).all(), name
+    # a --config with anything else than fixed layer_gradients beside searched anchors: one line
+    for text, needle in (("gradient_values: [0.5]\n", "its recipe (gradient_values"),
+                         ("gradient_start: 0.5\n", "sets gradient_start")):
+        recipe.write_text(text)
+        code, _, err = run_cli(*search_argv(models, tmp_path / "other", tmp_path, "--trials", 2, "--config", recipe,
+                                            "--space", "layer_gradients.mlp.0=0:0.5"), capsys=capsys)
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+        assert not (tmp_path / "other").exists()
+
+
 def test_choices_and_integer_ranges(models, tmp_path, capsys):
     runs = tmp_path / "runs"
     code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 5, "--keep", 0, "--seed", 3,
@@ -229,6 +259,33 @@ def test_a_custom_scorer_beside_perplexity(models, tmp_path, capsys, monkeypatch
     assert "objective" in out.splitlines()[0]
 
 
+def test_a_search_scored_by_a_function_alone_needs_no_text(models, tmp_path, capsys, monkeypatch):
+    (tmp_path / "myscores.py").write_text(SCORER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scorers = scorer_file(tmp_path, "- {kind: function, function: 'myscores:head_mean', direction: maximize}\n")
+    argv = search_argv(models, tmp_path / "runs", tmp_path, "--trials", 3, "--keep", 1, "--eval-batch", 2,
+                       "--space", "gradient_end=0:1")
+    cut = argv.index("--eval-text")
+    del argv[cut:cut + 2]
+    del argv[argv.index("--seq-len"):argv.index("--seq-len") + 2]
+    code, _, err = run_cli(*argv, "--scorers", scorers, capsys=capsys)
+    assert code == 0, err
+    table = rows(tmp_path / "runs")
+    heads = {r["name"]: float(r["score:head_mean"]) for r in table}
+    # model 2's head mean and model 1's differ, and each trial's lies between them (lerp of the two heads)
+    low, high = sorted((heads["model_1"], heads["model_2"]))
+    assert low < high and all(low <= v <= high for n, v in heads.items() if n.startswith("t"))
+    assert all(r["perplexity"] in ("", "nan") for r in table)
+    # a perplexity scorer (or none) without texts, and a text's flag without texts: one line each
+    for extra, needle in ((("--scorers", scorer_file(tmp_path, "- {kind: perplexity}\n")), "has a perplexity scorer"),
+                          ((), "or a --scorers file without a perplexity scorer")):
+        code, _, err = run_cli(*argv, *map(str, extra), capsys=capsys)
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+    scorers = scorer_file(tmp_path, "- {kind: function, function: 'myscores:head_mean', direction: maximize}\n")
+    code, _, err = run_cli(*argv, "--scorers", scorers, "--seq-len", "16", capsys=capsys)
+    assert code == 2 and "--seq-len sets how variants are scored; give --eval-text" in err, err
+
+
 @pytest.mark.parametrize("content, needle", [
     ("kind: perplexity\n", "a YAML list of scorers"),
     ("- {kind: bleu}\n", "kind must be one of perplexity, function, lm_eval"),
@@ -268,7 +325,7 @@ metric_list:
 """
 
 
-def test_a_local_lm_eval_task_scores_the_model_in_memory(models, tmp_path, capsys, monkeypatch):
+def test_a_local_lm_eval_task_scores_the_model_in_memory(models, tmp_path, capfd, monkeypatch):
     """An lm-evaluation-harness task built from a local JSON file, offline, on the resident model (no reload)."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm_eval; CI leaves "
                                           "it out: it is a large install)")
@@ -287,8 +344,9 @@ def test_a_local_lm_eval_task_scores_the_model_in_memory(models, tmp_path, capsy
                                     f"include_path: '{tasks}', limit: 8, weight: 2}}\n")
     runs = tmp_path / "runs"
     code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 0, "--scorers", scorers,
-                                        "--space", "gradient_end=0:1"), capsys=capsys)
+                                        "--space", "gradient_end=0:1"), capsys=capfd)
     assert code == 0, err
+    assert err == ""  # --quiet: nothing from lm-eval either (no progress bars, no git messages), at the fd level
     import math
 
     for row in rows(runs):
