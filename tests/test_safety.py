@@ -118,9 +118,19 @@ def test_directory_appearing_at_out_during_the_merge_is_kept(overwrite, pair, tm
 
 
 def _spawn(argv, *, env_extra=None) -> subprocess.Popen:
-    env = source_env(**(env_extra or {}))
+    env = source_env(PYTHONFAULTHANDLER="1", **(env_extra or {}))  # SIGABRT dumps every thread's stack (_finish)
     return subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 60) -> str:
+    """The process's stderr once it exits; if it hangs, its threads' stacks in the failure (a hang is a bug)."""
+    try:
+        return proc.communicate(timeout=timeout_s)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"the process did not exit within {timeout_s} s; its threads:\n{stderr[-6000:]}")
 
 
 def _wait_for(marker: Path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -319,7 +329,7 @@ def test_signals_leave_nothing_and_print_one_true_line(signals, pause_at, pair, 
     elif len(signals) > 1:
         time.sleep(0.01)
         proc.send_signal(signals[1])
-    _, stderr = proc.communicate(timeout=60)
+    stderr = _finish(proc)
     for marker in tmp_path.glob("pause.*"):
         marker.unlink()
     assert proc.returncode == 128 + signals[0], stderr
