@@ -299,13 +299,30 @@ def _only_an_empty_study(runs: Path) -> bool:
         return False
 
 
-def _study(optuna, runs: Path, name: str, sampler: str, seed: int, notice):
+def _storage(optuna, runs: Path):
+    """RUNS/study.db through optuna's RDB storage, in SQLite's write-ahead-log mode with synchronous=NORMAL: a
+    commit appends to the log without waiting for the disk (a killed process loses nothing committed; a power cut
+    at most the last trials, never the file), which takes a third off a trial's storage cost here. Each connection
+    is set up as it opens; those optuna opened before are dropped."""
+    from sqlalchemy import event
+
     storage = optuna.storages.RDBStorage(f"sqlite:///{runs / STUDY_FILE}",
                                          engine_kwargs={"connect_args": {"timeout": 30}})
+
+    @event.listens_for(storage.engine, "connect")
+    def _pragmas(connection, record) -> None:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+    storage.engine.dispose()
+    return storage
+
+
+def _study(optuna, storage, name: str, sampler: str, seed: int, notice):
     if sampler == "cmaes":
         chosen = optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    else:
-        chosen = optuna.samplers.TPESampler(seed=seed)
+    else:  # multivariate: the anchors of a gradient move together; one joint sample is also cheaper than one each
+        chosen = optuna.samplers.TPESampler(seed=seed, multivariate=True)
     study = optuna.create_study(study_name=name, storage=storage, sampler=chosen, direction="minimize",
                                 load_if_exists=True)
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -319,13 +336,24 @@ def _study(optuna, runs: Path, name: str, sampler: str, seed: int, notice):
 
 def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan, a, b, *,
             runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began):
+    storage = _storage(optuna, runs)
+    try:
+        return _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan,
+                          a, b, runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
+                          budget=budget, batch_bytes=batch_bytes, began=began)
+    finally:  # closed: SQLite folds its log back into study.db and removes study.db-wal and study.db-shm
+        storage.engine.dispose()
+
+
+def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan,
+               a, b, *, runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began):
     from gpumerge import runs as runs_dir
     from gpumerge.merge import plan_merge
     from gpumerge.results import Row, ranked, ranked_rows, row_key
     from gpumerge.sweep import SweepResult, fit_scoring, write_variants
     from gpumerge.sweep_eval import ResidentModel
 
-    study = _study(optuna, runs, name, sampler, seed, notice)
+    study = _study(optuna, storage, name, sampler, seed, notice)
     distributions = _distributions(optuna, dims)
     complete = optuna.trial.TrialState.COMPLETE
     fingerprints = identity["inputs"]

@@ -55,6 +55,7 @@ def test_a_seeded_search_asks_the_same_trials_twice(models, tmp_path, capsys):
     values = {r["gradient_start"] for r in rows(tmp_path / "runs1") if r["name"].startswith("t")}
     assert len(values) == 6  # six different points, not one repeated
     assert (tmp_path / "runs1" / "study.db").is_file() and (tmp_path / "runs1" / "sweep.png").is_file()
+    assert not list((tmp_path / "runs1").glob("study.db-*"))  # SQLite's log folded back in when the study closed
 
 
 def test_interrupted_and_resumed_it_completes_the_study(models, tmp_path, capsys):
