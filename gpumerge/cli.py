@@ -231,6 +231,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if spec.search is not None:
         from gpumerge.search import run_search as run  # the same result: trials for variants
     result = run(spec, notice=_notice_printer(bool(args.quiet)), progress_factory=_progress_factory(args.quiet))
+    if result is None:  # a launched run's other process: the main one reports the run
+        return 0
     try:
         if result.table:
             print(result.table, flush=True)
@@ -325,7 +327,12 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
 
 
 def _say(line: str) -> None:
-    """One line on stderr, even when the terminal is gone (SIGHUP) or stderr is closed."""
+    """One line on stderr, even when the terminal is gone (SIGHUP) or stderr is closed; in a launched run, from the
+    main process alone (the others stop with the same error or signal, and say nothing)."""
+    from gpumerge.distributed import is_worker
+
+    if is_worker():
+        return
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):

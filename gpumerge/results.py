@@ -35,12 +35,15 @@ class Row:
     model_1_itself: bool = False  # a variant whose t is 0 everywhere: model 1's weights, not a blend
     scores: dict = field(default_factory=dict)  # a search's scorers (gpumerge.scorers): name -> value
     objective: float | None = None  # their weighted sum, lower is better; None: ranked by perplexity
+    process: int | None = None  # which process scored it, in a launched run of several (gpumerge.distributed)
 
     def as_dict(self) -> dict:
         data = {"key": self.key, "name": self.name, "perplexity": self.perplexity, "per_file": self.per_file,
                 "tokens": self.tokens, "blend_s": round(self.blend_s, 6), "eval_s": round(self.eval_s, 6)}
         if self.objective is not None:
             data.update(scores=self.scores, objective=self.objective)
+        if self.process is not None:
+            data["process"] = self.process
         return data
 
     @property

@@ -444,13 +444,14 @@ class _Planned:
 
 def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
               budget: dict[str, int] | None = None, batch_bytes: int | None = None,
-              simulate_staging: bool = False, input_budget: int | None = None) -> SweepResult:
+              simulate_staging: bool = False, input_budget: int | None = None) -> SweepResult | None:
     """Every variant planned and checked, then written from one read of the inputs (an evaluated sweep: scored, and
     the best written). ``spec``: a SweepSpec (or an object with the command line's flags as attributes, which is
     read as one). ``budget`` and ``batch_bytes`` replace the probed memory budget and the batch size (tests force
     small batches with them); ``simulate_staging`` runs the GPU path's staging on the CPU (as run_merge's);
     ``input_budget`` replaces what an evaluated sweep may hold of the blended tensors' inputs (0 forces reading them
-    again for each variant)."""
+    again for each variant). Under ``accelerate launch`` with several processes, every process but the main one
+    scores its share of the rows and returns None (gpumerge.distributed)."""
     from gpumerge.merge import open_pair
 
     if not isinstance(spec, SweepSpec):
@@ -467,17 +468,44 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
     check_eval_flags(args)
     variants, columns = variants_from_args(args)
     a, b = open_pair(variants[0].spec)
+    group = launched(args)
+    if not group.is_main:
+        notice, progress_factory = (lambda line: None), None
     with a, b:
         planned = _plan(args, variants, columns, a, b, notice=notice, input_budget=input_budget)
         if planned.scoring:
             planned.scoring["began"] = began  # the breakdown's setup: planning, tokenizing, checks
-        runs, state = _check_runs(planned, a, b)
-        written, state, outcome = _under_lock(planned, runs, state, a, b, notice=notice,
-                                              progress_factory=progress_factory, budget=budget,
-                                              batch_bytes=batch_bytes, simulate_staging=simulate_staging)
+            planned.scoring["processes"] = group
+            planned.scoring["device"] = group.device or planned.scoring["device"]
+        elif group.size > 1:
+            raise SpecError("several processes (accelerate launch) share the scoring of an evaluated sweep "
+                            "(--eval-text) or a search; a sweep that writes every variant runs in one process: "
+                            "start it without accelerate launch")
+        if not group.is_main:
+            score_share(planned, a, b, group)
+            return None
+        try:
+            runs, state = _check_runs(planned, a, b)
+            written, state, outcome = _under_lock(planned, runs, state, a, b, notice=notice,
+                                                  progress_factory=progress_factory, budget=budget,
+                                                  batch_bytes=batch_bytes, simulate_staging=simulate_staging)
+        except BaseException as exc:
+            group.tell_error(exc)  # the others, still waiting for their share, stop with it
+            raise
     table, best, rows, timings, stats = outcome
     return SweepResult(runs, written, tuple(state.complete), planned.aliases, time.perf_counter() - began, *stats,
                        table=table or "", best=best, rows=rows, timings=timings)
+
+
+def launched(args):
+    """This run's processes (gpumerge.distributed): one, or those ``accelerate launch`` started, each scoring on its
+    own device (a GPU by its local rank; the CPU with --device cpu or without CUDA)."""
+    from gpumerge.distributed import processes, world_size
+
+    if world_size() > 1 and str(args.device or "auto").startswith("cuda:"):
+        raise SpecError(f"--device {args.device}: in a launched run each process scores on the GPU of its local "
+                        "rank; give --device auto (or cuda, or cpu)")
+    return processes(device_flag=str(args.device or "auto"))
 
 
 def _plan(args, variants, columns, a, b, *, notice, input_budget) -> _Planned:
@@ -673,9 +701,57 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     """Every row scored, or taken from this sweep's committed results.jsonl (``resume``) or from the rows an
     interrupted run of it scored (``work``, the pending directory: new rows are appended there); rows without this
     directory's history mark are scored again. Returns (rows, names of the variants to keep, the variants' plans by
-    name with their slerp coefficients)."""
-    from gpumerge.results import RESULTS_JSONL, Row, load_done, ranked, row_key
-    from gpumerge.sweep_eval import ResidentModel, score_rows
+    name with their slerp coefficients). In a launched run of several processes (``scoring["processes"]``) the
+    rows still to score are named to the others, who score their share (``score_share``)."""
+    from gpumerge.distributed import SINGLE
+    from gpumerge.results import RESULTS_JSONL, load_done, ranked
+    from gpumerge.sweep_eval import score_rows
+
+    rows, by_name = scoring_rows(scoring, variants, plans, signatures, aliases, a, b)
+    done = load_done(runs / RESULTS_JSONL, history) if resume else {}
+    done.update(load_done(work / RESULTS_JSONL, history))
+    group = scoring.get("processes") or SINGLE
+    todo = [row.key for row in rows if row.key not in done]
+    group.broadcast(("score", todo))
+    setup_s = time.perf_counter() - scoring.get("began", time.perf_counter())
+    model = None
+    if todo[group.rank::group.size]:  # a rerun of a finished sweep reads no model
+        model = _resident(scoring, plans, by_name, a, b, notice)
+    _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
+    bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
+    best = [math.inf, ""]
+
+    def advance(row) -> None:
+        if row.perplexity < best[0] and not row.baseline:
+            best[:] = [row.perplexity, row.name]
+        if bar is not None:
+            bar.update(1)
+            bar.bar.set_postfix_str(f"best {best[1]} {best[0]:.4f}" if best[1] else "", refresh=False)
+
+    try:
+        spent = score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"],
+                           results=work / RESULTS_JSONL, done=done, history=history, progress=advance,
+                           processes=group)
+    finally:
+        if bar is not None:
+            bar.close()
+    broken = [r.name for r in rows if not math.isfinite(r.perplexity)]
+    if broken:
+        notice(f"{len(broken)} row(s) scored NaN or infinite perplexity (a blend out of the eval dtype's range?): "
+               + ", ".join(broken[:6]) + (", ..." if len(broken) > 6 else "") + "; ranked last, never kept")
+    kept = [r.name for r in ranked([r for r in rows if not r.baseline and math.isfinite(r.perplexity)])]
+    kept = kept[:scoring["keep"]]
+    for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
+        row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
+    timings = {"setup_s": setup_s, "load_s": model.load_s if model else 0.0,
+               "inputs_s": model.inputs_s if model else 0.0, **spent}
+    return rows, kept, by_name, timings
+
+
+def scoring_rows(scoring: dict, variants, plans, signatures, aliases, a, b):
+    """An evaluated sweep's rows (the parents first, unless --no-baselines; then each distinct variant) and the
+    variants' plans by name, slerp coefficients computed."""
+    from gpumerge.results import Row, row_key
 
     fingerprints = [a.fingerprint(), b.fingerprint()]
     rows = []
@@ -692,42 +768,33 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
         from gpumerge.pipeline import slerp_prepass_many
 
         by_name = dict(zip(by_name, slerp_prepass_many(list(by_name.values()), a, b)))
-    done = load_done(runs / RESULTS_JSONL, history) if resume else {}
-    done.update(load_done(work / RESULTS_JSONL, history))
-    setup_s = time.perf_counter() - scoring.get("began", time.perf_counter())
-    model = None
-    if any(row.key not in done for row in rows):  # a rerun of a finished sweep reads no model
-        model = ResidentModel(a, b, list(by_name.values()), device=scoring["device"],
-                              eval_dtype=scoring["eval_dtype"], notice=notice, max_memory=scoring["max_memory"],
-                              budget_bytes=fit_scoring(scoring, plans, list(by_name.values()), a, b, notice))
-    _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
-    bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
-    best = [math.inf, ""]
+    return rows, by_name
 
-    def advance(row) -> None:
-        if row.perplexity < best[0] and not row.baseline:
-            best[:] = [row.perplexity, row.name]
-        if bar is not None:
-            bar.update(1)
-            bar.bar.set_postfix_str(f"best {best[1]} {best[0]:.4f}" if best[1] else "", refresh=False)
 
-    try:
-        spent = score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"],
-                           results=work / RESULTS_JSONL, done=done, history=history, progress=advance)
-    finally:
-        if bar is not None:
-            bar.close()
-    broken = [r.name for r in rows if not math.isfinite(r.perplexity)]
-    if broken:
-        notice(f"{len(broken)} row(s) scored NaN or infinite perplexity (a blend out of the eval dtype's range?): "
-               + ", ".join(broken[:6]) + (", ..." if len(broken) > 6 else "") + "; ranked last, never kept")
-    kept = [r.name for r in ranked([r for r in rows if not r.baseline and math.isfinite(r.perplexity)])]
-    kept = kept[:scoring["keep"]]
-    for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
-        row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
-    timings = {"setup_s": setup_s, "load_s": model.load_s if model else 0.0,
-               "inputs_s": model.inputs_s if model else 0.0, **spent}
-    return rows, kept, by_name, timings
+def _resident(scoring: dict, plans, by_name: dict, a, b, notice):
+    from gpumerge.sweep_eval import ResidentModel
+
+    return ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
+                         notice=notice, max_memory=scoring["max_memory"],
+                         budget_bytes=fit_scoring(scoring, plans, list(by_name.values()), a, b, notice))
+
+
+def score_share(planned, a, b, group) -> None:
+    """A process other than the main one: waits for the main process to name the rows still to score (or to say
+    why it stopped), then scores its share of them into its own resident model and hands each row back."""
+    from gpumerge.sweep_eval import score_rows
+
+    said = group.broadcast(None)
+    if said[0] == "error":
+        raise said[1]
+    scoring = planned.scoring
+    todo = set(said[1])
+    rows, by_name = scoring_rows(scoring, planned.variants, planned.plans, planned.signatures, planned.aliases, a, b)
+    rows = [row for row in rows if row.key in todo]
+    quiet = lambda line: None  # noqa: E731 - the main process says what the run does
+    model = _resident(scoring, planned.plans, by_name, a, b, quiet) if rows[group.rank::group.size] else None
+    score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=None, done={},
+               history="", processes=group)
 
 
 def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:

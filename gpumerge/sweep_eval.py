@@ -361,56 +361,110 @@ def _stop_after() -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def score_rows(model: ResidentModel, rows: list[Row], plans: dict, texts, *, settings, results: Path,
-               done: dict[str, dict], history: str, progress=None) -> dict[str, float]:
+class RowScorer:
+    """Rows scored one after another on one resident model; what its parameters hold (model 1 as built, model 2,
+    or a variant) is carried from row to row."""
+
+    def __init__(self, model: ResidentModel, plans: dict, texts, *, settings) -> None:
+        self.model, self.plans, self.texts, self.settings = model, plans, texts, settings
+        self.state = "a"
+
+    def score(self, row: Row) -> None:
+        """The row blended into the model and scored: its perplexity, per-file figures and timings filled in."""
+        from gpumerge.evaluate import perplexity
+
+        model = self.model
+        began = time.perf_counter()
+        if row.name == "model_2":
+            model.set_all("b")
+            self.state = "b"
+        elif row.name == "model_1":
+            if self.state != "a":
+                model.set_all("a")
+                self.state = "a"
+        else:
+            if self.state == "b":  # apply sets only the tensors some variant blends: the others must be model 1's
+                model.set_all("a", unblended_only=True)
+            model.apply(self.plans[row.name])
+            self.state = "variant"
+        model.synchronize()
+        row.blend_s = time.perf_counter() - began
+        evaluated = time.perf_counter()
+        score = perplexity(model.model, self.texts, batch=self.settings.batch, device=model.device)
+        row.eval_s = time.perf_counter() - evaluated
+        row.perplexity, row.per_file, row.tokens = score.perplexity, score.per_file, score.tokens
+
+
+def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts, *, settings, results: Path | None,
+               done: dict[str, dict], history: str, progress=None, processes=None) -> dict[str, float]:
     """Score every row not yet ``done`` (by key), in order; each result appended to ``results`` as soon as it is
     known. Returns the wall time this run spent on the parents' rows and on the variants' (``baselines_s``,
-    ``scoring_s``) and how many of each it scored."""
-    from gpumerge.evaluate import perplexity
+    ``scoring_s``) and how many of each it scored.
 
+    With several ``processes`` (gpumerge.distributed) the rows still to score are dealt out in rounds, one to each
+    process (row k to process k mod N, in order); after each round every process's row (or its error) is gathered,
+    and the main process logs them (``results`` is the main process's; the others pass None). ``model`` is None in a
+    process with no row to score."""
+    from gpumerge.distributed import SINGLE, as_error
+
+    group = processes or SINGLE
     stop = _stop_after()
     scored = 0
     spent = {"baselines_s": 0.0, "scoring_s": 0.0, "baselines": 0, "variants": 0}
-    state = "a"  # what the parameters hold: model 1 ("a", as built), model 2 ("b"), or a variant
     for row in rows:
-        GUARD.poll()
         if row.key in done:
             fill_row(row, done[row.key])
             if progress:
                 progress(row)
-            continue
-        began = time.perf_counter()
-        if row.name == "model_2":
-            model.set_all("b")
-            state = "b"
-        elif row.name == "model_1":
-            if state != "a":
-                model.set_all("a")
-                state = "a"
-        else:
-            if state == "b":  # apply sets only the tensors some variant blends: the others must be model 1's again
-                model.set_all("a", unblended_only=True)
-            model.apply(plans[row.name])
-            state = "variant"
-        model.synchronize()
-        row.blend_s = time.perf_counter() - began
-        evaluated = time.perf_counter()
-        score = perplexity(model.model, texts, batch=settings.batch, device=model.device)
-        row.eval_s = time.perf_counter() - evaluated
-        row.perplexity, row.per_file, row.tokens = score.perplexity, score.per_file, score.tokens
-        append_row(results, row, history)
-        kind = "baselines" if row.baseline else "variants"
-        spent[kind] += 1
-        spent["baselines_s" if row.baseline else "scoring_s"] += time.perf_counter() - began
+    todo = [row for row in rows if row.key not in done]
+    scorer = RowScorer(model, plans, texts, settings=settings) if model is not None else None
+    fail = _fail_on_process()
+    for first in range(0, len(todo), group.size):
+        GUARD.poll()
+        mine = todo[first + group.rank] if first + group.rank < len(todo) else None
+        outcome = None
+        if mine is not None:
+            try:
+                if fail is not None and fail == group.rank and first > 0:
+                    raise OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)")
+                began = time.perf_counter()
+                scorer.score(mine)
+                outcome = ("row", mine.as_dict(), time.perf_counter() - began)
+            except Exception as exc:  # noqa: BLE001 - every process stops with it, the main one says it
+                if group.size == 1:
+                    raise
+                outcome = ("error", as_error(exc), 0.0)
+        gathered = group.gather(outcome) if group.size > 1 else [outcome]
+        errors = [item[1] for item in gathered if item is not None and item[0] == "error"]
+        for rank, item in enumerate(gathered):
+            if item is None or item[0] != "row":
+                continue
+            row = todo[first + rank]
+            if group.size > 1:
+                fill_row(row, item[1])
+                row.process = rank
+            if results is not None:
+                append_row(results, row, history)
+            kind = "baselines" if row.baseline else "variants"
+            spent[kind] += 1
+            spent["baselines_s" if row.baseline else "scoring_s"] += item[2]
+            scored += 1
+            if progress:
+                progress(row)
+        if errors:
+            raise errors[0]
         test_pause("score")
-        scored += 1
-        if progress:
-            progress(row)
         if stop is not None and scored >= stop:
             import signal
 
             raise Interrupted(signal.SIGINT)
     return spent
+
+
+def _fail_on_process() -> int | None:
+    """Test hook: GPUMERGE_TEST_FAIL_ON_PROCESS=k makes process k fail at its second row (a launched run)."""
+    value = os.environ.get("GPUMERGE_TEST_FAIL_ON_PROCESS")
+    return int(value) if value and value.isdigit() else None
 
 
 def _free_bytes(device: str) -> int:

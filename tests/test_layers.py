@@ -14,7 +14,7 @@ from conftest import REPO
 LAYERS = (
     ("errors", "fsutil", "signals", "about", "digests", "kernels"),
     ("spec", "schedule", "rules", "space"),
-    ("headers", "checkpoint", "architecture", "mergekit", "recipes", "devices"),
+    ("headers", "checkpoint", "architecture", "mergekit", "recipes", "devices", "distributed"),
     ("plan", "outdir", "settings"),
     ("lanes", "pipeline", "copier", "writer"),
     ("merge", "evaluate", "scorers", "results", "sweep_eval", "runs", "sweep"),

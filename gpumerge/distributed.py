@@ -1,0 +1,123 @@
+"""Many processes: an evaluated sweep or a search started by ``accelerate launch --num_processes N ... -m gpumerge
+sweep ...`` splits its rows (or each batch of trials) across the N processes.
+
+accelerate starts the processes and sets up their process group (NCCL between GPUs; gloo between CPU processes, as
+``accelerate launch --multi_gpu --num_processes N`` runs them on a machine without CUDA, or with ``--device cpu``);
+this module only names what a sweep needs of them: which process this is, its device, and three collective steps on
+plain Python objects (torch.distributed's object collectives, through accelerate's state): the main process's word
+to the others (``broadcast``), every process's result to all (``gather``), and the end of a step where one process
+failed (an error travels as the value; every process raises it, and only the main one says it).
+
+Only the main process (rank 0) touches the output directory, the study and the kept models; the others hold their
+own resident copy of the model, score their share and hand the rows back. Without accelerate (``WORLD_SIZE`` unset
+or 1) a run is one process and nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from gpumerge.errors import GpumergeError, OutputError
+
+
+def world_size() -> int:
+    """The processes of this run, as the launcher (accelerate, torchrun) says in the environment; 1 without one."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def is_worker() -> bool:
+    """True in every process but the main one of a launched run: it prints nothing of its own (no notices, no
+    progress, no error line; the main process says what the run did)."""
+    return world_size() > 1 and os.environ.get("RANK", "0") != "0"
+
+
+@dataclass
+class Processes:
+    """This process's place in the run: ``rank`` of ``size`` (0 is the main process), ``local_rank`` on its machine,
+    and the device it scores on (None: the device the flags choose, in a single process)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: str | None = None
+    said: bool = False  # the main process has given the others their work (or its error)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, value=None):
+        """The main process's ``value``, in every process (the main one's own in a single process)."""
+        if self.size == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value if self.is_main else None]
+        try:
+            broadcast_object_list(box, from_process=0)
+        except RuntimeError as exc:  # torch.distributed's errors: a peer gone (killed, failed), a timeout
+            raise _peer_lost(exc) from None
+        if self.is_main:
+            self.said = True
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every process's ``value``, by rank, in every process."""
+        if self.size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        found = [None] * self.size
+        try:
+            dist.all_gather_object(found, value)
+        except RuntimeError as exc:
+            raise _peer_lost(exc) from None
+        return found
+
+    def tell_error(self, exc: BaseException) -> None:
+        """The main process failed before giving the others their work: they stop with its error."""
+        if self.size > 1 and self.is_main and not self.said:
+            try:
+                self.broadcast(("error", as_error(exc)))
+            except GpumergeError:  # the others are gone already
+                pass
+
+
+def as_error(exc: BaseException) -> GpumergeError:
+    """An error as another process re-raises it: a gpumerge error as it is, anything else as one line."""
+    if isinstance(exc, GpumergeError):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return OutputError("the main process was interrupted")
+    return OutputError(f"another process failed: {type(exc).__name__}: {exc}")
+
+
+def _peer_lost(exc: RuntimeError) -> OutputError:
+    first = " ".join(str(exc).split())[:200]
+    return OutputError(f"another process of this run stopped before its share was done ({first}); the rows the main "
+                       "process had gathered are kept: run the same command again to finish")
+
+
+SINGLE = Processes()
+
+
+def processes(*, device_flag: str = "auto") -> Processes:
+    """This run's processes: one (no torch imported) unless a launcher started several; then accelerate's process
+    group (gloo when the processes score on the CPU: ``--device cpu`` or no CUDA; else NCCL, each process on the
+    GPU of its local rank)."""
+    if world_size() == 1:
+        return SINGLE
+    import torch
+    from accelerate import PartialState
+
+    cpu = device_flag == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world_size():
+        raise OutputError(f"the launcher started {world_size()} processes, but accelerate joined "
+                          f"{state.num_processes}: start them with `accelerate launch --multi_gpu --num_processes N` "
+                          "(on a CPU machine too)")
+    local = state.local_process_index
+    device = "cpu" if cpu else f"cuda:{local % torch.cuda.device_count()}"
+    return Processes(state.process_index, state.num_processes, local, device)
