@@ -42,7 +42,7 @@ class Processes:
     size: int = 1
     local_rank: int = 0
     device: str | None = None
-    said: bool = False  # the main process has given the others their work (or its error)
+    listening: bool = True  # the others wait for the main process's next word (their work, the end, an error)
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +60,7 @@ class Processes:
         except RuntimeError as exc:  # torch.distributed's errors: a peer gone (killed, failed), a timeout
             raise _peer_lost(exc) from None
         if self.is_main:
-            self.said = True
+            self.listening = False
         return box[0]
 
     def gather(self, value) -> list:
@@ -77,8 +77,8 @@ class Processes:
         return found
 
     def tell_error(self, exc: BaseException) -> None:
-        """The main process failed before giving the others their work: they stop with its error."""
-        if self.size > 1 and self.is_main and not self.said:
+        """The main process failed while the others wait for its word: they stop with its error."""
+        if self.size > 1 and self.is_main and self.listening:
             try:
                 self.broadcast(("error", as_error(exc)))
             except GpumergeError:  # the others are gone already

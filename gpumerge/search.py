@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 from gpumerge.errors import OutputError, SpecError
+from gpumerge.distributed import SINGLE
 from gpumerge.signals import GUARD, Interrupted, test_pause
 from gpumerge.space import Dimension, parse_space, trial_settings
 from gpumerge.spec import LayerGradientsRecipe, SweepSpec, shown
@@ -192,10 +193,11 @@ def _identity(spec: SweepSpec, dims, sampler: str, seed: int, a, b, eval_record:
 def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progress_factory=None,
                budget: dict[str, int] | None = None, batch_bytes: int | None = None, input_budget: int | None = None):
     """Run (or continue) the search ``spec`` asks for; returns a SweepResult (its rows every trial scored, best
-    first; its written the kept trials)."""
+    first; its written the kept trials). Under ``accelerate launch`` with several processes, each batch of trials
+    (one per process) is scored in parallel, and every process but the main one returns None."""
     from gpumerge.merge import open_pair, plan_merge
-    from gpumerge.outdir import Inputs, canonical, check_output_path
-    from gpumerge.sweep import check_eval_flags, eval_setup
+    from gpumerge.outdir import canonical
+    from gpumerge.sweep import check_eval_flags, eval_setup, launched
 
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_flags(vars(spec))
@@ -208,6 +210,9 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
     dims, sampler, seed = _checked(spec, scorers)
     args = SimpleNamespace(**{**spec.flags(), "grid": None, "settings": None})
     check_eval_flags(args, scored=True)
+    group = launched(args)
+    if not group.is_main:
+        notice, progress_factory = (lambda line: None), None
     optuna = _import_optuna(sampler)
     trials = _Trials(args, dims)
     first = trials.variant("t0000", trials.midpoint())
@@ -222,6 +227,8 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
         if input_budget is not None:
             scoring["input_budget"] = input_budget
         scoring["began"] = began
+        scoring["processes"] = group
+        scoring["device"] = group.device or scoring["device"]
         identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"], scorers, trials)
         scoring["scorers"] = scorers
         if scorers:
@@ -229,25 +236,41 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
 
             scoring["score"] = score_functions(scorers, a.root, texts=scoring["texts"], batch=scoring["settings"].batch)
         name = "gpumerge-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-        inputs = Inputs.of(a, b)
+        if not group.is_main:
+            score_trials_share(trials, resident_plan, scoring, a, b, group)
+            return None
+        try:
+            return _main_search(optuna, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan,
+                                a, b, notice=notice, progress_factory=progress_factory, budget=budget,
+                                batch_bytes=batch_bytes, began=began, args=args)
+        except BaseException as exc:
+            group.tell_error(exc)  # the others, waiting for a batch, stop with it
+            raise
 
-        def existing(path: Path) -> None:
-            _check_runs(path, name, overwrite=bool(spec.overwrite))
 
-        runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
-                                 existing=existing)
-        from gpumerge import runs as runs_dir
+def _main_search(optuna, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan, a, b, *, notice,
+                 progress_factory, budget, batch_bytes, began, args):
+    """The main process's search: RUNS checked and locked, the study run, the kept trials written."""
+    from gpumerge import runs as runs_dir
+    from gpumerge.outdir import Inputs, check_output_path
 
-        def cleanup(created: list[Path]) -> None:  # a study.db a failed first run made, holding no trial
-            if runs in created and _only_an_empty_study(runs):
-                (runs / STUDY_FILE).unlink(missing_ok=True)
+    inputs = Inputs.of(a, b)
 
-        with runs_dir.locked(runs, notice=notice, check=lambda: _check_runs(runs, name, overwrite=bool(spec.overwrite)),
-                             cleanup=cleanup):
-            result = _search(optuna, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan, a, b,
-                             runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
-                             budget=budget, batch_bytes=batch_bytes, began=began)
-    return result
+    def existing(path: Path) -> None:
+        _check_runs(path, name, overwrite=bool(spec.overwrite))
+
+    runs = check_output_path(args.output_dir, inputs=inputs, overwrite=True, flag="--output_dir",
+                             existing=existing)
+
+    def cleanup(created: list[Path]) -> None:  # a study.db a failed first run made, holding no trial
+        if runs in created and _only_an_empty_study(runs):
+            (runs / STUDY_FILE).unlink(missing_ok=True)
+
+    with runs_dir.locked(runs, notice=notice, check=lambda: _check_runs(runs, name, overwrite=bool(spec.overwrite)),
+                         cleanup=cleanup):
+        return _search(optuna, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan, a, b,
+                       runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
+                       budget=budget, batch_bytes=batch_bytes, began=began)
 
 
 def _check_runs(runs: Path, name: str, *, overwrite: bool) -> None:
@@ -392,39 +415,46 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
         if bar is not None:
             bar.update(done)
         scored = 0
+        group = scoring.get("processes") or SINGLE
         while done < spec.trials:
             GUARD.poll()
             started = time.perf_counter()
-            trial = study.ask(distributions)
-            variant = trials.variant(f"t{trial.number + 1:04d}", trial.params)
-            plan = _scored_plan(plan_merge(variant.spec, a, b, notice=lambda line: None), a, b)
-            blending = time.perf_counter()  # the sampler's ask and the trial's plan are the search's overhead
-            model.apply(plan)
-            model.synchronize()
-            blend_s = time.perf_counter() - blending
-            evaluated = time.perf_counter()
-            scored_row = _score_model(model, scoring, settings)
-            eval_s = time.perf_counter() - evaluated
-            trial.set_user_attr("row", {**scored_row, "blend_s": blend_s, "eval_s": eval_s})
-            measure = (scored_row["objective"] if scoring.get("scorers")
-                       else math.log(scored_row["perplexity"]) if scored_row["perplexity"] > 0 else math.nan)
-            if math.isfinite(measure):
-                study.tell(trial, measure)
-                done += 1  # counted here: asking the storage for every trial each time grows with the study
-            else:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            # one trial per process: asked together (optuna's sampler draws each with its own random state), scored
+            # in parallel, told together; in one process, ask-score-tell one at a time
+            asked = [study.ask(distributions) for _ in range(min(group.size, spec.trials - done))]
+            group.broadcast(("trials", [(trial.number, trial.params) for trial in asked]))
+            outcome = _score_trial(asked[0].number, asked[0].params, trials, model, scoring, a, b, group)
+            gathered = group.gather(outcome) if group.size > 1 else [outcome]
+            group.listening = True  # the others wait for the next batch (or the end)
+            errors = [item[1] for item in gathered if item is not None and item[0] == "error"]
+            for trial, item in zip(asked, gathered):
+                if item is None or item[0] != "row":
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+                trial.set_user_attr("row", item[1])
+                measure = _measure(item[1], scoring)
+                if math.isfinite(measure):
+                    study.tell(trial, measure)
+                    done += 1  # counted here: asking the storage for every trial each time grows with the study
+                else:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                scored += 1
+                timings["variants"] += 1
+                if bar is not None:
+                    bar.update(1)
+            if errors:
+                raise errors[0]
             test_pause("score")
             timings["scoring_s"] += time.perf_counter() - started
-            timings["variants"] += 1
-            scored += 1
-            if bar is not None:
-                bar.update(1)
             if stop is not None and scored >= stop:
                 import signal
 
                 raise Interrupted(signal.SIGINT)
         if bar is not None:
             bar.close()
+    group = scoring.get("processes") or SINGLE
+    if group.listening:
+        group.broadcast(("done",))  # the other processes' part is over: the main one writes
     rows, by_name = [], {}
     for which in wanted:
         row = Row(which, {}, row_key(fingerprints, which, scoring["record"]), baseline=True)
@@ -476,6 +506,64 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
                        table=table_text(rows, columns), best=best, rows=tuple(ranked_rows(rows)), timings=timings)
 
 
+def _score_trial(number: int, params: dict, trials: _Trials, model, scoring: dict, a, b, group) -> tuple | None:
+    """This process's trial of a batch (the batch's ``group.rank``-th; the main process passes the first) blended into
+    its model and scored: ("row", figures) or ("error", the error), or None when the batch has no trial for it."""
+    from gpumerge.distributed import as_error
+    from gpumerge.merge import plan_merge
+
+    if number is None:
+        return None
+    try:
+        variant = trials.variant(f"t{number + 1:04d}", params)
+        plan = _scored_plan(plan_merge(variant.spec, a, b, notice=lambda line: None), a, b)
+        blending = time.perf_counter()  # the sampler's ask and the trial's plan are the search's overhead
+        model.apply(plan)
+        model.synchronize()
+        blend_s = time.perf_counter() - blending
+        evaluated = time.perf_counter()
+        figures = _score_model(model, scoring, scoring["settings"])
+        row = {**figures, "blend_s": blend_s, "eval_s": time.perf_counter() - evaluated}
+        if group.size > 1:
+            row["process"] = group.rank
+        return ("row", row)
+    except Exception as exc:  # noqa: BLE001 - every process stops with it, the main one says it
+        if group.size == 1:
+            raise
+        return ("error", as_error(exc))
+
+
+def _measure(row: dict, scoring: dict) -> float:
+    """What the sampler minimizes: the scorers' objective, or the log of the perplexity."""
+    if scoring.get("scorers"):
+        return row["objective"]
+    return math.log(row["perplexity"]) if row["perplexity"] > 0 else math.nan
+
+
+def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, group) -> None:
+    """A process other than the main one: for each batch the main process asks, its trial scored into its own
+    resident model (built at the first batch) and handed back; until the main process says the search is over (or
+    why it stopped)."""
+    from gpumerge.sweep import fit_scoring
+    from gpumerge.sweep_eval import ResidentModel
+
+    quiet = lambda line: None  # noqa: E731 - the main process says what the run does
+    model = None
+    while True:
+        said = group.broadcast(None)
+        if said[0] == "error":
+            raise said[1]
+        if said[0] == "done":
+            return
+        batch = said[1]
+        if model is None:
+            budget_bytes = fit_scoring(scoring, [resident_plan], [resident_plan], a, b, quiet)
+            model = ResidentModel(a, b, [resident_plan], device=scoring["device"], eval_dtype=scoring["eval_dtype"],
+                                  budget_bytes=budget_bytes, notice=quiet, max_memory=scoring["max_memory"])
+        number, params = batch[group.rank] if group.rank < len(batch) else (None, None)
+        group.gather(_score_trial(number, params, trials, model, scoring, a, b, group))
+
+
 def _score_model(model, scoring: dict, settings) -> dict:
     """A row's figures for the model as it is now: its perplexity, or every scorer's value and their objective."""
     from gpumerge.evaluate import perplexity
@@ -506,6 +594,7 @@ def _fill(row, data: dict) -> None:
     row.tokens = int(data.get("tokens", 0))
     row.blend_s = float(data.get("blend_s", 0.0))
     row.eval_s = float(data.get("eval_s", 0.0))
+    row.process = data.get("process")
     if "objective" in data:
         row.scores = {key: float(value) for key, value in data.get("scores", {}).items()}
         row.objective = float(data["objective"])

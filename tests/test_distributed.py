@@ -127,3 +127,23 @@ def test_a_sweep_that_writes_every_variant_is_one_process(models, tmp_path):
     said = [line for line in done.stderr.splitlines() if line.startswith("gpumerge:")]
     assert len(said) == 1 and "a sweep that writes every variant runs in one process" in said[0], done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_search_on_two_processes_asks_the_same_trials_twice(models, tmp_path):
+    pytest.importorskip("optuna", reason="the search extra (pip install 'gpumerge[search]') is not installed")
+    found = []
+    for k in (1, 2):
+        runs = tmp_path / f"runs{k}"
+        argv = ["sweep", "--model_path1", models["fp16_a"], "--model_path2", models["fp16_b"], "--output_dir", runs,
+                "--eval-text", text(tmp_path), "--seq-len", "16", "--search", "optuna", "--trials", 6, "--seed", 5,
+                "--keep", 1, "--space", "gradient_start=0:1", "--space", "gradient_end=0:1", "--quiet"]
+        done = launch(argv, processes=2)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("gpumerge: sweep at") == 1
+        trials = [r for r in table(runs) if r["name"].startswith("t")]
+        assert len(trials) == 6 and len({r["gradient_start"] for r in trials}) == 6
+        found.append(sorted(tuple(r.items()) for r in trials))
+        by_process = [row["process"] for row in logged(runs) if row["name"].startswith("t")]
+        assert sorted(by_process) == [0, 0, 0, 1, 1, 1]  # a batch of two trials at a time, one on each process
+        assert (runs / "study.db").is_file() and not list(runs.glob("study.db-*"))
+    assert found[0] == found[1]
