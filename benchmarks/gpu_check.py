@@ -23,8 +23,12 @@ own try/except, so a failing section says why in its row and the others still ru
                     linear (coefficients), a vocabulary mismatch; each also with small batches
     pinned  (15 s)  the pinned host bytes torch really holds (torch.cuda.host_memory_stats) vs the report's figure
     kernel  (15 s)  torch.lerp fp16 into a buffer vs a device-to-device copy (goal >= 80 %); many small tensors
+    processes (150 s, only when named) the 7B-shaped pair's evaluated sweep (40 variants, 8k tokens each) in one
+                    process and under `accelerate launch --multi_gpu --num_processes 2` (two processes on one GPU:
+                    each holds its own model, A and B; skipped when the GPU lacks room for both), and N processes
+                    on N GPUs when there are more than 2: variants a minute in the loop
 
-    python benchmarks/gpu_check.py [--out DIR] [SECTION ...]        # on a GPU machine (default: all sections)
+    python benchmarks/gpu_check.py [--out DIR] [SECTION ...]        # on a GPU machine (default: all but processes)
     python benchmarks/gpu_check.py --cpu-dry-run [--out DIR]         # the same steps on the CPU, tiny data
 benchmarks/gpu_check.sh runs it together with the CUDA tests. GB/s counts bytes read plus bytes written. Without
 CUDA (and without --cpu-dry-run) it says so and exits 0.
@@ -594,6 +598,71 @@ def search_rows(ctx: Context) -> Iterator[Row]:
            f"{60 * timings['variants'] / timings['scoring_s']:.0f} a minute in the loop; {timings_text(timings)}", goal)
 
 
+def launched_sweep(a: Path, b: Path, runs: Path, *, processes: int, grid: str, text: Path, tokens: int) -> dict:
+    """The evaluated sweep through `accelerate launch --multi_gpu --num_processes N` (N = 1: plain), whole process
+    timed; returns results.json with the wall time."""
+    shutil.rmtree(runs, ignore_errors=True)
+    sweep = ["sweep", "--model_path1", str(a), "--model_path2", str(b), "--output_dir", str(runs), "--grid", grid,
+             "--eval-text", str(text), "--eval-tokens", str(tokens), "--keep", "0", "--quiet"]
+    if processes > 1:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", "gpumerge", *sweep]
+    else:
+        command = [sys.executable, "-m", "gpumerge", *sweep]
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"{processes} process(es): exit {done.returncode}: {done.stderr[-600:]}")
+    results = json.loads((runs / "results.json").read_text())
+    shutil.rmtree(runs, ignore_errors=True)
+    return {**results, "wall_s": wall}
+
+
+def processes_rows(ctx: Context) -> Iterator[Row]:
+    """Issue #20: does a second process on one GPU raise variants per minute (each process holds its own model, A and
+    B: 3 x 13.5 GB for the 7B shape), and what do N processes on N GPUs give? 40 variants of 8k tokens each."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        yield ("(11) many processes", "skipped: accelerate is not installed here", "")
+        return
+    pair = trained_pair(ctx)
+    shape = SEVEN_B_DRY if ctx.dry_run else SEVEN_B
+    free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else 0
+    where = Path("/dev/shm/gpumerge_7b") if free > 3 * shape.total_bytes() + 8 * 2**30 else ctx.work / "7b"
+    a, b = ensure_pair(where, shape, device=ctx.device)
+    for model in (a, b):
+        for file in (pair / "model_1").glob("tokenizer*"):
+            shutil.copy(file, model / file.name)
+    count, tokens = (6, 1024) if ctx.dry_run else (40, 8192)
+    text = pair / "texts" / "train_code.txt"
+    gpus = torch.cuda.device_count() if not ctx.dry_run else 0
+    need = 3 * shape.total_bytes() + 8 * 2**30  # the model, A and B, and a forward pass, per process
+    free_gpu = torch.cuda.mem_get_info(0)[0] if gpus else 0
+    plans = [(1, "1 process"), (2, "2 processes on one GPU" if gpus == 1 else "2 processes")]
+    if gpus > 2:
+        plans.append((gpus, f"{gpus} processes on {gpus} GPUs"))
+    try:
+        base = None
+        for processes, label in plans:
+            if gpus == 1 and processes == 2 and free_gpu < 2 * need:
+                yield (f"(11) {label}", f"skipped: two processes need {2 * need / 2**30:.0f} GiB, the GPU has "
+                       f"{free_gpu / 2**30:.0f} GiB free", "")
+                continue
+            results = launched_sweep(a, b, where / "runs", processes=processes, grid=f"gradient_end=0:1:{count}",
+                                     text=text, tokens=tokens)
+            timings = results["timings"]
+            per_minute = 60 * (timings["variants"] + timings["baselines"]) / timings["loop_s"]  # rows / wall
+            base = base or per_minute
+            yield (f"(11) {'tiny' if ctx.dry_run else '7B-shaped'} pair, {count} variants of {tokens} tokens, {label}",
+                   f"{per_minute:.0f} rows a minute in the loop ({per_minute / base:.2f}x one process); whole "
+                   f"process {results['wall_s']:.1f} s", "more than 1x" if processes > 1 else "")
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 SECTIONS: dict[str, tuple[int, Callable[[Context], Iterator[Row]]]] = {
     "evalsweep": (200, evalsweep_rows),
     "search": (200, search_rows),
@@ -603,7 +672,9 @@ SECTIONS: dict[str, tuple[int, Callable[[Context], Iterator[Row]]]] = {
     "bytes": (60, bytes_rows),
     "pinned": (15, pinned_rows),
     "kernel": (15, kernel_rows),
+    "processes": (150, processes_rows),
 }
+OPT_IN = ("processes",)  # beyond the default set's time: run alone (gpu_check.sh OUT processes)
 
 
 class Table:
@@ -667,9 +738,9 @@ def main() -> int:
     table.line("| check | result | goal |")
     table.line("|---|---|---|")
     began = time.perf_counter()
-    for section in args.sections or list(SECTIONS):
+    for section in args.sections or [name for name in SECTIONS if name not in OPT_IN]:
         run_section(section, ctx, table)
-    table.row("total", f"{time.perf_counter() - began:.0f} s", f"<= {sum(b for b, _ in SECTIONS.values())} s")
+    table.row("total", f"{time.perf_counter() - began:.0f} s", f"<= {sum(SECTIONS[n][0] for n in args.sections or SECTIONS if n not in OPT_IN or args.sections)} s")
     shutil.rmtree(args.work, ignore_errors=True)
     if table.failures:
         print(f"gpu_check: {len(table.failures)} row(s) failed: {', '.join(table.failures)}", file=sys.stderr)

@@ -218,6 +218,8 @@ def timings_text(timings: dict) -> str:
         if count:
             text += f" ({count} rows" + (f", {timings[key] / count:.2f} s each)" if key == "scoring_s" else ")")
         parts.append(text)
+    if timings.get("processes", 1) > 1 and "loop_s" in timings:  # the rows' own times overlap across processes
+        parts.append(f"on {timings['processes']} processes: rows scored in {timings['loop_s']:.1f} s of wall time")
     return ", ".join(parts)
 
 

@@ -399,7 +399,8 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
                done: dict[str, dict], history: str, progress=None, processes=None) -> dict[str, float]:
     """Score every row not yet ``done`` (by key), in order; each result appended to ``results`` as soon as it is
     known. Returns the wall time this run spent on the parents' rows and on the variants' (``baselines_s``,
-    ``scoring_s``) and how many of each it scored.
+    ``scoring_s``: each row's own time, summed) and how many of each it scored, and the loop's wall time (``loop_s``:
+    less than their sum when several processes score at once).
 
     With several ``processes`` (gpumerge.distributed) the rows still to score are dealt out in rounds, one to each
     process (row k to process k mod N, in order); after each round every process's row (or its error) is gathered,
@@ -417,6 +418,7 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
             if progress:
                 progress(row)
     todo = [row for row in rows if row.key not in done]
+    began = time.perf_counter()
     scorer = RowScorer(model, plans, texts, settings=settings) if model is not None else None
     fail = _fail_on_process()
     for first in range(0, len(todo), group.size):
@@ -427,9 +429,9 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
             try:
                 if fail is not None and fail == group.rank and first > 0:
                     raise OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)")
-                began = time.perf_counter()
+                started = time.perf_counter()
                 scorer.score(mine)
-                outcome = ("row", mine.as_dict(), time.perf_counter() - began)
+                outcome = ("row", mine.as_dict(), time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - every process stops with it, the main one says it
                 if group.size == 1:
                     raise
@@ -458,6 +460,9 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
             import signal
 
             raise Interrupted(signal.SIGINT)
+    spent["loop_s"] = time.perf_counter() - began
+    if group.size > 1:
+        spent["processes"] = group.size
     return spent
 
 
