@@ -15,7 +15,7 @@ LAYERS = (
     ("errors", "fsutil", "signals", "about", "digests", "kernels"),
     ("spec", "schedule", "rules", "space"),
     ("headers", "checkpoint", "architecture", "mergekit", "recipes", "devices", "distributed"),
-    ("plan", "outdir", "settings"),
+    ("plan", "outdir", "settings", "placement"),
     ("lanes", "pipeline", "copier", "writer"),
     ("merge", "evaluate", "scorers", "results", "sweep_eval", "runs", "sweep"),
     ("verify", "report", "demo", "search"),
