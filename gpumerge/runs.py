@@ -43,7 +43,8 @@ _COMMIT = "COMMIT"
 _IDENTITY = "identity.json"
 _MAX_MARKER_BYTES = 2**16
 # Files a sweep keeps in RUNS beside its variants (the evaluated sweep's results too): no variant may be named so.
-RUNS_FILES = (SWEEP_FILE, VARIANTS_FILE, "results.csv", "results.json", "results.jsonl", "sweep.png")
+# a search's study.db too: a grid sweep's --overwrite over a search replaces it with the rest of its records
+RUNS_FILES = (SWEEP_FILE, VARIANTS_FILE, "results.csv", "results.json", "results.jsonl", "sweep.png", "study.db")
 
 
 # ---- records ------------------------------------------------------------------------------------------------------

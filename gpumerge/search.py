@@ -267,21 +267,24 @@ def _main_search(optuna, spec, dims, sampler, seed, name, identity, trials, scor
             (runs / STUDY_FILE).unlink(missing_ok=True)
 
     with runs_dir.locked(runs, notice=notice, check=lambda: _check_runs(runs, name, overwrite=bool(spec.overwrite)),
-                         cleanup=cleanup):
+                         cleanup=cleanup) as earlier:
         return _search(optuna, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan, a, b,
                        runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
-                       budget=budget, batch_bytes=batch_bytes, began=began)
+                       budget=budget, batch_bytes=batch_bytes, began=began, earlier=earlier)
 
 
-def _check_runs(runs: Path, name: str, *, overwrite: bool) -> None:
-    """RUNS is new, empty, or this search's (its sweep.json names this study, or its study.db holds it)."""
+def _check_runs(runs: Path, name: str, *, overwrite: bool):
+    """RUNS is new, empty, or this search's (its sweep.json names this study, or its study.db holds it): returns
+    None, or what an earlier run of it left to retire. With --overwrite, RUNS may hold another sweep or search
+    instead, judged as a grid sweep's --overwrite judges it (only its own records, study and variants, nothing
+    else): returns its state, whose variants are retired once this search's are in place."""
     from gpumerge import runs as runs_dir
 
     if not runs.exists():
-        return
+        return None
     entries = {entry.name for entry in runs.iterdir()} - {runs_dir.PENDING_DIR}
     if not entries:
-        return
+        return None
     record = runs / runs_dir.SWEEP_FILE
     if record.is_file() and not record.is_symlink():
         from gpumerge import fsutil
@@ -291,19 +294,23 @@ def _check_runs(runs: Path, name: str, *, overwrite: bool) -> None:
         except ValueError:
             data = None
         if isinstance(data, dict) and isinstance(data.get("search"), dict) and data["search"].get("study") == name:
-            return
+            retiring = data.get("retiring") if isinstance(data.get("retiring"), list) else []
+            return runs_dir.RunsState("resume", retire=[n for n in retiring if isinstance(n, str) and n in entries])
     elif (runs / STUDY_FILE).is_file() and not (runs / STUDY_FILE).is_symlink() and _holds_study(runs, name):
-        return
+        return None
+    if overwrite:
+        return runs_dir.judge_runs(runs, {"sweep": name}, {}, overwrite=True, read_bytes=False)
     raise OutputError(f"--output_dir {runs} holds another sweep or search (or other files); a search continues only "
-                      "its own study: choose another directory" + (" (--overwrite does not replace a study)"
-                                                                    if overwrite else ""))
+                      "its own study: pass --overwrite to replace an earlier sweep or search, or choose another "
+                      "directory")
 
 
 def _holds_study(runs: Path, name: str) -> bool:
+    import contextlib
     import sqlite3
 
     try:
-        with sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True)) as db:
             return db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
     except sqlite3.Error:
         return False
@@ -311,12 +318,13 @@ def _holds_study(runs: Path, name: str) -> bool:
 
 def _only_an_empty_study(runs: Path) -> bool:
     """The study.db a failed first run made holds no trial: it goes with the directory this run made."""
+    import contextlib
     import sqlite3
 
     if not (runs / STUDY_FILE).is_file():
         return False
     try:
-        with sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True)) as db:
             return db.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
     except sqlite3.Error:
         return False
@@ -358,18 +366,19 @@ def _study(optuna, storage, name: str, sampler: str, seed: int, notice):
 
 
 def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan, a, b, *,
-            runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began):
+            runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began, earlier):
     storage = _storage(optuna, runs)
     try:
         return _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan,
                           a, b, runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
-                          budget=budget, batch_bytes=batch_bytes, began=began)
+                          budget=budget, batch_bytes=batch_bytes, began=began, earlier=earlier)
     finally:  # closed: SQLite folds its log back into study.db and removes study.db-wal and study.db-shm
+        storage.remove_session()  # the session's connection back to the pool, which dispose() then closes
         storage.engine.dispose()
 
 
 def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan,
-               a, b, *, runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began):
+               a, b, *, runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began, earlier):
     from gpumerge import runs as runs_dir
     from gpumerge.merge import plan_merge
     from gpumerge.results import Row, ranked, ranked_rows, row_key
@@ -472,8 +481,13 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
     for row in rows:
         row.kept = row.name in keep
         row.model_1_itself = False
+    replacing = earlier is not None and earlier.action == "replace"  # --overwrite over another sweep or search
+    # a kept trial already in RUNS is this study's (the same settings, written by an earlier run of it), unless RUNS
+    # held another sweep or search: then every kept trial is written anew, swapped in over a directory of its name
     pending = [(by_name[n], plan_merge(by_name[n].spec, a, b, notice=lambda line: None)) for n in keep
-               if not (runs / n).is_dir()]
+               if replacing or not (runs / n).is_dir()]
+    replace = [n for n in keep if replacing and (runs / n).is_dir()]
+    retire = sorted(set(earlier.retire + earlier.replace if earlier is not None else []) - set(keep))
     history = study.user_attrs.get("history")
     if history is None:
         import secrets
@@ -481,7 +495,14 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
         history = secrets.token_hex(16)
         study.set_user_attr("history", history)
     columns = [dim.key for dim in dims]
-    record = {"tool": "gpumerge", "inputs": [], "sweep": name, "history": history,
+    from gpumerge.about import version
+
+    # a sweep record (gpumerge verify reads it as one): every trial scored is a variant of it; the kept ones are in
+    # RUNS, as results.json says (its evaluation record makes verify ask for those alone)
+    record = {"tool": "gpumerge", "version": version(), "inputs": [], "sweep": name, "history": history,
+              "swept": columns, "variants": [{"name": n, "values": v.values, "settings": v.spec.settings(),
+                                              "same_as": None} for n, v in by_name.items()],
+              "retiring": retire, "eval": scoring["record"],
               "search": {"study": name, "file": STUDY_FILE, "trials": spec.trials, **identity}}
     for role, ckpt in (("model_path1", a), ("model_path2", b)):
         record["inputs"].append({"role": role, "path": str(ckpt.root), "fingerprint": ckpt.fingerprint()})
@@ -495,9 +516,13 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
         runs_dir.commit_records(runs, files, remove=tuple(n for n in ("variants.csv",) if n not in files))
 
     stats = write_variants(pending, a, b, runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
-                           budget=budget, batch_bytes=batch_bytes, said_devices=True,
+                           budget=budget, batch_bytes=batch_bytes, said_devices=True, replace=replace,
                            checksums=bool(spec.checksums), on_finalized=commit)
     runs_dir.tidy_locks(runs, [])
+    runs_dir.retire(runs, retire, notice=notice)  # the earlier run's variants this search does not keep
+    for other in optuna.get_all_study_names(storage):  # an earlier search's study, replaced by this one
+        if other != name:
+            optuna.delete_study(study_name=other, storage=storage)
     from gpumerge.results import table_text, verdict
 
     outcome = verdict(rows)

@@ -216,6 +216,42 @@ def test_another_search_into_the_same_directory_is_refused(models, tmp_path, cap
     assert before == {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()}
 
 
+def test_overwrite_replaces_an_earlier_search_and_verify_reads_a_search(models, tmp_path, capsys):
+    import contextlib
+    import sqlite3
+
+    runs = tmp_path / "runs"
+    first = search_argv(models, runs, tmp_path, "--trials", 3, "--keep", 2, "--seed", 1, "--space", "gradient_end=0:1")
+    code, _, err = run_cli(*first, capsys=capsys)
+    assert code == 0, err
+    old_kept = {r["name"] for r in rows(runs) if r["kept"] == "true"}
+    code, out, err = run_cli("verify", runs, capsys=capsys)
+    assert code == 0 and err == "" and out.count(": ok (") == 2, (out, err)
+    second = search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 1, "--seed", 2,
+                         "--space", "gradient_start=0:0.5")
+    code, _, err = run_cli(*second, capsys=capsys)
+    assert code == 2 and "pass --overwrite to replace an earlier sweep or search" in err
+    code, _, err = run_cli(*second, "--overwrite", capsys=capsys)
+    assert code == 0, err
+    (kept,) = [r["name"] for r in rows(runs) if r["kept"] == "true"]
+    assert {p.name for p in runs.iterdir() if p.is_dir()} == {kept}  # the earlier search's kept trials retired
+    assert old_kept  # (one of them may share the new one's name: written anew, with the new settings)
+    recipe = yaml.safe_load((runs / kept / "gpumerge_recipe.yaml").read_text())
+    assert "gradient_start" in recipe and float(recipe["gradient_start"]) <= 0.5
+    with contextlib.closing(sqlite3.connect(runs / "study.db")) as db:  # closed: else SQLite's log files stay
+        assert len(db.execute("SELECT study_name FROM studies").fetchall()) == 1  # the earlier study deleted
+    code, out, err = run_cli("verify", runs, capsys=capsys)
+    assert code == 0 and out.count(": ok (") == 1, (out, err)
+    # a grid sweep over the search, with --overwrite: the study goes with the rest of the search's records
+    code, _, err = run_cli("sweep", "--model_path1", models["fp16_a"], "--model_path2", models["fp16_b"],
+                           "--output_dir", runs, "--grid", "gradient_end=0,1", "--quiet", "--overwrite",
+                           capsys=capsys)
+    assert code == 0, err
+    assert not (runs / "study.db").exists() and not (runs / kept).exists()
+    code, out, err = run_cli("verify", runs, capsys=capsys)
+    assert code == 0 and out.count(": ok (") == 2, (out, err)
+
+
 # ---- scorers -----------------------------------------------------------------------------------------------------
 
 SCORER_MODULE = '''
