@@ -23,6 +23,7 @@ from conftest import load_state, source_env
 from gpumerge.demo import DEMO_WORDS
 
 pytest.importorskip("accelerate")
+pytestmark = pytest.mark.slow  # each test starts processes through accelerate's launcher (~8 s a launch)
 TIMINGS = ("blend_s", "eval_s")
 
 
