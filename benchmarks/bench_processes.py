@@ -34,12 +34,9 @@ def sweep(argv: list[str], *, processes: int, threads: int | None) -> tuple[floa
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    if processes > 1:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "-m", "gpumerge", *argv]
-    else:
-        command = [sys.executable, "-m", "gpumerge", *argv]
+    from gpu_check import gpumerge_command
+
+    command = gpumerge_command(argv, processes=processes)
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, env=env)
     wall = time.perf_counter() - began

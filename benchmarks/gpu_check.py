@@ -598,20 +598,24 @@ def search_rows(ctx: Context) -> Iterator[Row]:
            f"{60 * timings['variants'] / timings['scoring_s']:.0f} a minute in the loop; {timings_text(timings)}", goal)
 
 
+def gpumerge_command(argv: list[str], *, processes: int) -> list[str]:
+    """`python -m gpumerge ARGV`, or under `accelerate launch --multi_gpu --num_processes N` when N > 1 (on a machine
+    without CUDA too: accelerate then starts N CPU processes with gloo)."""
+    if processes > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gpumerge", *argv]
+    return [sys.executable, "-m", "gpumerge", *argv]
+
+
 def launched_sweep(a: Path, b: Path, runs: Path, *, processes: int, grid: str, text: Path, tokens: int) -> dict:
     """The evaluated sweep through `accelerate launch --multi_gpu --num_processes N` (N = 1: plain), whole process
     timed; returns results.json with the wall time."""
     shutil.rmtree(runs, ignore_errors=True)
     sweep = ["sweep", "--model_path1", str(a), "--model_path2", str(b), "--output_dir", str(runs), "--grid", grid,
              "--eval-text", str(text), "--eval-tokens", str(tokens), "--keep", "0", "--quiet"]
-    if processes > 1:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "-m", "gpumerge", *sweep]
-    else:
-        command = [sys.executable, "-m", "gpumerge", *sweep]
     began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(gpumerge_command(sweep, processes=processes), capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise RuntimeError(f"{processes} process(es): exit {done.returncode}: {done.stderr[-600:]}")
