@@ -818,7 +818,11 @@ def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
                f"the model; scoring with --eval-batch {batch} (the scores do not depend on it beyond float noise)")
     if batch != settings.batch:  # on a GPU without --eval-batch: chosen from its free memory
         scoring["settings"] = dataclasses.replace(settings, batch=batch)
-    check_fits(scoring["device"], model_bytes, reserve=forward)
+    from gpumerge.placement import units_of
+
+    blended = {job.name for plan in scored_plans for job in plan.jobs if job.blended}
+    units = units_of({job.name: job.numel * eval_size for job in plans[0].jobs}, blended)
+    check_fits(scoring["device"], model_bytes, reserve=forward, units=units)
     budget = scoring.get("input_budget")
     if budget is None:
         budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward)

@@ -494,16 +494,35 @@ def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int
     return max(0, _free_bytes(device) - model_bytes - max(reserve, _MARGIN_BYTES))
 
 
-def check_fits(device: str, model_bytes: int, *, reserve: int = _MARGIN_BYTES) -> None:
+def check_fits(device: str, model_bytes: int, *, reserve: int = _MARGIN_BYTES, units=None) -> None:
     """The model itself and one forward pass (``reserve``) must fit on the device: one line with the bytes needed
-    and available."""
+    and available. ``units``: the model's layers with their resident bytes (gpumerge.placement.units_of): on a GPU
+    the line also says how many such GPUs the model and its resident inputs would take, split by layer."""
     free = _free_bytes(device)
     reserve = max(reserve, _MARGIN_BYTES)
     if model_bytes + reserve > free:
+        split = gpus_needed(units, free, reserve) if units and device != "cpu" else None
         raise OutputError(f"--eval-text: the model to score needs {model_bytes / 2**30:.2f} GiB (plus "
                           f"{reserve / 2**30:.1f} GiB for the forward pass) on {device}, and "
                           f"{free / 2**30:.2f} GiB are available; score on a bigger device, or in a narrower "
-                          "--eval-dtype")
+                          "--eval-dtype" + (f"; split by layer, the model with its resident inputs would take {split} "
+                                            "GPUs like this one, and gpumerge scores on one GPU per process"
+                                            if split else ""))
+
+
+def gpus_needed(units, per_gpu_bytes: int, forward_bytes: int, *, most: int = 64) -> int | None:
+    """How many GPUs of ``per_gpu_bytes`` the units take placed by layer (gpumerge.placement), or None: more than
+    ``most``, or a layer bigger than one GPU."""
+    from gpumerge.errors import SpecError
+    from gpumerge.placement import place_by_layer
+
+    for count in range(1, most + 1):
+        try:
+            return len(place_by_layer(units, {f"cuda:{k}": per_gpu_bytes for k in range(count)},
+                                      forward_bytes=forward_bytes).devices)
+        except SpecError:
+            continue
+    return None
 
 
 def forward_bytes(config: dict, batch: int, seq_len: int, itemsize: int) -> int:

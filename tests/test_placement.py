@@ -256,3 +256,26 @@ def test_accelerate_accepts_the_device_map(tie):
         assert len(keys) == 1, (name, keys)
     modules = dict(model.named_modules())
     assert all(key in modules for key in placement.device_map)
+
+
+def test_the_scoring_error_says_how_many_gpus_a_pair_would_take(monkeypatch):
+    """The evaluated sweep's "does not fit" line on a GPU (sweep_eval.check_fits), with a made-up free memory: the
+    placement counts the GPUs the model and its resident inputs would take, split by layer."""
+    from gpumerge import sweep_eval
+    from gpumerge.errors import OutputError
+
+    gib = 2**30
+    units = [("model.embed_tokens", 2 * gib)] + [(f"model.layers.{k}", 3 * gib) for k in range(10)] + [
+        ("model.norm", 0), ("lm_head", 2 * gib)]  # 34 GiB resident in all, 3 GiB a block
+    monkeypatch.setattr(sweep_eval, "_free_bytes", lambda device: 10 * gib)
+    with pytest.raises(OutputError) as caught:
+        sweep_eval.check_fits("cuda:0", 12 * gib, reserve=gib, units=units)
+    message = str(caught.value)
+    assert "\n" not in message and "on cuda:0, and 10.00 GiB are available" in message
+    # 9 GiB usable a GPU (1 GiB kept for the forward pass): embed+2 blocks, then 3 blocks, 3 blocks, 2 blocks+head
+    assert "split by layer, the model with its resident inputs would take 4 GPUs like this one" in message
+    assert sweep_eval.gpus_needed(units, 10 * gib, gib) == 4
+    assert sweep_eval.gpus_needed(units, 3 * gib, gib) is None  # a block (3 GiB) + 1 GiB beyond any one GPU
+    with pytest.raises(OutputError) as caught:  # the CPU: no GPU count
+        sweep_eval.check_fits("cpu", 12 * gib, reserve=gib, units=units)
+    assert "split by layer" not in str(caught.value)
