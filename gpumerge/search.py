@@ -306,47 +306,111 @@ def _check_runs(runs: Path, name: str, *, overwrite: bool):
 
 
 def _holds_study(runs: Path, name: str) -> bool:
-    import contextlib
-    import sqlite3
-
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
-    except sqlite3.Error:
+        storage, backend = _open_study(runs, readonly=True)
+    except (OutputError, OSError):
         return False
+    try:
+        return any(study.study_name == name for study in storage.get_all_studies())
+    finally:
+        backend.close()
 
 
 def _only_an_empty_study(runs: Path) -> bool:
     """The study.db a failed first run made holds no trial: it goes with the directory this run made."""
-    import contextlib
-    import sqlite3
-
     if not (runs / STUDY_FILE).is_file():
         return False
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{runs / STUDY_FILE}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
-    except sqlite3.Error:
+        storage, backend = _open_study(runs, readonly=True)
+    except (OutputError, OSError):
         return False
+    try:
+        return all(not storage.get_all_trials(storage.get_study_id_from_name(study.study_name), deepcopy=False)
+                   for study in storage.get_all_studies())
+    finally:
+        backend.close()
 
 
-def _storage(optuna, runs: Path):
-    """RUNS/study.db through optuna's RDB storage, in SQLite's write-ahead-log mode with synchronous=NORMAL: a
-    commit appends to the log without waiting for the disk (a killed process loses nothing committed; a power cut
-    at most the last trials, never the file), which takes a third off a trial's storage cost here. Each connection
-    is set up as it opens; those optuna opened before are dropped."""
-    from sqlalchemy import event
+def study_storage(runs, *, readonly: bool = False):
+    """The optuna storage of a search's RUNS/study.db: ``optuna.load_study(study_name=..., storage=...)`` reads it
+    (its name is in RUNS/sweep.json, ``search.study``), e.g. for optuna's own plots.
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{runs / STUDY_FILE}",
-                                         engine_kwargs={"connect_args": {"timeout": 30}})
+    optuna's JournalStorage on a table of SQLite (one row per journal entry), not optuna's RDB storage: the RDB
+    storage writes every suggested parameter and attribute as its own SQLAlchemy transaction, ~20 ms a trial here,
+    which the search's overhead goal (<= 5 % of a trial) cannot afford; the journal appends a trial's entries in
+    ~2.5 ms (benchmarks/RESULTS.md). Each append is one SQLite transaction (write-ahead log, synchronous=NORMAL: a
+    killed process loses nothing committed, a power cut at most the last entries, never the file). optuna has no
+    journal backend on SQLite, hence this one; only the main process opens it, under RUNS's lock."""
+    return _open_study(runs, readonly=readonly)[0]
 
-    @event.listens_for(storage.engine, "connect")
-    def _pragmas(connection, record) -> None:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
 
-    storage.engine.dispose()
-    return storage
+def _open_study(runs, *, readonly: bool = False):
+    """(the storage, its SQLite journal: close() it when done)."""
+    from optuna.storages import JournalStorage
+
+    backend = _journal_backend()(Path(runs) / STUDY_FILE, readonly=readonly)
+    return JournalStorage(backend), backend
+
+
+def _journal_backend():
+    from optuna.storages.journal import BaseJournalBackend
+
+    class SQLiteJournal(BaseJournalBackend):
+        """optuna's journal as rows of SQLite: (number, the entry as JSON), numbered from 0 without gaps."""
+
+        def __init__(self, path: Path, *, readonly: bool) -> None:
+            import sqlite3
+
+            self.path, self.readonly = path, readonly
+            try:
+                if readonly:
+                    self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                else:
+                    self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+                tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not readonly:
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=NORMAL")
+                if not tables and not readonly:
+                    self.db.execute("CREATE TABLE journal (number INTEGER PRIMARY KEY, entry TEXT NOT NULL)")
+                    tables = {"journal"}
+            except sqlite3.Error as exc:
+                raise OutputError(f"--output_dir: {path} is not a study gpumerge can read ({exc})") from None
+            if "journal" not in tables:
+                self.close()
+                raise OutputError(f"--output_dir: {path} holds no study of this gpumerge (a search's study.db is "
+                                  "a SQLite file with a journal table; one with optuna's RDB tables is from "
+                                  "gpumerge before 2026-12-05): choose another directory")
+
+        def read_logs(self, log_number_from: int):
+            rows = self.db.execute("SELECT entry FROM journal WHERE number >= ? ORDER BY number",
+                                   (log_number_from,)).fetchall()
+            return [json.loads(entry) for (entry,) in rows]
+
+        def append_logs(self, logs) -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                first = self.db.execute("SELECT COALESCE(MAX(number) + 1, 0) FROM journal").fetchone()[0]
+                self.db.executemany("INSERT INTO journal (number, entry) VALUES (?, ?)",
+                                    [(first + k, json.dumps(log)) for k, log in enumerate(logs)])
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+        def close(self) -> None:
+            """Back to SQLite's rollback journal, which folds the write-ahead log into study.db and removes
+            study.db-wal and -shm (a read-only reader of a file in WAL mode would leave them behind), then closed."""
+            import sqlite3
+
+            if not self.readonly:
+                try:
+                    self.db.execute("PRAGMA journal_mode=DELETE")
+                except sqlite3.Error:  # another connection holds it: it stays in WAL mode, whole
+                    pass
+            self.db.close()
+
+    return SQLiteJournal
 
 
 def _study(optuna, storage, name: str, sampler: str, seed: int, notice):
@@ -357,8 +421,10 @@ def _study(optuna, storage, name: str, sampler: str, seed: int, notice):
     study = optuna.create_study(study_name=name, storage=storage, sampler=chosen, direction="minimize",
                                 load_if_exists=True)
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    study_id = storage.get_study_id_from_name(name)
     for trial in stale:  # a killed run's trial: failed, and asked again first
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params)
     if stale:
         notice(f"{len(stale)} trial(s) an interrupted run left unfinished are marked failed and asked again")
@@ -367,14 +433,13 @@ def _study(optuna, storage, name: str, sampler: str, seed: int, notice):
 
 def _search(optuna, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan, a, b, *,
             runs: Path, inputs, notice, progress_factory, budget, batch_bytes, began, earlier):
-    storage = _storage(optuna, runs)
+    storage, backend = _open_study(runs)
     try:
         return _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trials, scoring, resident_plan,
                           a, b, runs=runs, inputs=inputs, notice=notice, progress_factory=progress_factory,
                           budget=budget, batch_bytes=batch_bytes, began=began, earlier=earlier)
     finally:  # closed: SQLite folds its log back into study.db and removes study.db-wal and study.db-shm
-        storage.remove_session()  # the session's connection back to the pool, which dispose() then closes
-        storage.engine.dispose()
+        backend.close()
 
 
 def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trials: _Trials, scoring, resident_plan,

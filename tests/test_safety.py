@@ -117,10 +117,18 @@ def test_directory_appearing_at_out_during_the_merge_is_kept(overwrite, pair, tm
     only(tmp_path, "out")
 
 
+def _default_signals() -> None:
+    """In the child, before gpumerge starts: the signals the tests send at their defaults. A run under `nohup` (or
+    as a background job) inherits SIGHUP (SIGINT) ignored, and gpumerge leaves an ignored signal ignored, by design
+    (test_an_ignored_sighup_stays_ignored); the tests here are about signals that do arrive."""
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _spawn(argv, *, env_extra=None) -> subprocess.Popen:
     env = source_env(PYTHONFAULTHANDLER="1", **(env_extra or {}))  # SIGABRT dumps every thread's stack (_finish)
     return subprocess.Popen([sys.executable, "-m", "gpumerge", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_signals)
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float = 60) -> str:

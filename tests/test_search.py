@@ -14,6 +14,7 @@ import yaml
 from conftest import REPO, load_state, run_cli, source_env
 
 from gpumerge.demo import DEMO_WORDS
+from gpumerge.search import study_storage
 
 pytest.importorskip("optuna", reason="the search extra (pip install 'gpumerge[search]') is not installed")
 
@@ -70,15 +71,16 @@ def test_interrupted_and_resumed_it_completes_the_study(models, tmp_path, capsys
                           env=source_env(GPUMERGE_TEST_STOP_AFTER="2"))
     assert done.returncode == 130, done.stderr
     assert not (runs / "results.csv").exists()  # nothing committed yet: the study holds the trials
-    storage = f"sqlite:///{runs / 'study.db'}"
+    storage = study_storage(runs)
     (name,) = optuna.get_all_study_names(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
     crashed = study.ask({"gradient_start": optuna.distributions.FloatDistribution(0, 1),
                          "gradient_end": optuna.distributions.FloatDistribution(0, 1)})
+    del study, storage  # (its SQLite connection closed: the search opens study.db alone)
     code, out, err = run_cli(*argv, capsys=capsys)
     assert code == 0, err
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=study_storage(runs))
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and states.count(optuna.trial.TrialState.FAIL) == 1
     assert crashed.params in [t.params for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
@@ -217,9 +219,6 @@ def test_another_search_into_the_same_directory_is_refused(models, tmp_path, cap
 
 
 def test_overwrite_replaces_an_earlier_search_and_verify_reads_a_search(models, tmp_path, capsys):
-    import contextlib
-    import sqlite3
-
     runs = tmp_path / "runs"
     first = search_argv(models, runs, tmp_path, "--trials", 3, "--keep", 2, "--seed", 1, "--space", "gradient_end=0:1")
     code, _, err = run_cli(*first, capsys=capsys)
@@ -238,8 +237,9 @@ def test_overwrite_replaces_an_earlier_search_and_verify_reads_a_search(models, 
     assert old_kept  # (one of them may share the new one's name: written anew, with the new settings)
     recipe = yaml.safe_load((runs / kept / "gpumerge_recipe.yaml").read_text())
     assert "gradient_start" in recipe and float(recipe["gradient_start"]) <= 0.5
-    with contextlib.closing(sqlite3.connect(runs / "study.db")) as db:  # closed: else SQLite's log files stay
-        assert len(db.execute("SELECT study_name FROM studies").fetchall()) == 1  # the earlier study deleted
+    import optuna
+
+    assert len(optuna.get_all_study_names(study_storage(runs, readonly=True))) == 1  # the earlier study deleted
     code, out, err = run_cli("verify", runs, capsys=capsys)
     assert code == 0 and out.count(": ok (") == 1, (out, err)
     # a grid sweep over the search, with --overwrite: the study goes with the rest of the search's records
