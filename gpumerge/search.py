@@ -562,11 +562,14 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
     columns = [dim.key for dim in dims]
     from gpumerge.about import version
 
-    # a sweep record (gpumerge verify reads it as one): every trial scored is a variant of it; the kept ones are in
-    # RUNS, as results.json says (its evaluation record makes verify ask for those alone)
+    # a sweep record (gpumerge verify reads it as one): its variants are the trials written to RUNS, now or by an
+    # earlier run of this study (every trial would make it grow with the study; results.csv lists them all); the
+    # kept ones are those results.json names (its evaluation record makes verify ask for those alone)
+    written = [n for n in by_name if n in keep or (runs / n).is_dir()]
     record = {"tool": "gpumerge", "version": version(), "inputs": [], "sweep": name, "history": history,
-              "swept": columns, "variants": [{"name": n, "values": v.values, "settings": v.spec.settings(),
-                                              "same_as": None} for n, v in by_name.items()],
+              "swept": columns, "variants": [{"name": n, "values": by_name[n].values,
+                                              "settings": by_name[n].spec.settings(), "same_as": None}
+                                             for n in written],
               "retiring": retire, "eval": scoring["record"],
               "search": {"study": name, "file": STUDY_FILE, "trials": spec.trials, **identity}}
     for role, ckpt in (("model_path1", a), ("model_path2", b)):
