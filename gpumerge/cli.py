@@ -120,8 +120,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--max-variants", "--max_variants", dest="max_variants", type=int, metavar="N",
                             help="allow more than 1000 variants (up to N)")
         _flag(parser, "search", metavar="optuna", help="choose the variants with optuna instead of a grid: --trials N "
-              "trials over the --space settings, each scored like an evaluated sweep's variant (needs --eval-text; "
-              "pip install 'gpumerge[search]')")
+              "trials over the --space settings, each scored like an evaluated sweep's variant (needs --eval-text, or "
+              "--scorers without perplexity; pip install 'gpumerge[search]'); under accelerate launch, one trial per "
+              "process at a time")
         _flag(parser, "trials", type=int, metavar="N", help="with --search: the trials to complete (a rerun of the "
               "same command continues the study to N)")
         _flag(parser, "space", action="append", metavar="SPEC", help="with --search, one searched setting: "
@@ -134,7 +135,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
               "perplexity of --eval-text")
         _flag(parser, "eval_text", action="append", type=Path, metavar="FILE",
               help="score every variant's perplexity on this UTF-8 text (repeat for several) and write only the "
-                   "best (--keep); model 1 and model 2 are scored too")
+                   "best (--keep); model 1 and model 2 are scored too; under accelerate launch the rows are shared "
+                   "across the processes")
         _flag(parser, "eval_tokens", type=int, metavar="N", help="at most N tokens from each text")
         _flag(parser, "seq_len", type=int, metavar="N", help="tokens per window (default 512, or model 1's "
               "max_position_embeddings when that is less)")
