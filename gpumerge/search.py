@@ -640,8 +640,11 @@ def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, grou
     from gpumerge.sweep import fit_scoring
     from gpumerge.sweep_eval import ResidentModel
 
+    from gpumerge.sweep_eval import fail_on_process
+
     quiet = lambda line: None  # noqa: E731 - the main process says what the run does
     model = None
+    fail, scored = fail_on_process(), 0
     while True:
         said = group.broadcast(None)
         if said[0] == "error":
@@ -654,7 +657,12 @@ def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, grou
             model = ResidentModel(a, b, [resident_plan], device=scoring["device"], eval_dtype=scoring["eval_dtype"],
                                   budget_bytes=budget_bytes, notice=quiet, max_memory=scoring["max_memory"])
         number, params = batch[group.rank] if group.rank < len(batch) else (None, None)
-        group.gather(_score_trial(number, params, trials, model, scoring, a, b, group))
+        if number is not None and fail == group.rank and scored:
+            outcome = ("error", OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)"))
+        else:
+            outcome = _score_trial(number, params, trials, model, scoring, a, b, group)
+        scored += number is not None
+        group.gather(outcome)
 
 
 def _score_model(model, scoring: dict, settings) -> dict:

@@ -420,7 +420,7 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
     todo = [row for row in rows if row.key not in done]
     began = time.perf_counter()
     scorer = RowScorer(model, plans, texts, settings=settings) if model is not None else None
-    fail = _fail_on_process()
+    fail = fail_on_process()
     for first in range(0, len(todo), group.size):
         GUARD.poll()
         mine = todo[first + group.rank] if first + group.rank < len(todo) else None
@@ -466,8 +466,9 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
     return spent
 
 
-def _fail_on_process() -> int | None:
-    """Test hook: GPUMERGE_TEST_FAIL_ON_PROCESS=k makes process k fail at its second row (a launched run)."""
+def fail_on_process() -> int | None:
+    """Test hook: GPUMERGE_TEST_FAIL_ON_PROCESS=k makes process k fail at its second row or trial (a launched
+    run)."""
     value = os.environ.get("GPUMERGE_TEST_FAIL_ON_PROCESS")
     return int(value) if value and value.isdigit() else None
 

@@ -21,6 +21,7 @@ import torch
 from conftest import load_state, source_env
 
 from gpumerge.demo import DEMO_WORDS
+from gpumerge.search import study_storage
 
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.slow  # each test starts processes through accelerate's launcher (~8 s a launch)
@@ -148,3 +149,28 @@ def test_a_search_on_two_processes_asks_the_same_trials_twice(models, tmp_path):
         assert sorted(by_process) == [0, 0, 0, 1, 1, 1]  # a batch of two trials at a time, one on each process
         assert (runs / "study.db").is_file() and not list(runs.glob("study.db-*"))
     assert found[0] == found[1]
+
+
+def test_a_search_on_two_processes_stopped_by_a_failure_or_a_signal_resumes(models, tmp_path):
+    pytest.importorskip("optuna", reason="the search extra (pip install 'gpumerge[search]') is not installed")
+    runs = tmp_path / "runs"
+    argv = ["sweep", "--model_path1", models["fp16_a"], "--model_path2", models["fp16_b"], "--output_dir", runs,
+            "--eval-text", text(tmp_path), "--seq-len", "16", "--search", "optuna", "--trials", 6, "--seed", 3,
+            "--keep", 1, "--space", "gradient_end=0:1", "--quiet"]
+    done = launch(argv, processes=2, env={"GPUMERGE_TEST_FAIL_ON_PROCESS": "1"})
+    said = [line for line in done.stderr.splitlines() if line.startswith("gpumerge:")]
+    assert done.returncode != 0 and said == ["gpumerge: error: process 1 failed on purpose "
+                                             "(GPUMERGE_TEST_FAIL_ON_PROCESS)"], done.stderr
+    done = launch(argv, processes=2, env={"GPUMERGE_TEST_STOP_AFTER": "2"})
+    assert done.returncode != 0 and "gpumerge: interrupted (SIGINT)" in done.stderr, done.stderr
+    assert not (runs / "results.csv").exists()
+    done = launch(argv, processes=2)
+    assert done.returncode == 0, done.stderr
+    import optuna
+
+    study = optuna.load_study(study_name=json.loads((runs / "sweep.json").read_text())["search"]["study"],
+                              storage=study_storage(runs, readonly=True))
+    states = [t.state for t in study.get_trials()]
+    # the trial process 1 failed is a failed trial; the trials before each stop count, the rest were asked again
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and optuna.trial.TrialState.FAIL in states
+    assert len([r for r in table(runs) if r["name"].startswith("t")]) == 6
