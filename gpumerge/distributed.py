@@ -42,6 +42,7 @@ class Processes:
     size: int = 1
     local_rank: int = 0
     device: str | None = None
+    sharing: int = 1  # the processes of this run on this process's device (itself included): its memory is shared
     listening: bool = True  # the others wait for the main process's next word (their work, the end, an error)
 
     @property
@@ -119,5 +120,18 @@ def processes(*, device_flag: str = "auto") -> Processes:
                           f"{state.num_processes}: start them with `accelerate launch --multi_gpu --num_processes N` "
                           "(on a CPU machine too)")
     local = state.local_process_index
-    device = "cpu" if cpu else f"cuda:{local % torch.cuda.device_count()}"
-    return Processes(state.process_index, state.num_processes, local, device)
+    on_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() \
+        else 1
+    gpus = 0 if cpu else torch.cuda.device_count()
+    device, sharing = device_of(local, max(on_machine, local + 1), gpus)
+    return Processes(state.process_index, state.num_processes, local, device, sharing)
+
+
+def device_of(local_rank: int, on_machine: int, gpus: int) -> tuple[str, int]:
+    """(the device of the process of ``local_rank`` among ``on_machine`` processes on a machine with ``gpus`` GPUs,
+    how many of them use it): the GPU of its local rank (wrapping round when there are more processes than GPUs),
+    or the CPU, which all of them share."""
+    if gpus == 0:
+        return "cpu", on_machine
+    mine = local_rank % gpus
+    return f"cuda:{mine}", sum(1 for rank in range(on_machine) if rank % gpus == mine)

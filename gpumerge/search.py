@@ -229,6 +229,7 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
         scoring["began"] = began
         scoring["processes"] = group
         scoring["device"] = group.device or scoring["device"]
+        scoring["share"] = group.sharing
         identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"], scorers, trials)
         scoring["scorers"] = scorers
         if scorers:

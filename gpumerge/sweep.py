@@ -477,6 +477,7 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
             planned.scoring["began"] = began  # the breakdown's setup: planning, tokenizing, checks
             planned.scoring["processes"] = group
             planned.scoring["device"] = group.device or planned.scoring["device"]
+            planned.scoring["share"] = group.sharing
         elif group.size > 1:
             raise SpecError("several processes (accelerate launch) share the scoring of an evaluated sweep "
                             "(--eval-text) or a search; a sweep that writes every variant runs in one process: "
@@ -809,9 +810,10 @@ def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
     model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32", "F64"))
     settings = scoring["settings"]
     given = scoring.get("batch_given", True)
+    share = scoring.get("share", 1)  # processes of a launched run on this device: each plans with its part
     batch, forward = fit_batch(scoring["device"], model_bytes, a.config, settings, eval_size, given=given,
                                windows=max((len(t.windows) for t in scoring["texts"]), default=1),
-                               beside=resident_bytes(scored_plans, b))
+                               beside=resident_bytes(scored_plans, b), share=share)
     if batch != settings.batch and (given or scoring["device"] == "cpu"):
         need = forward_bytes(a.config, settings.batch, settings.seq_len, eval_size)
         notice(f"--eval-batch {settings.batch} would need about {need / 2**30:.1f} GiB for one forward pass beside "
@@ -822,10 +824,11 @@ def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
 
     blended = {job.name for plan in scored_plans for job in plan.jobs if job.blended}
     units = units_of({job.name: job.numel * eval_size for job in plans[0].jobs}, blended)
-    check_fits(scoring["device"], model_bytes, reserve=forward, units=units)
+    check_fits(scoring["device"], model_bytes, reserve=forward, units=units, share=share)
     budget = scoring.get("input_budget")
     if budget is None:
-        budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward)
+        budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward,
+                                   share=share)
     return budget
 
 

@@ -473,18 +473,20 @@ def fail_on_process() -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def _free_bytes(device: str) -> int:
-    """The available RAM for the CPU, the free memory of a GPU."""
+def _free_bytes(device: str, share: int = 1) -> int:
+    """The available RAM for the CPU, the free memory of a GPU; this process's part of it when ``share`` processes of
+    a launched run use the device (each plans before any has loaded: each must count on its part alone)."""
     if device == "cpu":
         from gpumerge.devices import available_ram
 
-        return available_ram()
+        return available_ram() // max(1, share)
     import torch
 
-    return torch.cuda.mem_get_info(device)[0]
+    return torch.cuda.mem_get_info(device)[0] // max(1, share)
 
 
-def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int = _MARGIN_BYTES) -> int | None:
+def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int = _MARGIN_BYTES,
+                      share: int = 1) -> int | None:
     """Bytes the blended tensors' inputs may take beside the model: --max_memory for the device, else the GPU's free
     memory or the available RAM, less the model (not loaded yet) and what the forward pass needs (``reserve``, at
     least a margin)."""
@@ -492,14 +494,14 @@ def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int
     key = "cpu" if device == "cpu" else int(device.split(":")[1]) if ":" in device else 0
     if key in given:
         return given[key]
-    return max(0, _free_bytes(device) - model_bytes - max(reserve, _MARGIN_BYTES))
+    return max(0, _free_bytes(device, share) - model_bytes - max(reserve, _MARGIN_BYTES))
 
 
-def check_fits(device: str, model_bytes: int, *, reserve: int = _MARGIN_BYTES, units=None) -> None:
+def check_fits(device: str, model_bytes: int, *, reserve: int = _MARGIN_BYTES, units=None, share: int = 1) -> None:
     """The model itself and one forward pass (``reserve``) must fit on the device: one line with the bytes needed
     and available. ``units``: the model's layers with their resident bytes (gpumerge.placement.units_of): on a GPU
     the line also says how many such GPUs the model and its resident inputs would take, split by layer."""
-    free = _free_bytes(device)
+    free = _free_bytes(device, share)
     reserve = max(reserve, _MARGIN_BYTES)
     if model_bytes + reserve > free:
         split = gpus_needed(units, free, reserve) if units and device != "cpu" else None
@@ -544,13 +546,13 @@ def forward_bytes(config: dict, batch: int, seq_len: int, itemsize: int) -> int:
 
 
 def fit_batch(device: str, model_bytes: int, config: dict, settings, itemsize: int, *, given: bool = True,
-              windows: int = 0, beside: int = 0) -> tuple[int, int]:
+              windows: int = 0, beside: int = 0, share: int = 1) -> tuple[int, int]:
     """(the batch to score with, its forward pass's estimated bytes). ``given`` (a user's --eval-batch, or any
     batch on a CPU): that batch, halved until its forward pass fits in half of what is free beside the model.
     Else, on a GPU: the largest batch up to AUTO_BATCH_MAX and the text's ``windows`` whose forward pass fits in
     half of what is free beside the model and ``beside`` (the blends' resident inputs), so that a bigger batch
     never pushes the inputs off the device. A batch of 1 that does not fit is check_fits' error."""
-    free = _free_bytes(device) - model_bytes
+    free = _free_bytes(device, share) - model_bytes
     batch = settings.batch
     if not given and device != "cpu":
         free -= beside

@@ -267,7 +267,7 @@ def test_the_scoring_error_says_how_many_gpus_a_pair_would_take(monkeypatch):
     gib = 2**30
     units = [("model.embed_tokens", 2 * gib)] + [(f"model.layers.{k}", 3 * gib) for k in range(10)] + [
         ("model.norm", 0), ("lm_head", 2 * gib)]  # 34 GiB resident in all, 3 GiB a block
-    monkeypatch.setattr(sweep_eval, "_free_bytes", lambda device: 10 * gib)
+    monkeypatch.setattr(sweep_eval, "_free_bytes", lambda device, share=1: 10 * gib // share)
     with pytest.raises(OutputError) as caught:
         sweep_eval.check_fits("cuda:0", 12 * gib, reserve=gib, units=units)
     message = str(caught.value)
@@ -279,3 +279,28 @@ def test_the_scoring_error_says_how_many_gpus_a_pair_would_take(monkeypatch):
     with pytest.raises(OutputError) as caught:  # the CPU: no GPU count
         sweep_eval.check_fits("cpu", 12 * gib, reserve=gib, units=units)
     assert "split by layer" not in str(caught.value)
+
+
+def test_processes_of_a_launched_run_find_their_device_and_who_shares_it():
+    """gpumerge.distributed.device_of: the GPU of the local rank (wrapping round), and how many processes use it."""
+    from gpumerge.distributed import device_of
+
+    assert device_of(0, 2, 0) == ("cpu", 2)  # no GPU: every process on the CPU, all of them sharing its memory
+    assert [device_of(k, 8, 8) for k in (0, 7)] == [("cuda:0", 1), ("cuda:7", 1)]
+    assert [device_of(k, 2, 1) for k in (0, 1)] == [("cuda:0", 2), ("cuda:0", 2)]  # two processes on one GPU
+    assert [device_of(k, 3, 2) for k in range(3)] == [("cuda:0", 2), ("cuda:1", 1), ("cuda:0", 2)]
+
+
+def test_a_shared_device_gives_each_process_its_part(monkeypatch):
+    """Each process of a launched run plans its scoring before any has loaded its model: on a device shared by k
+    processes each counts on 1/k of what is free (the inputs' budget, the batch, the does-it-fit check)."""
+    from gpumerge import devices, sweep_eval
+
+    gib = 2**30
+    monkeypatch.setattr(devices, "available_ram", lambda: 12 * gib)
+    margin = sweep_eval._MARGIN_BYTES
+    assert sweep_eval.budget_for_inputs("cpu", gib, None, reserve=0) == 12 * gib - gib - margin
+    assert sweep_eval.budget_for_inputs("cpu", gib, None, reserve=0, share=2) == 6 * gib - gib - margin
+    sweep_eval.check_fits("cpu", 5 * gib, reserve=0, share=2)  # 5 GiB + margin within 6 GiB
+    with pytest.raises(sweep_eval.OutputError, match="and 4.00 GiB are available"):
+        sweep_eval.check_fits("cpu", 5 * gib, reserve=0, share=3)
