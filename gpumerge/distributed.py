@@ -1,12 +1,14 @@
 """Many processes: an evaluated sweep or a search started by ``accelerate launch --num_processes N ... -m gpumerge
 sweep ...`` splits its rows (or each batch of trials) across the N processes.
 
-accelerate starts the processes and sets up their process group (NCCL between GPUs; gloo between CPU processes, as
-``accelerate launch --multi_gpu --num_processes N`` runs them on a machine without CUDA, or with ``--device cpu``);
-this module only names what a sweep needs of them: which process this is, its device, and three collective steps on
-plain Python objects (torch.distributed's object collectives, through accelerate's state): the main process's word
-to the others (``broadcast``), every process's result to all (``gather``), and the end of a step where one process
-failed (an error travels as the value; every process raises it, and only the main one says it).
+accelerate starts the processes and joins them in a process group (its PartialState, always on gloo: what travels
+between them is a few small Python objects a row, in host memory, and gloo lets two processes share one GPU, which
+NCCL refuses); each process then scores on its own device, the GPU of its local rank (or the CPU, with --device cpu
+or without CUDA). This module only names what a sweep needs of them: which process this is, its device, and
+collective steps on plain Python objects (torch.distributed's object collectives): the main process's word to the
+others (``broadcast``), every process's result to all (``gather``), and the end of a step where one process failed
+(an error travels as the value; every process raises it, and only the main one says it). The group's timeout is a
+day: a process may wait for the main one while it judges RUNS (every byte of the kept models) or loads its model.
 
 Only the main process (rank 0) touches the output directory, the study and the kept models; the others hold their
 own resident copy of the model, score their share and hand the rows back. Without accelerate (``WORLD_SIZE`` unset
@@ -43,21 +45,29 @@ class Processes:
     local_rank: int = 0
     device: str | None = None
     sharing: int = 1  # the processes of this run on this process's device (itself included): its memory is shared
+    free_bytes: int | None = None  # the device's free memory when this process started, before any process loaded
     listening: bool = True  # the others wait for the main process's next word (their work, the end, an error)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def part(self) -> int | None:
+        """This process's part of its device's free memory, when processes share it (None: all of it, probed when
+        needed)."""
+        if self.size == 1 or self.free_bytes is None or self.sharing <= 1:
+            return None
+        return self.free_bytes // self.sharing
+
     def broadcast(self, value=None):
         """The main process's ``value``, in every process (the main one's own in a single process)."""
         if self.size == 1:
             return value
-        from accelerate.utils import broadcast_object_list
+        import torch.distributed as dist
 
         box = [value if self.is_main else None]
         try:
-            broadcast_object_list(box, from_process=0)
+            dist.broadcast_object_list(box, src=0)
         except RuntimeError as exc:  # torch.distributed's errors: a peer gone (killed, failed), a timeout
             raise _peer_lost(exc) from None
         if self.is_main:
@@ -91,7 +101,11 @@ def as_error(exc: BaseException) -> GpumergeError:
     if isinstance(exc, GpumergeError):
         return exc
     if isinstance(exc, KeyboardInterrupt):
-        return OutputError("the main process was interrupted")
+        import signal
+
+        name = signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
+        return OutputError(f"a process of this run was interrupted ({name}); the rows gathered so far are kept: run "
+                           "the same command again to finish")
     return OutputError(f"another process failed: {type(exc).__name__}: {exc}")
 
 
@@ -110,11 +124,13 @@ def processes(*, device_flag: str = "auto") -> Processes:
     GPU of its local rank)."""
     if world_size() == 1:
         return SINGLE
+    import datetime
+
     import torch
     from accelerate import PartialState
 
     cpu = device_flag == "cpu" or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    state = PartialState(cpu=True, backend="gloo", timeout=datetime.timedelta(days=1))  # cpu: the group's, on gloo
     if state.num_processes != world_size():
         raise OutputError(f"the launcher started {world_size()} processes, but accelerate joined "
                           f"{state.num_processes}: start them with `accelerate launch --multi_gpu --num_processes N` "
@@ -124,7 +140,13 @@ def processes(*, device_flag: str = "auto") -> Processes:
         else 1
     gpus = 0 if cpu else torch.cuda.device_count()
     device, sharing = device_of(local, max(on_machine, local + 1), gpus)
-    return Processes(state.process_index, state.num_processes, local, device, sharing)
+    if device == "cpu":
+        from gpumerge.devices import available_ram
+
+        free = available_ram()
+    else:
+        free = torch.cuda.mem_get_info(device)[0]
+    return Processes(state.process_index, state.num_processes, local, device, sharing, free)
 
 
 def device_of(local_rank: int, on_machine: int, gpus: int) -> tuple[str, int]:

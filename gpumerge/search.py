@@ -229,7 +229,7 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
         scoring["began"] = began
         scoring["processes"] = group
         scoring["device"] = group.device or scoring["device"]
-        scoring["share"] = group.sharing
+        scoring["free_part"] = group.part()
         identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"], scorers, trials)
         scoring["scorers"] = scorers
         if scorers:
@@ -498,10 +498,11 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
             # in parallel, told together; in one process, ask-score-tell one at a time
             asked = [study.ask(distributions) for _ in range(min(group.size, spec.trials - done))]
             group.broadcast(("trials", [(trial.number, trial.params) for trial in asked]))
-            outcome = _score_trial(asked[0].number, asked[0].params, trials, model, scoring, a, b, group)
+            outcome, own = _score_trial(asked[0].number, asked[0].params, trials, model, scoring, a, b, group)
             gathered = group.gather(outcome) if group.size > 1 else [outcome]
             group.listening = True  # the others wait for the next batch (or the end)
-            errors = [item[1] for item in gathered if item is not None and item[0] == "error"]
+            errors = [own] if own is not None else []
+            errors += [item[1] for item in gathered if item is not None and item[0] == "error"]
             for trial, item in zip(asked, gathered):
                 if item is None or item[0] != "row":
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -600,15 +601,18 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
                        table=table_text(rows, columns), best=best, rows=tuple(ranked_rows(rows)), timings=timings)
 
 
-def _score_trial(number: int, params: dict, trials: _Trials, model, scoring: dict, a, b, group) -> tuple | None:
+def _score_trial(number: int | None, params: dict, trials: _Trials, model, scoring: dict, a, b, group):
     """This process's trial of a batch (the batch's ``group.rank``-th; the main process passes the first) blended into
-    its model and scored: ("row", figures) or ("error", the error), or None when the batch has no trial for it."""
+    its model and scored: (("row", figures), None), or (None, None) when the batch has no trial for it. ``model``: the
+    ResidentModel, or a function giving it. With several processes whatever it meets (a signal too) comes back as
+    (("error", the error as the others raise it), the exception itself), to be gathered before it is raised."""
     from gpumerge.distributed import as_error
     from gpumerge.merge import plan_merge
 
     if number is None:
-        return None
+        return None, None
     try:
+        model = model() if callable(model) else model
         variant = trials.variant(f"t{number + 1:04d}", params)
         plan = _scored_plan(plan_merge(variant.spec, a, b, notice=lambda line: None), a, b)
         blending = time.perf_counter()  # the sampler's ask and the trial's plan are the search's overhead
@@ -620,11 +624,11 @@ def _score_trial(number: int, params: dict, trials: _Trials, model, scoring: dic
         row = {**figures, "blend_s": blend_s, "eval_s": time.perf_counter() - evaluated}
         if group.size > 1:
             row["process"] = group.rank
-        return ("row", row)
-    except Exception as exc:  # noqa: BLE001 - every process stops with it, the main one says it
+        return ("row", row), None
+    except BaseException as exc:  # every process stops with it, the main one says it
         if group.size == 1:
             raise
-        return ("error", as_error(exc))
+        return ("error", as_error(exc)), exc
 
 
 def _measure(row: dict, scoring: dict) -> float:
@@ -636,15 +640,22 @@ def _measure(row: dict, scoring: dict) -> float:
 
 def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, group) -> None:
     """A process other than the main one: for each batch the main process asks, its trial scored into its own
-    resident model (built at the first batch) and handed back; until the main process says the search is over (or
-    why it stopped)."""
+    resident model (built at its first trial, inside the trial: a failure to build is its trial's error) and handed
+    back; until the main process says the search is over (or why it stopped)."""
     from gpumerge.sweep import fit_scoring
-    from gpumerge.sweep_eval import ResidentModel
-
-    from gpumerge.sweep_eval import fail_on_process
+    from gpumerge.sweep_eval import ResidentModel, fail_on_process
 
     quiet = lambda line: None  # noqa: E731 - the main process says what the run does
-    model = None
+    built: list = []
+
+    def model():
+        if not built:
+            budget_bytes = fit_scoring(scoring, [resident_plan], [resident_plan], a, b, quiet)
+            built.append(ResidentModel(a, b, [resident_plan], device=scoring["device"],
+                                       eval_dtype=scoring["eval_dtype"], budget_bytes=budget_bytes, notice=quiet,
+                                       max_memory=scoring["max_memory"]))
+        return built[0]
+
     fail, scored = fail_on_process(), 0
     while True:
         said = group.broadcast(None)
@@ -653,17 +664,16 @@ def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, grou
         if said[0] == "done":
             return
         batch = said[1]
-        if model is None:
-            budget_bytes = fit_scoring(scoring, [resident_plan], [resident_plan], a, b, quiet)
-            model = ResidentModel(a, b, [resident_plan], device=scoring["device"], eval_dtype=scoring["eval_dtype"],
-                                  budget_bytes=budget_bytes, notice=quiet, max_memory=scoring["max_memory"])
         number, params = batch[group.rank] if group.rank < len(batch) else (None, None)
+        own = None
         if number is not None and fail == group.rank and scored:
             outcome = ("error", OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)"))
         else:
-            outcome = _score_trial(number, params, trials, model, scoring, a, b, group)
+            outcome, own = _score_trial(number, params, trials, model, scoring, a, b, group)
         scored += number is not None
         group.gather(outcome)
+        if own is not None and not isinstance(own, Exception):  # a signal: this process stops where it landed
+            raise own
 
 
 def _score_model(model, scoring: dict, settings) -> dict:

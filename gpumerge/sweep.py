@@ -477,7 +477,7 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
             planned.scoring["began"] = began  # the breakdown's setup: planning, tokenizing, checks
             planned.scoring["processes"] = group
             planned.scoring["device"] = group.device or planned.scoring["device"]
-            planned.scoring["share"] = group.sharing
+            planned.scoring["free_part"] = group.part()
         elif group.size > 1:
             raise SpecError("several processes (accelerate launch) share the scoring of an evaluated sweep "
                             "(--eval-text) or a search; a sweep that writes every variant runs in one process: "
@@ -715,9 +715,6 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     todo = [row.key for row in rows if row.key not in done]
     group.broadcast(("score", todo))
     setup_s = time.perf_counter() - scoring.get("began", time.perf_counter())
-    model = None
-    if todo[group.rank::group.size]:  # a rerun of a finished sweep reads no model
-        model = _resident(scoring, plans, by_name, a, b, notice)
     _preload_matplotlib()  # sweep.png comes at the end: import its library while the variants are scored
     bar = progress_factory(len(rows), desc="scoring", unit="variant") if progress_factory else None
     best = [math.inf, ""]
@@ -730,9 +727,10 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
             bar.bar.set_postfix_str(f"best {best[1]} {best[0]:.4f}" if best[1] else "", refresh=False)
 
     try:
-        spent = score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"],
-                           results=work / RESULTS_JSONL, done=done, history=history, progress=advance,
-                           processes=group)
+        # the model is built at the first row left to score (a rerun of a finished sweep reads none)
+        spent = score_rows(lambda: _resident(scoring, plans, by_name, a, b, notice), rows, by_name,
+                           scoring["texts"], settings=scoring["settings"], results=work / RESULTS_JSONL, done=done,
+                           history=history, progress=advance, processes=group)
     finally:
         if bar is not None:
             bar.close()
@@ -744,8 +742,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
     kept = kept[:scoring["keep"]]
     for row in rows:  # kept: written now, or already complete in RUNS from an earlier run of this sweep
         row.kept = row.name in kept or (not row.baseline and (runs / row.name).is_dir())
-    timings = {"setup_s": setup_s, "load_s": model.load_s if model else 0.0,
-               "inputs_s": model.inputs_s if model else 0.0, **spent}
+    timings = {"setup_s": setup_s, **spent}
     return rows, kept, by_name, timings
 
 
@@ -793,9 +790,8 @@ def score_share(planned, a, b, group) -> None:
     rows, by_name = scoring_rows(scoring, planned.variants, planned.plans, planned.signatures, planned.aliases, a, b)
     rows = [row for row in rows if row.key in todo]
     quiet = lambda line: None  # noqa: E731 - the main process says what the run does
-    model = _resident(scoring, planned.plans, by_name, a, b, quiet) if rows[group.rank::group.size] else None
-    score_rows(model, rows, by_name, scoring["texts"], settings=scoring["settings"], results=None, done={},
-               history="", processes=group)
+    score_rows(lambda: _resident(scoring, planned.plans, by_name, a, b, quiet), rows, by_name, scoring["texts"],
+               settings=scoring["settings"], results=None, done={}, history="", processes=group)
 
 
 def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
@@ -810,10 +806,10 @@ def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
     model_bytes = sum(job.numel * eval_size for job in plans[0].jobs if job.out_dtype in ("F16", "BF16", "F32", "F64"))
     settings = scoring["settings"]
     given = scoring.get("batch_given", True)
-    share = scoring.get("share", 1)  # processes of a launched run on this device: each plans with its part
+    part = scoring.get("free_part")  # a launched run's processes on a shared device: each plans with its part
     batch, forward = fit_batch(scoring["device"], model_bytes, a.config, settings, eval_size, given=given,
                                windows=max((len(t.windows) for t in scoring["texts"]), default=1),
-                               beside=resident_bytes(scored_plans, b), share=share)
+                               beside=resident_bytes(scored_plans, b), free=part)
     if batch != settings.batch and (given or scoring["device"] == "cpu"):
         need = forward_bytes(a.config, settings.batch, settings.seq_len, eval_size)
         notice(f"--eval-batch {settings.batch} would need about {need / 2**30:.1f} GiB for one forward pass beside "
@@ -824,11 +820,11 @@ def fit_scoring(scoring: dict, plans, scored_plans, a, b, notice) -> int | None:
 
     blended = {job.name for plan in scored_plans for job in plan.jobs if job.blended}
     units = units_of({job.name: job.numel * eval_size for job in plans[0].jobs}, blended)
-    check_fits(scoring["device"], model_bytes, reserve=forward, units=units, share=share)
+    check_fits(scoring["device"], model_bytes, reserve=forward, units=units, free=part)
     budget = scoring.get("input_budget")
     if budget is None:
         budget = budget_for_inputs(scoring["device"], model_bytes, scoring["max_memory"], reserve=forward,
-                                   share=share)
+                                   free=part)
     return budget
 
 

@@ -395,23 +395,26 @@ class RowScorer:
         row.perplexity, row.per_file, row.tokens = score.perplexity, score.per_file, score.tokens
 
 
-def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts, *, settings, results: Path | None,
+def score_rows(model, rows: list[Row], plans: dict, texts, *, settings, results: Path | None,
                done: dict[str, dict], history: str, progress=None, processes=None) -> dict[str, float]:
     """Score every row not yet ``done`` (by key), in order; each result appended to ``results`` as soon as it is
-    known. Returns the wall time this run spent on the parents' rows and on the variants' (``baselines_s``,
-    ``scoring_s``: each row's own time, summed) and how many of each it scored, and the loop's wall time (``loop_s``:
-    less than their sum when several processes score at once).
+    known. ``model``: the ResidentModel, or a function that builds it (called at the first row to score: none is
+    built when nothing is left). Returns the wall time this run spent on the parents' rows and on the variants'
+    (``baselines_s``, ``scoring_s``: each row's own time, summed) and how many of each it scored, the loop's wall time
+    (``loop_s``: less than their sum when several processes score at once), and the model's ``load_s`` and
+    ``inputs_s`` (0 when none was built).
 
     With several ``processes`` (gpumerge.distributed) the rows still to score are dealt out in rounds, one to each
-    process (row k to process k mod N, in order); after each round every process's row (or its error) is gathered,
-    and the main process logs them (``results`` is the main process's; the others pass None). ``model`` is None in a
-    process with no row to score."""
+    process (row k to process k mod N, in order); after each round every process's row, or its error, is gathered,
+    and the main process logs the rows (``results`` is the main process's; the others pass None). Whatever a process
+    meets in its part of a round (building its model included; a signal too) is gathered as its error, so that no
+    process is left waiting in a round another has left: every process then raises it (a signal, where it landed)."""
     from gpumerge.distributed import SINGLE, as_error
 
     group = processes or SINGLE
     stop = _stop_after()
     scored = 0
-    spent = {"baselines_s": 0.0, "scoring_s": 0.0, "baselines": 0, "variants": 0}
+    spent = {"baselines_s": 0.0, "scoring_s": 0.0, "baselines": 0, "variants": 0, "load_s": 0.0, "inputs_s": 0.0}
     for row in rows:
         if row.key in done:
             fill_row(row, done[row.key])
@@ -419,23 +422,27 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
                 progress(row)
     todo = [row for row in rows if row.key not in done]
     began = time.perf_counter()
-    scorer = RowScorer(model, plans, texts, settings=settings) if model is not None else None
+    scorer = None
     fail = fail_on_process()
     for first in range(0, len(todo), group.size):
         GUARD.poll()
         mine = todo[first + group.rank] if first + group.rank < len(todo) else None
-        outcome = None
+        outcome, own = None, None
         if mine is not None:
             try:
+                if scorer is None:
+                    built = model() if callable(model) else model
+                    scorer = RowScorer(built, plans, texts, settings=settings)
+                    spent["load_s"], spent["inputs_s"] = built.load_s, built.inputs_s
                 if fail is not None and fail == group.rank and first > 0:
                     raise OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)")
                 started = time.perf_counter()
                 scorer.score(mine)
                 outcome = ("row", mine.as_dict(), time.perf_counter() - started)
-            except Exception as exc:  # noqa: BLE001 - every process stops with it, the main one says it
+            except BaseException as exc:  # every process stops with it; the main one says it
                 if group.size == 1:
                     raise
-                outcome = ("error", as_error(exc), 0.0)
+                outcome, own = ("error", as_error(exc), 0.0), exc
         gathered = group.gather(outcome) if group.size > 1 else [outcome]
         errors = [item[1] for item in gathered if item is not None and item[0] == "error"]
         for rank, item in enumerate(gathered):
@@ -443,6 +450,9 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
                 continue
             row = todo[first + rank]
             if group.size > 1:
+                if item[1].get("key") != row.key:  # the processes' lists of rows differ: a bug, never a wrong row
+                    raise OutputError(f"process {rank} scored another row than {row.name}: the processes do not "
+                                      "agree on the sweep's rows (are their inputs the same files?)")
                 fill_row(row, item[1])
                 row.process = rank
             if results is not None:
@@ -453,6 +463,8 @@ def score_rows(model: ResidentModel | None, rows: list[Row], plans: dict, texts,
             scored += 1
             if progress:
                 progress(row)
+        if own is not None:
+            raise own
         if errors:
             raise errors[0]
         test_pause("score")
@@ -473,20 +485,23 @@ def fail_on_process() -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def _free_bytes(device: str, share: int = 1) -> int:
-    """The available RAM for the CPU, the free memory of a GPU; this process's part of it when ``share`` processes of
-    a launched run use the device (each plans before any has loaded: each must count on its part alone)."""
+def _free_bytes(device: str, free: int | None = None) -> int:
+    """The available RAM for the CPU, the free memory of a GPU; ``free`` instead when given: this process's part of
+    a device that several processes of a launched run share (measured when each started, before any loaded its model,
+    and divided among them: gpumerge.distributed)."""
+    if free is not None:
+        return free
     if device == "cpu":
         from gpumerge.devices import available_ram
 
-        return available_ram() // max(1, share)
+        return available_ram()
     import torch
 
-    return torch.cuda.mem_get_info(device)[0] // max(1, share)
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int = _MARGIN_BYTES,
-                      share: int = 1) -> int | None:
+                      free: int | None = None) -> int | None:
     """Bytes the blended tensors' inputs may take beside the model: --max_memory for the device, else the GPU's free
     memory or the available RAM, less the model (not loaded yet) and what the forward pass needs (``reserve``, at
     least a margin)."""
@@ -494,14 +509,15 @@ def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int
     key = "cpu" if device == "cpu" else int(device.split(":")[1]) if ":" in device else 0
     if key in given:
         return given[key]
-    return max(0, _free_bytes(device, share) - model_bytes - max(reserve, _MARGIN_BYTES))
+    return max(0, _free_bytes(device, free) - model_bytes - max(reserve, _MARGIN_BYTES))
 
 
-def check_fits(device: str, model_bytes: int, *, reserve: int = _MARGIN_BYTES, units=None, share: int = 1) -> None:
+def check_fits(device: str, model_bytes: int, *, reserve: int = _MARGIN_BYTES, units=None,
+               free: int | None = None) -> None:
     """The model itself and one forward pass (``reserve``) must fit on the device: one line with the bytes needed
     and available. ``units``: the model's layers with their resident bytes (gpumerge.placement.units_of): on a GPU
     the line also says how many such GPUs the model and its resident inputs would take, split by layer."""
-    free = _free_bytes(device, share)
+    free = _free_bytes(device, free)
     reserve = max(reserve, _MARGIN_BYTES)
     if model_bytes + reserve > free:
         split = gpus_needed(units, free, reserve) if units and device != "cpu" else None
@@ -546,13 +562,13 @@ def forward_bytes(config: dict, batch: int, seq_len: int, itemsize: int) -> int:
 
 
 def fit_batch(device: str, model_bytes: int, config: dict, settings, itemsize: int, *, given: bool = True,
-              windows: int = 0, beside: int = 0, share: int = 1) -> tuple[int, int]:
+              windows: int = 0, beside: int = 0, free: int | None = None) -> tuple[int, int]:
     """(the batch to score with, its forward pass's estimated bytes). ``given`` (a user's --eval-batch, or any
     batch on a CPU): that batch, halved until its forward pass fits in half of what is free beside the model.
     Else, on a GPU: the largest batch up to AUTO_BATCH_MAX and the text's ``windows`` whose forward pass fits in
     half of what is free beside the model and ``beside`` (the blends' resident inputs), so that a bigger batch
     never pushes the inputs off the device. A batch of 1 that does not fit is check_fits' error."""
-    free = _free_bytes(device, share) - model_bytes
+    free = _free_bytes(device, free) - model_bytes
     batch = settings.batch
     if not given and device != "cpu":
         free -= beside

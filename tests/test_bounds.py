@@ -68,7 +68,7 @@ def test_an_eval_batch_too_big_for_memory_is_cut_with_a_notice(trained, tmp_path
     config = json.loads((trained / "model_1" / "config.json").read_text())
     model_bytes = sum(t.numel() * 4 for t in load_state(trained / "model_1").values())  # fp32 on a CPU
     assert sweep_eval.forward_bytes(config, 256, 256, 4) > 2**30  # what --eval-batch 256 asks for
-    monkeypatch.setattr(sweep_eval, "_free_bytes", lambda device, share=1: model_bytes + 600 * 2**20)
+    monkeypatch.setattr(sweep_eval, "_free_bytes", lambda device, free=None: model_bytes + 600 * 2**20)
     code, out, err = run_cli("sweep", "--model_path1", trained / "model_1", "--model_path2", trained / "model_2",
                              "--output_dir", tmp_path / "runs", "--grid", "gradient_end=0.5", "--keep", "0",
                              "--eval-text", trained / "texts" / "eval_code.txt", "--eval-tokens", "600",

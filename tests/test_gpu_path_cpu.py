@@ -122,7 +122,7 @@ def forward(batch: int) -> int:
 
 
 def fit(monkeypatch, device: str, free: int, *, batch: int = 4, **kw) -> tuple[int, int]:
-    monkeypatch.setattr(gpumerge.sweep_eval, "_free_bytes", lambda d, share=1: free)
+    monkeypatch.setattr(gpumerge.sweep_eval, "_free_bytes", lambda d, free_=None: free)
     return fit_batch(device, MODEL, CONFIG, types.SimpleNamespace(batch=batch, seq_len=SEQ), ITEM, **kw)
 
 

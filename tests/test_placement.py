@@ -267,7 +267,7 @@ def test_the_scoring_error_says_how_many_gpus_a_pair_would_take(monkeypatch):
     gib = 2**30
     units = [("model.embed_tokens", 2 * gib)] + [(f"model.layers.{k}", 3 * gib) for k in range(10)] + [
         ("model.norm", 0), ("lm_head", 2 * gib)]  # 34 GiB resident in all, 3 GiB a block
-    monkeypatch.setattr(sweep_eval, "_free_bytes", lambda device, share=1: 10 * gib // share)
+    monkeypatch.setattr(sweep_eval, "_free_bytes", lambda device, free=None: 10 * gib if free is None else free)
     with pytest.raises(OutputError) as caught:
         sweep_eval.check_fits("cuda:0", 12 * gib, reserve=gib, units=units)
     message = str(caught.value)
@@ -292,15 +292,19 @@ def test_processes_of_a_launched_run_find_their_device_and_who_shares_it():
 
 
 def test_a_shared_device_gives_each_process_its_part(monkeypatch):
-    """Each process of a launched run plans its scoring before any has loaded its model: on a device shared by k
-    processes each counts on 1/k of what is free (the inputs' budget, the batch, the does-it-fit check)."""
+    """Each process of a launched run plans its scoring with its part of a shared device's free memory, measured
+    when it started (before any process loaded a model): the inputs' budget, the batch, the does-it-fit check."""
     from gpumerge import devices, sweep_eval
+    from gpumerge.distributed import Processes
 
     gib = 2**30
     monkeypatch.setattr(devices, "available_ram", lambda: 12 * gib)
     margin = sweep_eval._MARGIN_BYTES
+    assert Processes(0, 2, 0, "cpu", sharing=2, free_bytes=12 * gib).part() == 6 * gib
+    assert Processes(0, 2, 0, "cuda:0", sharing=1, free_bytes=12 * gib).part() is None  # a GPU of its own
+    assert Processes().part() is None  # one process: the device's free memory, probed
     assert sweep_eval.budget_for_inputs("cpu", gib, None, reserve=0) == 12 * gib - gib - margin
-    assert sweep_eval.budget_for_inputs("cpu", gib, None, reserve=0, share=2) == 6 * gib - gib - margin
-    sweep_eval.check_fits("cpu", 5 * gib, reserve=0, share=2)  # 5 GiB + margin within 6 GiB
+    assert sweep_eval.budget_for_inputs("cpu", gib, None, reserve=0, free=6 * gib) == 6 * gib - gib - margin
+    sweep_eval.check_fits("cpu", 5 * gib, reserve=0, free=6 * gib)  # 5 GiB + margin within 6 GiB
     with pytest.raises(sweep_eval.OutputError, match="and 4.00 GiB are available"):
-        sweep_eval.check_fits("cpu", 5 * gib, reserve=0, share=3)
+        sweep_eval.check_fits("cpu", 5 * gib, reserve=0, free=4 * gib)
