@@ -18,7 +18,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line on stderr and exit 2 (no usage dump)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"gpumerge: error: {message} (see {self.prog} --help)\n")
+        from gpumerge.distributed import is_worker
+
+        # in a launched run, the main process alone says it (every process stops with the same exit code)
+        self.exit(2, None if is_worker() else f"gpumerge: error: {message} (see {self.prog} --help)\n")
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:

@@ -332,7 +332,7 @@ def _only_an_empty_study(runs: Path) -> bool:
         backend.close()
 
 
-def study_storage(runs, *, readonly: bool = False):
+def study_storage(runs, *, readonly: bool = True):
     """The optuna storage of a search's RUNS/study.db: ``optuna.load_study(study_name=..., storage=...)`` reads it
     (its name is in RUNS/sweep.json, ``search.study``), e.g. for optuna's own plots.
 
@@ -364,40 +364,53 @@ def _journal_backend():
 
             self.path, self.readonly = path, readonly
             try:
-                if readonly:
-                    self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                if readonly:  # a URI: the path's own '#', '?' or '%' are not URI syntax
+                    self.db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True,
+                                              isolation_level=None)
                 else:
                     self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
                 tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not readonly:
-                    self.db.execute("PRAGMA journal_mode=WAL")
-                    self.db.execute("PRAGMA synchronous=NORMAL")
                 if not tables and not readonly:
                     self.db.execute("CREATE TABLE journal (number INTEGER PRIMARY KEY, entry TEXT NOT NULL)")
                     tables = {"journal"}
+                if "journal" in tables and not readonly:  # never a write to a file that is then refused
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
                 raise OutputError(f"--output_dir: {path} is not a study gpumerge can read ({exc})") from None
             if "journal" not in tables:
+                self.readonly = True  # nothing of ours to fold back: closed as it was found
                 self.close()
                 raise OutputError(f"--output_dir: {path} holds no study of this gpumerge (a search's study.db is "
                                   "a SQLite file with a journal table; one with optuna's RDB tables is from "
                                   "gpumerge before 2026-12-05): choose another directory")
 
         def read_logs(self, log_number_from: int):
-            rows = self.db.execute("SELECT entry FROM journal WHERE number >= ? ORDER BY number",
-                                   (log_number_from,)).fetchall()
-            return [json.loads(entry) for (entry,) in rows]
+            import sqlite3
+
+            try:
+                rows = self.db.execute("SELECT entry FROM journal WHERE number >= ? ORDER BY number",
+                                       (log_number_from,)).fetchall()
+                return [json.loads(entry) for (entry,) in rows]
+            except (sqlite3.Error, ValueError) as exc:
+                raise OutputError(f"--output_dir: the study {self.path} cannot be read ({exc})") from None
 
         def append_logs(self, logs) -> None:
-            self.db.execute("BEGIN IMMEDIATE")
+            import sqlite3
+
             try:
-                first = self.db.execute("SELECT COALESCE(MAX(number) + 1, 0) FROM journal").fetchone()[0]
-                self.db.executemany("INSERT INTO journal (number, entry) VALUES (?, ?)",
-                                    [(first + k, json.dumps(log)) for k, log in enumerate(logs)])
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    first = self.db.execute("SELECT COALESCE(MAX(number) + 1, 0) FROM journal").fetchone()[0]
+                    self.db.executemany("INSERT INTO journal (number, entry) VALUES (?, ?)",
+                                        [(first + k, json.dumps(log)) for k, log in enumerate(logs)])
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:  # a full disk, a file another program holds locked
+                raise OutputError(f"--output_dir: the study {self.path} cannot be written ({exc}); what it held "
+                                  "before stays as it was") from None
 
         def close(self) -> None:
             """Back to SQLite's rollback journal, which folds the write-ahead log into study.db and removes
@@ -590,9 +603,10 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
                            checksums=bool(spec.checksums), on_finalized=commit)
     runs_dir.tidy_locks(runs, [])
     runs_dir.retire(runs, retire, notice=notice)  # the earlier run's variants this search does not keep
-    for other in optuna.get_all_study_names(storage):  # an earlier search's study, replaced by this one
-        if other != name:
-            optuna.delete_study(study_name=other, storage=storage)
+    if replacing:  # the earlier search's study, replaced by this one (never another's a run cut short had begun)
+        for other in optuna.get_all_study_names(storage):
+            if other != name:
+                optuna.delete_study(study_name=other, storage=storage)
     from gpumerge.results import table_text, verdict
 
     outcome = verdict(rows)

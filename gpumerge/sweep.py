@@ -467,8 +467,8 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
     began = time.perf_counter()
     check_eval_flags(args)
     variants, columns = variants_from_args(args)
-    a, b = open_pair(variants[0].spec)
     group = launched(args)
+    a, b = open_pair(variants[0].spec)
     if not group.is_main:
         notice, progress_factory = (lambda line: None), None
     with a, b:

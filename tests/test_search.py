@@ -71,7 +71,7 @@ def test_interrupted_and_resumed_it_completes_the_study(models, tmp_path, capsys
                           env=source_env(GPUMERGE_TEST_STOP_AFTER="2"))
     assert done.returncode == 130, done.stderr
     assert not (runs / "results.csv").exists()  # nothing committed yet: the study holds the trials
-    storage = study_storage(runs)
+    storage = study_storage(runs, readonly=False)  # the test writes a trial left RUNNING
     (name,) = optuna.get_all_study_names(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
@@ -250,6 +250,30 @@ def test_overwrite_replaces_an_earlier_search_and_verify_reads_a_search(models, 
     assert not (runs / "study.db").exists() and not (runs / kept).exists()
     code, out, err = run_cli("verify", runs, capsys=capsys)
     assert code == 0 and out.count(": ok (") == 2, (out, err)
+
+
+def test_a_study_in_an_awkward_path_and_a_study_of_another_format(models, tmp_path, capsys):
+    import contextlib
+    import sqlite3
+
+    import optuna
+
+    runs = tmp_path / "a#b%20c?d"  # URI syntax in the path: the read-only open quotes it
+    code, _, err = run_cli(*search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 0,
+                                        "--space", "gradient_end=0:1"), capsys=capsys)
+    assert code == 0, err
+    assert len(optuna.get_all_study_names(study_storage(runs))) == 1
+    old = tmp_path / "old"
+    old.mkdir()
+    with contextlib.closing(sqlite3.connect(old / "study.db")) as db:  # optuna's RDB tables, as on 2026-12-04
+        db.execute("CREATE TABLE studies (study_id INTEGER PRIMARY KEY, study_name TEXT)")
+        db.commit()
+    before = (old / "study.db").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        code, _, err = run_cli(*search_argv(models, old, tmp_path, "--trials", 2, "--space", "gradient_end=0:1"),
+                               *extra, capsys=capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("gpumerge: error: --output_dir"), err
+    assert (old / "study.db").read_bytes() == before and sorted(p.name for p in old.iterdir()) == ["study.db"]
 
 
 # ---- scorers -----------------------------------------------------------------------------------------------------
