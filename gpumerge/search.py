@@ -564,9 +564,16 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
     replacing = earlier is not None and earlier.action == "replace"  # --overwrite over another sweep or search
     # a kept trial already in RUNS is this study's (the same settings, written by an earlier run of it), unless RUNS
     # held another sweep or search: then every kept trial is written anew, swapped in over a directory of its name
-    pending = [(by_name[n], plan_merge(by_name[n].spec, a, b, notice=lambda line: None)) for n in keep
-               if replacing or not (runs / n).is_dir()]
-    replace = [n for n in keep if replacing and (runs / n).is_dir()]
+    plans = {n: plan_merge(by_name[n].spec, a, b, notice=lambda line: None) for n in keep}
+    broken = [n for n in keep if not replacing and ((runs / n).exists() or (runs / n).is_symlink())
+              and not runs_dir.is_complete(runs / n, plans[n], runs_dir.expected_record(by_name[n], plans[n], a, b),
+                                           read_bytes=False)]
+    if broken and not spec.overwrite:  # a kept trial already there must be that trial, complete (as a variant must)
+        raise OutputError(f"--output_dir {runs}: {runs / broken[0]} is in the way of the kept trial {broken[0]}: it "
+                          "is not that trial, complete (its merge record or shards differ from what it recorded); "
+                          "remove it, or pass --overwrite to write it again")
+    pending = [(by_name[n], plans[n]) for n in keep if replacing or n in broken or not (runs / n).is_dir()]
+    replace = [n for n in keep if (replacing or n in broken) and (runs / n).is_dir()]
     retire = sorted(set(earlier.retire + earlier.replace if earlier is not None else []) - set(keep))
     history = study.user_attrs.get("history")
     if history is None:

@@ -4,6 +4,7 @@ resumable from RUNS/study.db, the best written as ordinary merges. The tiny fp16
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,27 @@ def test_overwrite_replaces_an_earlier_search_and_verify_reads_a_search(models, 
     assert not (runs / "study.db").exists() and not (runs / kept).exists()
     code, out, err = run_cli("verify", runs, capsys=capsys)
     assert code == 0 and out.count(": ok (") == 2, (out, err)
+
+
+def test_a_kept_trial_that_is_no_longer_whole_is_in_the_way(models, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = search_argv(models, runs, tmp_path, "--trials", 2, "--keep", 1, "--space", "gradient_end=0:1")
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 0, err
+    (kept,) = [r["name"] for r in rows(runs) if r["kept"] == "true"]
+    shard = sorted((runs / kept).glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1])  # a shard cut short
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and f"is in the way of the kept trial {kept}" in err, err
+    code, _, err = run_cli(*argv, "--overwrite", capsys=capsys)  # written again, swapped in over it
+    assert code == 0, err
+    code, out, err = run_cli("verify", runs, capsys=capsys)
+    assert code == 0 and out.count(": ok (") == 1, (out, err)
+    shutil.rmtree(runs / kept)
+    code, _, err = run_cli(*argv, capsys=capsys)  # gone: written again
+    assert code == 0, err
+    code, out, err = run_cli("verify", runs, capsys=capsys)
+    assert code == 0 and out.count(": ok (") == 1, (out, err)
 
 
 def test_a_study_in_an_awkward_path_and_a_study_of_another_format(models, tmp_path, capsys):
