@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
     except GpumergeError as exc:
         if debug:
             raise
+        if getattr(exc, "told", False):  # a launched run's other process: the main one has the error and says it
+            return 0
         return _fail(str(exc))
     except BrokenPipeError:  # `gpumerge plan ... | head`
         sys.stdout = open(os.devnull, "w")

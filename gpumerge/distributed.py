@@ -96,6 +96,15 @@ class Processes:
                 pass
 
 
+def told(exc: BaseException, group: Processes) -> BaseException:
+    """``exc`` as a process other than the main one raises it once the main process has it (gathered from this
+    process, or sent by it): marked, so that this process exits 0 and leaves the run's exit code and its one line to
+    the main process (a nonzero exit would have the launcher stop the main process mid-clean-up)."""
+    if not group.is_main and isinstance(exc, GpumergeError):
+        exc.told = True
+    return exc
+
+
 def as_error(exc: BaseException) -> GpumergeError:
     """An error as another process re-raises it: a gpumerge error as it is, anything else as one line."""
     if isinstance(exc, GpumergeError):

@@ -663,6 +663,7 @@ def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, grou
     """A process other than the main one: for each batch the main process asks, its trial scored into its own
     resident model (built at its first trial, inside the trial: a failure to build is its trial's error) and handed
     back; until the main process says the search is over (or why it stopped)."""
+    from gpumerge.distributed import told
     from gpumerge.sweep import fit_scoring
     from gpumerge.sweep_eval import ResidentModel, fail_on_process
 
@@ -681,7 +682,7 @@ def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, grou
     while True:
         said = group.broadcast(None)
         if said[0] == "error":
-            raise said[1]
+            raise told(said[1], group)
         if said[0] == "done":
             return
         batch = said[1]

@@ -782,9 +782,11 @@ def score_share(planned, a, b, group) -> None:
     why it stopped), then scores its share of them into its own resident model and hands each row back."""
     from gpumerge.sweep_eval import score_rows
 
+    from gpumerge.distributed import told
+
     said = group.broadcast(None)
     if said[0] == "error":
-        raise said[1]
+        raise told(said[1], group)
     scoring = planned.scoring
     todo = set(said[1])
     rows, by_name = scoring_rows(scoring, planned.variants, planned.plans, planned.signatures, planned.aliases, a, b)

@@ -409,7 +409,7 @@ def score_rows(model, rows: list[Row], plans: dict, texts, *, settings, results:
     and the main process logs the rows (``results`` is the main process's; the others pass None). Whatever a process
     meets in its part of a round (building its model included; a signal too) is gathered as its error, so that no
     process is left waiting in a round another has left: every process then raises it (a signal, where it landed)."""
-    from gpumerge.distributed import SINGLE, as_error
+    from gpumerge.distributed import SINGLE, as_error, told
 
     group = processes or SINGLE
     stop = _stop_after()
@@ -464,9 +464,9 @@ def score_rows(model, rows: list[Row], plans: dict, texts, *, settings, results:
             if progress:
                 progress(row)
         if own is not None:
-            raise own
+            raise told(own, group)
         if errors:
-            raise errors[0]
+            raise told(errors[0], group)
         test_pause("score")
         if stop is not None and scored >= stop:
             import signal
