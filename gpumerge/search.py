@@ -197,7 +197,7 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
     (one per process) is scored in parallel, and every process but the main one returns None."""
     from gpumerge.merge import open_pair, plan_merge
     from gpumerge.outdir import canonical
-    from gpumerge.sweep import check_eval_flags, eval_setup, launched
+    from gpumerge.sweep import check_eval_flags, eval_setup, launched, share_scoring
 
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_flags(vars(spec))
@@ -227,9 +227,7 @@ def run_search(spec: SweepSpec, *, notice: Callable[[str], None] = print, progre
         if input_budget is not None:
             scoring["input_budget"] = input_budget
         scoring["began"] = began
-        scoring["processes"] = group
-        scoring["device"] = group.device or scoring["device"]
-        scoring["free_part"] = group.part()
+        share_scoring(scoring, group)
         identity = _identity(spec, dims, sampler, seed, a, b, scoring["record"], scorers, trials)
         scoring["scorers"] = scorers
         if scorers:
@@ -461,8 +459,8 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
     from gpumerge import runs as runs_dir
     from gpumerge.merge import plan_merge
     from gpumerge.results import Row, ranked, ranked_rows, row_key
-    from gpumerge.sweep import SweepResult, fit_scoring, write_variants
-    from gpumerge.sweep_eval import ResidentModel
+    from gpumerge.sweep import SweepResult, resident_model, write_variants
+    from gpumerge.sweep_eval import stop_after
 
     study = _study(optuna, storage, name, sampler, seed, notice)
     distributions = _distributions(optuna, dims)
@@ -477,13 +475,11 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
     timings = {"setup_s": setup_s, "load_s": 0.0, "inputs_s": 0.0, "baselines_s": 0.0, "scoring_s": 0.0,
                "baselines": 0, "variants": 0}
     settings = scoring["settings"]
-    stop = _stop_after()
+    stop = stop_after()
     bar = None
     if done < spec.trials or any(w not in baselines for w in wanted):
-        budget_bytes = fit_scoring(scoring, [resident_plan], [resident_plan], a, b, notice)
-        settings = scoring["settings"]
-        model = ResidentModel(a, b, [resident_plan], device=scoring["device"], eval_dtype=scoring["eval_dtype"],
-                              budget_bytes=budget_bytes, notice=notice, max_memory=scoring["max_memory"])
+        model = resident_model(scoring, [resident_plan], [resident_plan], a, b, notice)
+        settings = scoring["settings"]  # (the batch fitted to the device)
         timings["load_s"], timings["inputs_s"] = model.load_s, model.inputs_s
         state = "a"
         for which in wanted:
@@ -663,19 +659,16 @@ def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, grou
     """A process other than the main one: for each batch the main process asks, its trial scored into its own
     resident model (built at its first trial, inside the trial: a failure to build is its trial's error) and handed
     back; until the main process says the search is over (or why it stopped)."""
-    from gpumerge.distributed import told
-    from gpumerge.sweep import fit_scoring
-    from gpumerge.sweep_eval import ResidentModel, fail_on_process
+    from gpumerge.distributed import as_error, told
+    from gpumerge.sweep import resident_model
+    from gpumerge.sweep_eval import fail_on_process, fail_on_purpose
 
     quiet = lambda line: None  # noqa: E731 - the main process says what the run does
     built: list = []
 
     def model():
         if not built:
-            budget_bytes = fit_scoring(scoring, [resident_plan], [resident_plan], a, b, quiet)
-            built.append(ResidentModel(a, b, [resident_plan], device=scoring["device"],
-                                       eval_dtype=scoring["eval_dtype"], budget_bytes=budget_bytes, notice=quiet,
-                                       max_memory=scoring["max_memory"]))
+            built.append(resident_model(scoring, [resident_plan], [resident_plan], a, b, quiet))
         return built[0]
 
     fail, scored = fail_on_process(), 0
@@ -688,10 +681,12 @@ def score_trials_share(trials: _Trials, resident_plan, scoring: dict, a, b, grou
         batch = said[1]
         number, params = batch[group.rank] if group.rank < len(batch) else (None, None)
         own = None
-        if number is not None and fail == group.rank and scored:
-            outcome = ("error", OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)"))
-        else:
+        try:
+            if number is not None and scored:
+                fail_on_purpose(fail, group)
             outcome, own = _score_trial(number, params, trials, model, scoring, a, b, group)
+        except OutputError as exc:  # the test hook's failure, gathered like any trial's error
+            outcome = ("error", as_error(exc))
         scored += number is not None
         group.gather(outcome)
         if own is not None and not isinstance(own, Exception):  # a signal: this process stops where it landed
@@ -732,14 +727,6 @@ def _fill(row, data: dict) -> None:
     if "objective" in data:
         row.scores = {key: float(value) for key, value in data.get("scores", {}).items()}
         row.objective = float(data["objective"])
-
-
-def _stop_after() -> int | None:
-    """Test hook, as an evaluated sweep's: GPUMERGE_TEST_STOP_AFTER=k interrupts after k trials scored."""
-    import os
-
-    value = os.environ.get("GPUMERGE_TEST_STOP_AFTER")
-    return int(value) if value and value.isdigit() else None
 
 
 def _files(rows, columns, record, scoring, timings, study, dims) -> dict[str, bytes]:

@@ -475,9 +475,7 @@ def run_sweep(spec: SweepSpec, *, notice: Callable[[str], None] = print, progres
         planned = _plan(args, variants, columns, a, b, notice=notice, input_budget=input_budget)
         if planned.scoring:
             planned.scoring["began"] = began  # the breakdown's setup: planning, tokenizing, checks
-            planned.scoring["processes"] = group
-            planned.scoring["device"] = group.device or planned.scoring["device"]
-            planned.scoring["free_part"] = group.part()
+            share_scoring(planned.scoring, group)
         elif group.size > 1:
             raise SpecError("several processes (accelerate launch) share the scoring of an evaluated sweep "
                             "(--eval-text) or a search; a sweep that writes every variant runs in one process: "
@@ -728,7 +726,7 @@ def _score(scoring: dict, variants, plans, signatures, aliases, a, b, *, runs: P
 
     try:
         # the model is built at the first row left to score (a rerun of a finished sweep reads none)
-        spent = score_rows(lambda: _resident(scoring, plans, by_name, a, b, notice), rows, by_name,
+        spent = score_rows(lambda: resident_model(scoring, plans, list(by_name.values()), a, b, notice), rows, by_name,
                            scoring["texts"], settings=scoring["settings"], results=work / RESULTS_JSONL, done=done,
                            history=history, progress=advance, processes=group)
     finally:
@@ -769,20 +767,29 @@ def scoring_rows(scoring: dict, variants, plans, signatures, aliases, a, b):
     return rows, by_name
 
 
-def _resident(scoring: dict, plans, by_name: dict, a, b, notice):
+def resident_model(scoring: dict, plans, scored_plans, a, b, notice):
+    """The model an evaluated sweep (or a search) scores, fitted to its device first (fit_scoring): the tensors some
+    of ``scored_plans`` blend held with their inputs."""
     from gpumerge.sweep_eval import ResidentModel
 
-    return ResidentModel(a, b, list(by_name.values()), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
-                         notice=notice, max_memory=scoring["max_memory"],
-                         budget_bytes=fit_scoring(scoring, plans, list(by_name.values()), a, b, notice))
+    budget_bytes = fit_scoring(scoring, plans, scored_plans, a, b, notice)
+    return ResidentModel(a, b, list(scored_plans), device=scoring["device"], eval_dtype=scoring["eval_dtype"],
+                         notice=notice, max_memory=scoring["max_memory"], budget_bytes=budget_bytes)
+
+
+def share_scoring(scoring: dict, group) -> None:
+    """The scoring set up for this run's processes (gpumerge.distributed): each on its own device, planning with
+    its part of a device it shares."""
+    scoring["processes"] = group
+    scoring["device"] = group.device or scoring["device"]
+    scoring["free_part"] = group.part()
 
 
 def score_share(planned, a, b, group) -> None:
     """A process other than the main one: waits for the main process to name the rows still to score (or to say
     why it stopped), then scores its share of them into its own resident model and hands each row back."""
-    from gpumerge.sweep_eval import score_rows
-
     from gpumerge.distributed import told
+    from gpumerge.sweep_eval import score_rows
 
     said = group.broadcast(None)
     if said[0] == "error":
@@ -792,7 +799,7 @@ def score_share(planned, a, b, group) -> None:
     rows, by_name = scoring_rows(scoring, planned.variants, planned.plans, planned.signatures, planned.aliases, a, b)
     rows = [row for row in rows if row.key in todo]
     quiet = lambda line: None  # noqa: E731 - the main process says what the run does
-    score_rows(lambda: _resident(scoring, planned.plans, by_name, a, b, quiet), rows, by_name, scoring["texts"],
+    score_rows(lambda: resident_model(scoring, planned.plans, list(by_name.values()), a, b, quiet), rows, by_name, scoring["texts"],
                settings=scoring["settings"], results=None, done={}, history="", processes=group)
 
 

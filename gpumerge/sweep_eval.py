@@ -355,8 +355,9 @@ def _scratch(job) -> bool:
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
-def _stop_after() -> int | None:
-    """Test hook: GPUMERGE_TEST_STOP_AFTER=k interrupts the run (as SIGINT) after k rows newly scored."""
+def stop_after() -> int | None:
+    """Test hook: GPUMERGE_TEST_STOP_AFTER=k interrupts the run (as SIGINT) after k rows (a search's trials) newly
+    scored."""
     value = os.environ.get("GPUMERGE_TEST_STOP_AFTER")
     return int(value) if value and value.isdigit() else None
 
@@ -412,7 +413,7 @@ def score_rows(model, rows: list[Row], plans: dict, texts, *, settings, results:
     from gpumerge.distributed import SINGLE, as_error, told
 
     group = processes or SINGLE
-    stop = _stop_after()
+    stop = stop_after()
     scored = 0
     spent = {"baselines_s": 0.0, "scoring_s": 0.0, "baselines": 0, "variants": 0, "load_s": 0.0, "inputs_s": 0.0}
     for row in rows:
@@ -434,8 +435,8 @@ def score_rows(model, rows: list[Row], plans: dict, texts, *, settings, results:
                     built = model() if callable(model) else model
                     scorer = RowScorer(built, plans, texts, settings=settings)
                     spent["load_s"], spent["inputs_s"] = built.load_s, built.inputs_s
-                if fail is not None and fail == group.rank and first > 0:
-                    raise OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)")
+                if first > 0:
+                    fail_on_purpose(fail, group)
                 started = time.perf_counter()
                 scorer.score(mine)
                 outcome = ("row", mine.as_dict(), time.perf_counter() - started)
@@ -480,9 +481,15 @@ def score_rows(model, rows: list[Row], plans: dict, texts, *, settings, results:
 
 def fail_on_process() -> int | None:
     """Test hook: GPUMERGE_TEST_FAIL_ON_PROCESS=k makes process k fail at its second row or trial (a launched
-    run)."""
+    run; ``fail_on_purpose``)."""
     value = os.environ.get("GPUMERGE_TEST_FAIL_ON_PROCESS")
     return int(value) if value and value.isdigit() else None
+
+
+def fail_on_purpose(fail: int | None, group) -> None:
+    """The test hook's failure, in the process ``fail`` names (what ``fail_on_process()`` gave)."""
+    if fail is not None and fail == group.rank:
+        raise OutputError(f"process {group.rank} failed on purpose (GPUMERGE_TEST_FAIL_ON_PROCESS)")
 
 
 def _free_bytes(device: str, free: int | None = None) -> int:
