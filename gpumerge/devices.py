@@ -160,6 +160,11 @@ def _free_gpu_bytes(device: str) -> int:
                         "leave it out with --device") from exc
 
 
+def free_bytes(device: str) -> int:
+    """What a device has free now: the available RAM for the CPU, a GPU's free memory."""
+    return available_ram() if device == "cpu" else _free_gpu_bytes(device)
+
+
 def available_ram() -> int:
     """Available RAM without importing accelerate/psutil on the CPU path (what they report, from sysconf)."""
     try:

@@ -129,8 +129,8 @@ SINGLE = Processes()
 
 def processes(*, device_flag: str = "auto") -> Processes:
     """This run's processes: one (no torch imported) unless a launcher started several; then accelerate's process
-    group (gloo when the processes score on the CPU: ``--device cpu`` or no CUDA; else NCCL, each process on the
-    GPU of its local rank)."""
+    group, on gloo whatever the devices (the module's docstring says why), each process scoring on the GPU of its
+    local rank, or on the CPU (``--device cpu``, or no CUDA)."""
     if world_size() == 1:
         return SINGLE
     import datetime
@@ -149,13 +149,9 @@ def processes(*, device_flag: str = "auto") -> Processes:
         else 1
     gpus = 0 if cpu else torch.cuda.device_count()
     device, sharing = device_of(local, max(on_machine, local + 1), gpus)
-    if device == "cpu":
-        from gpumerge.devices import available_ram
+    from gpumerge.devices import free_bytes
 
-        free = available_ram()
-    else:
-        free = torch.cuda.mem_get_info(device)[0]
-    return Processes(state.process_index, state.num_processes, local, device, sharing, free)
+    return Processes(state.process_index, state.num_processes, local, device, sharing, free_bytes(device))
 
 
 def device_of(local_rank: int, on_machine: int, gpus: int) -> tuple[str, int]:

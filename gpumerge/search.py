@@ -476,6 +476,7 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
                "baselines": 0, "variants": 0}
     settings = scoring["settings"]
     stop = stop_after()
+    group = scoring.get("processes") or SINGLE
     bar = None
     if done < spec.trials or any(w not in baselines for w in wanted):
         model = resident_model(scoring, [resident_plan], [resident_plan], a, b, notice)
@@ -499,7 +500,6 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
         if bar is not None:
             bar.update(done)
         scored = 0
-        group = scoring.get("processes") or SINGLE
         while done < spec.trials:
             GUARD.poll()
             started = time.perf_counter()
@@ -537,7 +537,6 @@ def _run_study(optuna, storage, spec, dims, sampler, seed, name, identity, trial
                 raise Interrupted(signal.SIGINT)
         if bar is not None:
             bar.close()
-    group = scoring.get("processes") or SINGLE
     if group.listening:
         group.broadcast(("done",))  # the other processes' part is over: the main one writes
     rows, by_name = [], {}

@@ -498,13 +498,9 @@ def _free_bytes(device: str, free: int | None = None) -> int:
     and divided among them: gpumerge.distributed)."""
     if free is not None:
         return free
-    if device == "cpu":
-        from gpumerge.devices import available_ram
+    from gpumerge.devices import free_bytes
 
-        return available_ram()
-    import torch
-
-    return torch.cuda.mem_get_info(device)[0]
+    return free_bytes(device)
 
 
 def budget_for_inputs(device: str, model_bytes: int, max_memory, *, reserve: int = _MARGIN_BYTES,
